@@ -1,0 +1,334 @@
+"""The configuration: defaults (the schema), loading experiments, overrides, validation.
+
+One `ml_collections.ConfigDict` is the single source of truth for a run. `get_default_config()`
+below is its schema: every key that exists, with its default and (through that default) its
+type. An experiment file `experiments/<name>.py` defines `get_config()`, which starts from these
+defaults and changes what the experiment needs. The command line may then override any key as
+`--config.train.steps=100`. `load_config()` does all three and validates the result, so a
+misspelt key or an impossible value stops the run before any work with one clear line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import os
+from typing import Any, Iterable
+
+import ml_collections
+
+from jaxformer.errors import ConfigError
+
+EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "experiments")
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+  """Every configuration key with its default value. The paper's base model is the default."""
+  c = ml_collections.ConfigDict()
+
+  # The Transformer itself (jaxformer/model). Defaults are the paper's base model.
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 37000        # V: shared source/target SentencePiece vocabulary size.
+  c.model.num_layers = 6            # N: layers in the encoder and (as many) in the decoder.
+  c.model.d_model = 512             # D
+  c.model.num_heads = 8             # H; head dim K = D / H.
+  c.model.d_ff = 2048               # F: inner size of the position-wise feed-forward network.
+  c.model.dropout_rate = 0.1        # residual dropout and dropout on embeddings + positions.
+  c.model.attention_dropout_rate = 0.0  # dropout on attention weights (the paper uses none).
+  c.model.pos_encoding = "sinusoidal"   # 'sinusoidal' | 'learned'
+  c.model.max_len = 256             # longest sequence (positions) the model accepts.
+  c.model.norm = "post"             # 'post' (the paper) | 'pre'
+  c.model.activation = "relu"       # 'relu' (the paper) | 'gelu'
+  c.model.share_embeddings = True   # one embedding table for source and target.
+  c.model.tie_output = True         # logits = decoder output @ target embedding^T.
+  c.model.attention_bias = True     # biases in the Q, K, V and output projections.
+  c.model.dtype = "float32"         # compute dtype: 'float32' | 'bfloat16'. Params stay float32.
+  c.model.scan_layers = False       # nn.scan over layers (compile time independent of depth).
+  c.model.remat = "none"            # rematerialisation per layer: 'none' | 'full' | 'dots'.
+
+  # Input data (jaxformer/data).
+  c.data = ml_collections.ConfigDict()
+  c.data.task = "numbers"           # 'numbers' | 'copy' | 'reverse' | 'sort' | 'addition'
+                                    # | 'text' | 'tfds'
+  c.data.data_dir = ""              # where tfds datasets live; '' = <workdir>/tfds.
+  c.data.num_train = 20000          # generated tasks: examples per split.
+  c.data.num_validation = 1000
+  c.data.num_test = 1000
+  c.data.train_lengths = (1, 8)     # algorithmic tasks: (min, max) input length per split.
+  c.data.eval_lengths = (1, 8)      # validation and test.
+  c.data.train_files = ""           # 'text' task: '<path>.src,<path>.tgt' or '<path>.tsv'.
+  c.data.validation_files = ""
+  c.data.test_files = ""
+  c.data.tfds_name = "wmt14_translate/de-en"  # 'tfds' task: catalog dataset.
+  c.data.direction = "en-de"        # 'tfds' task: '<source>-<target>' language codes.
+  c.data.vocab_type = "unigram"     # SentencePiece model: 'unigram' | 'bpe'.
+  c.data.vocab_sample_size = 200000  # at most this many sentences (both sides) train the vocab.
+  c.data.max_len = 64               # tokens per row (source and target each), eos included.
+  c.data.length_policy = "drop"     # pairs longer than max_len: 'drop' | 'truncate'.
+  c.data.packing = True             # pack several pairs per row (segment ids and positions).
+  c.data.shuffle_seed = -1          # -1 = train.seed.
+
+  # Training (jaxformer/train).
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100000
+  c.train.batch_size = 128          # global rows per step (a row holds one pair, or several
+                                    # packed pairs), summed over every device and host.
+  c.train.seed = 0
+  c.train.learning_rate = 1.0       # multiplies the schedule ('rsqrt_warmup': the paper's 1.0).
+  c.train.schedule = "rsqrt_warmup"  # 'rsqrt_warmup' (the paper) | 'cosine' | 'constant'
+  c.train.warmup_steps = 4000
+  c.train.adam_b1 = 0.9
+  c.train.adam_b2 = 0.98
+  c.train.adam_eps = 1e-9
+  c.train.weight_decay = 0.0
+  c.train.label_smoothing = 0.1
+  c.train.grad_clip_norm = 0.0      # 0 = no clipping.
+  c.train.grad_accum_steps = 1      # micro-batches per update (batch_size is per micro-batch).
+  c.train.log_every_steps = 100
+  c.train.eval_every_steps = 1000
+  c.train.peak_flops = 0.0          # per device, for MFU; 0 = measure a matmul at start.
+
+  # Spreading the work over devices (jaxformer/train/parallel.py).
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.strategy = "mesh"      # 'mesh' (jit + NamedSharding) | 'pmap'
+  c.parallel.fsdp = 1               # devices that shard params and optimizer state (mesh only).
+
+  # Checkpoints (jaxformer/checkpoint.py).
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.keep = 5             # newest checkpoints kept.
+  c.checkpoint.keep_best = ""       # '' or a validation metric ('loss', 'bleu') to keep the best.
+
+  # Decoding (jaxformer/decode.py).
+  c.decode = ml_collections.ConfigDict()
+  c.decode.beam_size = 4
+  c.decode.alpha = 0.6              # length penalty ((5 + len) / 6) ** alpha.
+  c.decode.max_extra_len = 50       # output length <= input length + this, capped by max_len.
+
+  # Evaluation (jaxformer/evaluate.py).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 64            # global rows per evaluation batch.
+  c.eval.bleu_examples = 256        # validation sentences decoded for BLEU during training.
+  c.eval.num_samples = 5            # sample translations printed and logged.
+  return c
+
+
+# --- Allowed values of the settings that name a choice. ------------------------------------
+
+CHOICES = {
+    "model.pos_encoding": ("sinusoidal", "learned"),
+    "model.norm": ("post", "pre"),
+    "model.activation": ("relu", "gelu"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "data.task": ("numbers", "copy", "reverse", "sort", "addition", "text", "tfds"),
+    "data.vocab_type": ("unigram", "bpe"),
+    "data.length_policy": ("drop", "truncate"),
+    "train.schedule": ("rsqrt_warmup", "cosine", "constant"),
+    "parallel.strategy": ("mesh", "pmap"),
+    "checkpoint.keep_best": ("", "loss", "accuracy", "bleu"),
+}
+
+POSITIVE = (
+    "model.vocab_size", "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
+    "model.max_len", "data.max_len", "data.num_train", "data.vocab_sample_size", "train.steps",
+    "train.batch_size", "train.grad_accum_steps", "train.log_every_steps",
+    "train.eval_every_steps", "parallel.fsdp", "checkpoint.every_steps", "checkpoint.keep",
+    "decode.beam_size", "eval.batch_size",
+)
+
+
+def check_choice(key: str, value: Any) -> None:
+  """Raises ConfigError unless `value` is one of the allowed values of `key`."""
+  allowed = CHOICES[key]
+  if value not in allowed:
+    raise ConfigError(f"{key}={value!r} is not allowed; choose one of "
+                      f"{', '.join(repr(a) for a in allowed)}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every value that can be checked without devices or data. Raises ConfigError."""
+  for key in CHOICES:
+    check_choice(key, get_key(config, key))
+  for key in POSITIVE:
+    if get_key(config, key) <= 0:
+      raise ConfigError(f"{key}={get_key(config, key)} must be positive")
+  for key in ("model.dropout_rate", "model.attention_dropout_rate", "train.label_smoothing"):
+    if not 0.0 <= get_key(config, key) < 1.0:
+      raise ConfigError(f"{key}={get_key(config, key)} must be in [0, 1)")
+  m = config.model
+  if m.d_model % m.num_heads:
+    raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads="
+                      f"{m.num_heads}; each head needs d_model / num_heads dimensions")
+  if m.pos_encoding == "sinusoidal" and m.d_model % 2:
+    raise ConfigError(f"model.d_model={m.d_model} must be even for sinusoidal positions "
+                      "(sin and cos pairs)")
+  if config.data.max_len > m.max_len:
+    raise ConfigError(f"data.max_len={config.data.max_len} exceeds model.max_len={m.max_len}; "
+                      "rows must fit the model's positions")
+  if config.model.tie_output and not config.model.share_embeddings:
+    pass  # Tying to the target embedding alone is fine.
+  if config.train.warmup_steps < 0:
+    raise ConfigError(f"train.warmup_steps={config.train.warmup_steps} must be >= 0")
+  if config.train.schedule == "rsqrt_warmup" and config.train.warmup_steps == 0:
+    raise ConfigError("train.schedule='rsqrt_warmup' needs train.warmup_steps > 0")
+
+
+# --- Keys, overrides, loading. ---------------------------------------------------------------
+
+def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  """{'model.d_model': 512, ...} for every leaf key."""
+  out = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+      out.update(flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def _unknown_key(key: str, known: Iterable[str]) -> ConfigError:
+  close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+  hint = f"; did you mean {close[0]}?" if close else "; `jaxformer info --keys` lists them all"
+  return ConfigError(f"unknown config key {key}{hint}")
+
+
+def get_key(config: ml_collections.ConfigDict, key: str) -> Any:
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def _parse_value(key: str, text: str, default: Any) -> Any:
+  """Parses `text` as the type of `default` (the schema's type for `key`)."""
+  try:
+    if isinstance(default, bool):
+      lowered = text.lower()
+      if lowered in ("true", "1", "yes"):
+        return True
+      if lowered in ("false", "0", "no"):
+        return False
+      raise ValueError
+    if isinstance(default, int):
+      return int(text)
+    if isinstance(default, float):
+      return float(text)
+    if isinstance(default, tuple):
+      parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
+      return tuple(type(default[0])(p) if default else int(p) for p in parts)
+    return text
+  except ValueError:
+    raise ConfigError(f"{key}={text!r} is not a valid {type(default).__name__} "
+                      f"(default {default!r})") from None
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
+  """Sets each 'a.b' key to its value parsed as the schema's type. Unknown keys are errors."""
+  known = flatten(config)
+  for key, text in overrides.items():
+    if key not in known:
+      raise _unknown_key(key, known)
+    value = _parse_value(key, text, known[key])
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+
+
+def check_schema(config: ml_collections.ConfigDict, where: str) -> None:
+  """Every key of `config` exists in the defaults with a value of the same type."""
+  defaults = flatten(get_default_config())
+  for key, value in flatten(config).items():
+    if key not in defaults:
+      raise ConfigError(f"{where}: " + str(_unknown_key(key, defaults)))
+    default = defaults[key]
+    ok = (isinstance(value, type(default)) or
+          (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)))
+    if isinstance(default, int) and isinstance(value, bool) and not isinstance(default, bool):
+      ok = False
+    if isinstance(default, tuple) and isinstance(value, list):
+      ok = True
+    if not ok:
+      raise ConfigError(f"{where}: {key}={value!r} should be a {type(default).__name__} "
+                        f"(default {default!r})")
+
+
+def resolve_experiment(name_or_path: str) -> str:
+  """'default' -> experiments/default.py; a path to a .py file is taken as it is."""
+  if name_or_path.endswith(".py") or os.sep in name_or_path:
+    path = name_or_path
+  else:
+    path = os.path.join(EXPERIMENTS_DIR, name_or_path + ".py")
+  if not os.path.isfile(path):
+    available = sorted(f[:-3] for f in os.listdir(EXPERIMENTS_DIR)
+                       if f.endswith(".py") and not f.startswith("_"))
+    raise ConfigError(f"experiment {name_or_path!r} not found (looked for {path}); "
+                      f"available: {', '.join(available)}")
+  return path
+
+
+def load_experiment(name_or_path: str) -> ml_collections.ConfigDict:
+  """Runs the experiment file's get_config()."""
+  path = resolve_experiment(name_or_path)
+  spec = importlib.util.spec_from_file_location(f"jaxformer_experiment_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} defines no get_config()")
+  config = module.get_config()
+  check_schema(config, path)
+  return config
+
+
+def load_config(experiment: str, overrides: dict[str, str] | None = None
+                ) -> ml_collections.FrozenConfigDict:
+  """Experiment file + command-line overrides, validated and frozen."""
+  config = load_experiment(experiment)
+  apply_overrides(config, overrides or {})
+  validate(config)
+  return ml_collections.FrozenConfigDict(config)
+
+
+def parse_override_args(args: list[str]) -> dict[str, str]:
+  """['--config.train.steps=100', '--config.model.norm', 'pre'] -> {'train.steps': '100', ...}."""
+  overrides = {}
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if not arg.startswith("--config."):
+      raise ConfigError(f"unexpected argument {arg!r}; overrides look like --config.train.steps=100")
+    key = arg[len("--config."):]
+    if "=" in key:
+      key, value = key.split("=", 1)
+    elif i + 1 < len(args):
+      i += 1
+      value = args[i]
+    else:
+      raise ConfigError(f"{arg} has no value; write --config.{key}=VALUE")
+    overrides[key] = value
+    i += 1
+  return overrides
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def from_json(text: str) -> ml_collections.FrozenConfigDict:
+  """The inverse of to_json (lists become tuples, as in the schema)."""
+  raw = json.loads(text)
+  config = get_default_config()
+  for key, value in flatten(ml_collections.ConfigDict(raw)).items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    if leaf not in node:
+      continue  # A key from an older version of jaxformer; the default stands.
+    node[leaf] = tuple(value) if isinstance(value, list) else value
+  return ml_collections.FrozenConfigDict(config)

@@ -1,0 +1,27 @@
+"""User-facing errors.
+
+Every failure a user can cause (a bad config key, a missing file, a damaged checkpoint, text
+that does not fit the model) raises a subclass of `JaxformerError` whose message says what was
+wrong and what to do. The CLI prints it as one line, `error: <message>`, and exits with status 2.
+Programming errors (bugs) may raise anything and keep their tracebacks.
+"""
+
+
+class JaxformerError(Exception):
+  """Base class of every error a user can fix by changing their input."""
+
+
+class ConfigError(JaxformerError):
+  """An unknown, mistyped or impossible configuration value."""
+
+
+class DataError(JaxformerError):
+  """Input data that is missing, misaligned or not valid UTF-8."""
+
+
+class CheckpointError(JaxformerError):
+  """A missing, damaged or incompatible checkpoint."""
+
+
+class InputError(JaxformerError):
+  """Text or arguments given to a command that cannot be used as they are."""

@@ -1,0 +1,10 @@
+"""Test-wide setup: eight simulated CPU devices, so multi-device code is tested without any.
+
+This must run before jax is imported anywhere, which conftest.py guarantees.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
