@@ -5,6 +5,12 @@
 #                                       its test split and print sample translations
 #   ./launch.sh EXPERIMENT [--workdir DIR] [--config.KEY=VALUE ...]
 #                                       train any experiment (experiments/EXPERIMENT.py)
+#   ./launch.sh EXPERIMENT --processes N [--devices-per-process M] [...]
+#                                       a simulated pod: N local processes of M CPU devices
+#                                       each, joined by jax.distributed on 127.0.0.1
+#   ./launch.sh EXPERIMENT --tpu NAME --zone ZONE [--project P] [--revision REV] [--dry-run]
+#                                       run on every worker of a TPU VM pod (gcloud); use a
+#                                       gs:// --workdir; --dry-run prints the commands only
 #   ./launch.sh test [PYTEST ARGS]      run the test suite
 #   ./launch.sh --help                  this text
 #
@@ -16,7 +22,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 
 setup_env() {
   local stamp want
@@ -58,14 +64,29 @@ if [[ $# -gt 0 && "$1" != -* ]]; then
 fi
 WORKDIR="runs/$(basename "${EXPERIMENT%.py}")"
 ARGS=()
+LAUNCH=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --workdir) WORKDIR="$2"; shift 2 ;;
     --workdir=*) WORKDIR="${1#*=}"; shift ;;
+    --processes|--devices-per-process|--tpu|--zone|--project|--revision)
+      LAUNCH+=("$1" "$2"); shift 2 ;;
+    --dry-run) LAUNCH+=("$1"); shift ;;
     *) ARGS+=("$1"); shift ;;
   esac
 done
+TRAIN=(jaxformer train --config "$EXPERIMENT" --workdir "$WORKDIR" ${ARGS[@]+"${ARGS[@]}"})
+EVALUATE=(jaxformer evaluate --workdir "$WORKDIR" --split test --samples 5)
 
+if [[ " ${LAUNCH[*]-} " == *" --tpu "* ]]; then
+  # The TPU workers set up their own environment; here only the launcher's few imports run.
+  PY=python3
+  PYTHONPATH="$ROOT" exec "$PY" -m jaxformer.launcher ${LAUNCH[@]+"${LAUNCH[@]}"} -- "${TRAIN[@]}"
+fi
 setup_env
-"$PY" -m jaxformer train --config "$EXPERIMENT" --workdir "$WORKDIR" ${ARGS[@]+"${ARGS[@]}"}
-exec "$PY" -m jaxformer evaluate --workdir "$WORKDIR" --split test --samples 5
+if [[ ${#LAUNCH[@]} -gt 0 ]]; then
+  "$PY" -m jaxformer.launcher "${LAUNCH[@]}" -- "$PY" -m "${TRAIN[@]}"
+else
+  "$PY" -m "${TRAIN[@]}"
+fi
+exec "$PY" -m "${EVALUATE[@]}"

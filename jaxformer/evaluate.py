@@ -1,0 +1,121 @@
+"""Evaluation over a whole split: loss, token accuracy, exact match and BLEU.
+
+Two passes over the split, both distributed over every device of every process:
+1. teacher-forced: the strategy's eval step sums the cross entropy and the correct tokens of
+   every real target token (filler rows of the last batch are all padding and count nothing);
+2. decoding: beam search (or greedy) translates every source sentence; the detokenized
+   hypotheses are compared with the raw reference text: exact match, and corpus BLEU by
+   sacrebleu (its signature is reported so scores can be compared across papers).
+
+The training loop's periodic evaluation calls the same `evaluate` with a cap on how many
+sentences are decoded; `jaxformer evaluate` decodes all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+import sacrebleu
+from jax.experimental import multihost_utils
+
+from jaxformer import decode
+from jaxformer.data import pipeline
+
+Batch = dict[str, np.ndarray]
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[float, str]:
+  """Corpus BLEU of detokenized hypotheses against raw references, and sacrebleu's signature."""
+  metric = sacrebleu.metrics.BLEU()
+  score = metric.corpus_score(list(hypotheses), [list(references)])
+  return float(score.score), str(metric.get_signature())
+
+
+def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+  """Share of hypotheses equal to their reference, ignoring surrounding and repeated spaces."""
+  same = [" ".join(h.split()) == " ".join(r.split()) for h, r in zip(hypotheses, references)]
+  return float(np.mean(same)) if same else 0.0
+
+
+def _gather_from_processes(tree: Any) -> Any:
+  """Concatenates each process's arrays along axis 0 (a no-op in a one-process run)."""
+  if jax.process_count() == 1:
+    return tree
+  gathered = multihost_utils.process_allgather(tree)  # [processes, ...]
+  return jax.tree.map(lambda x: np.reshape(x, (-1,) + x.shape[2:]), gathered)
+
+
+def teacher_forced_metrics(eval_step: Callable[[Batch], dict], batches: Sequence[Batch]
+                           ) -> dict[str, float]:
+  """Token-level loss (cross entropy without smoothing), accuracy and perplexity."""
+  sums: dict[str, float] = {}
+  for batch in batches:
+    step_sums = jax.device_get(eval_step(batch))
+    for key, value in step_sums.items():
+      sums[key] = sums.get(key, 0.0) + float(value)
+  tokens = max(sums.get("num_tokens", 0.0), 1.0)
+  loss = sums.get("loss", 0.0) / tokens
+  return {"loss": loss, "accuracy": sums.get("correct", 0.0) / tokens,
+          "perplexity": math.exp(min(loss, 50.0)), "num_tokens": int(tokens)}
+
+
+def translate_batches(translate_fn: Callable[[np.ndarray], np.ndarray], tokenizer,
+                      batches: Sequence[Batch], width: int) -> dict[int, str]:
+  """{example id: detokenized best hypothesis} for the examples of `batches` of every process.
+
+  `translate_fn(inputs [B, S]) -> tokens [B, L]` gives the best hypothesis of each row; `width`
+  (>= every L) makes the arrays of all processes the same shape so they can be gathered.
+  """
+  ids, tokens = [], []
+  for batch in batches:
+    best = np.asarray(jax.device_get(translate_fn(batch["inputs"])))
+    tokens.append(np.pad(best, ((0, 0), (0, width - best.shape[1]))))
+    ids.append(batch["example_ids"])
+  if not ids:
+    return {}
+  ids, tokens = _gather_from_processes((np.concatenate(ids), np.concatenate(tokens)))
+  return {int(i): tokenizer.decode(t.tolist()) for i, t in zip(ids, tokens) if i >= 0}
+
+
+def evaluate(config, *, tokenizer, data_dir: str, split: str, eval_step, translate_fn,
+             max_decode_examples: int | None = None, num_samples: int = 0) -> dict[str, Any]:
+  """Every metric of `split` as one flat dict (plus a few sample translations if asked)."""
+  per_host_batch = config.eval.batch_size // jax.process_count()
+  batches = list(pipeline.make_eval_batches(config, tokenizer, data_dir, split,
+                                            batch_size=per_host_batch))
+  metrics: dict[str, Any] = {"split": split}
+  metrics.update(teacher_forced_metrics(eval_step, batches))
+
+  references = pipeline.eval_references(config, data_dir, split)
+  decode_batches = batches
+  if max_decode_examples is not None:  # The same number of batches on every process.
+    decode_batches = batches[:max(1, math.ceil(max_decode_examples / config.eval.batch_size))]
+  translations = translate_batches(translate_fn, tokenizer, decode_batches, config.model.max_len)
+  order = sorted(translations)
+  hypotheses = [translations[i] for i in order]
+  targets = [references[i][1] for i in order]
+  metrics["exact_match"] = exact_match(hypotheses, targets)
+  metrics["bleu"], metrics["bleu_signature"] = bleu(hypotheses, targets)
+  metrics["decoded_examples"] = len(order)
+  if num_samples:
+    metrics["samples"] = [{"source": references[i][0], "reference": references[i][1],
+                           "translation": translations[i]} for i in order[:num_samples]]
+  return metrics
+
+
+def make_translate_fn(model, params, config, beam_size: int | None = None,
+                      alpha: float | None = None) -> Callable[[np.ndarray], np.ndarray]:
+  """inputs [B, S] -> best hypothesis tokens [B, L], with the config's decoding settings."""
+  beam_size = config.decode.beam_size if beam_size is None else beam_size
+  alpha = config.decode.alpha if alpha is None else alpha
+
+  def translate_fn(inputs):
+    result = decode.decode_batch(model, params, inputs, beam_size=beam_size, alpha=alpha,
+                                 max_extra_len=config.decode.max_extra_len,
+                                 max_len=config.model.max_len)
+    return result.tokens[:, 0]
+
+  return translate_fn

@@ -1,0 +1,167 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+  resume or start -> for each step: next batch, train step, (log) (evaluate) (checkpoint)
+                  -> final checkpoint
+
+Everything that can fail because of the user's input (config against the devices, data files,
+a checkpoint that does not fit) fails before the first step. Only process 0 writes logs,
+metrics and event files; every process takes part in checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxformer import checkpoint, evaluate
+from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
+from jaxformer.errors import JaxformerError
+from jaxformer.model.transformer import Transformer
+from jaxformer.train import flops, parallel
+from jaxformer.train.writer import MetricsWriter
+
+
+class NonFiniteLossError(JaxformerError):
+  """The loss became NaN or infinite."""
+
+
+def log(message: str) -> None:
+  """One line on stderr, from process 0 only."""
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _progress(start: int, total: int):
+  """A tqdm progress bar on a terminal (process 0), nothing otherwise."""
+  if jax.process_index() != 0 or not sys.stderr.isatty():
+    return None
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+def measure_peak_flops(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a large matmul on the first device: the denominator of MFU when not configured."""
+  import jax.numpy as jnp
+  a = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    matmul(a).block_until_ready()
+  return repeats * 2 * size ** 3 / (time.perf_counter() - start)
+
+
+def _format(metrics: dict[str, Any]) -> str:
+  keys = ("loss", "accuracy", "exact_match", "bleu", "learning_rate", "tokens_per_second", "mfu")
+  return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+
+
+def train_and_evaluate(config, workdir: str, restore_step: int | None = None) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns the last
+  validation metrics."""
+  parallel.initialize_distributed()
+  strategy = parallel.make_strategy(config)  # Checks the config against the devices first.
+  log(f"jaxformer: {jax.process_count()} process(es), {jax.device_count()} device(s) "
+      f"({jax.devices()[0].platform}), strategy {config.parallel.strategy}")
+
+  os.makedirs(workdir, exist_ok=True)
+  checkpoint.write_run_files(workdir, config)
+  tokenizer = tokenizer_lib.load_or_train(config, workdir)
+  data_dir = sources.resolve_data_dir(config, workdir)
+  train_iter = pipeline.make_train_iterator(config, tokenizer, data_dir)
+  model = Transformer(config=config.model)
+
+  state = strategy.init_state(jax.random.PRNGKey(config.train.seed))
+  checkpointer = checkpoint.Checkpointer(workdir, config)
+  restored = checkpointer.restore_for_training(strategy, state, train_iter, step=restore_step)
+  if restored is not None:
+    state = restored
+  start_step = int(jax.device_get(strategy.step_of(state)))
+  if start_step:
+    log(f"jaxformer: resumed from the checkpoint at step {start_step}")
+
+  writer = MetricsWriter(workdir)
+  peak_flops = config.train.peak_flops or measure_peak_flops(config.model.dtype)
+  step_flops = flops.train_step_flops(config) * config.train.grad_accum_steps
+  eval_metrics: dict[str, Any] = {}
+
+  def run_evaluation(step: int, split: str = "validation", max_examples: int | None = None,
+                     num_samples: int = 0) -> dict[str, Any]:
+    params = strategy.inference_params(state)
+    result = evaluate.evaluate(
+        config, tokenizer=tokenizer, data_dir=data_dir, split=split,
+        eval_step=lambda batch: strategy.eval_step(state, strategy.shard_batch(batch)),
+        translate_fn=evaluate.make_translate_fn(model, params, config),
+        max_decode_examples=max_examples, num_samples=num_samples)
+    samples = result.pop("samples", [])
+    writer.write(step, split, result)
+    for sample in samples:
+      writer.write_text(step, f"{split}/samples", " | ".join(
+          f"{k}: {v}" for k, v in sample.items()))
+    result["samples"] = samples
+    return result
+
+  progress = _progress(start_step, config.train.steps)
+  guard = checkpoint.PreemptionGuard()
+  step = start_step
+  window_start, window_tokens, data_wait = time.perf_counter(), 0, 0.0
+  with guard:
+    while step < config.train.steps:
+      for _ in range(config.train.grad_accum_steps):
+        wait_start = time.perf_counter()
+        batch = next(train_iter)
+        data_wait += time.perf_counter() - wait_start
+        window_tokens += int(np.count_nonzero(batch["targets"]))
+        state, metrics = strategy.train_step(state, strategy.shard_batch(batch))
+      step += 1
+      if progress is not None:
+        progress.update(1)
+
+      last = step == config.train.steps
+      if step % config.train.log_every_steps == 0 or last:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(metrics["loss"]):
+          checkpointer.wait()
+          raise NonFiniteLossError(
+              f"the training loss is {metrics['loss']} at step {step}; the last good "
+              f"checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. "
+              "Lower train.learning_rate or set train.grad_clip_norm, then resume")
+        elapsed = time.perf_counter() - window_start
+        steps_done = config.train.log_every_steps if not last else max(
+            1, step % config.train.log_every_steps or config.train.log_every_steps)
+        metrics["step_time"] = elapsed / steps_done
+        metrics["tokens_per_second"] = window_tokens * jax.process_count() / elapsed
+        metrics["data_wait_fraction"] = data_wait / elapsed
+        metrics["mfu"] = step_flops / metrics["step_time"] / (peak_flops * jax.device_count())
+        writer.write(step, "train", metrics)
+        if progress is not None:
+          progress.set_postfix_str(_format(metrics))
+        else:
+          log(f"step {step}: {_format(metrics)}")
+        window_start, window_tokens, data_wait = time.perf_counter(), 0, 0.0
+
+      if step % config.train.eval_every_steps == 0 or last:
+        eval_metrics = run_evaluation(step, max_examples=config.eval.bleu_examples)
+        log(f"step {step} validation: {_format(eval_metrics)}")
+
+      preempted = guard.should_stop(step)
+      if step % config.checkpoint.every_steps == 0 or last or preempted:
+        checkpointer.save(step, strategy.checkpoint_state(state), train_iter,
+                          metrics=eval_metrics, force=preempted or last)
+      if preempted:
+        break
+  if progress is not None:
+    progress.close()
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  if step < config.train.steps:
+    log(f"jaxformer: stopped by a signal at step {step}; the checkpoint is saved in "
+        f"{checkpointer.directory}. Run the same command to resume.")
+  return eval_metrics

@@ -1,0 +1,67 @@
+"""Where metrics go: `<workdir>/metrics.jsonl` and TensorBoard event files, from process 0 only.
+
+Each call to `write` appends one JSON object, `{"step": ..., "split": ..., <metric>: ...}`, to
+metrics.jsonl and adds every number to `<workdir>/tensorboard` as `<split>/<metric>`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def _plain(value: Any) -> Any:
+  """A JSON-friendly version of a metric value (NaN and infinity become strings)."""
+  if isinstance(value, (np.generic, jax.Array)):
+    value = np.asarray(value).item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+class MetricsWriter:
+  """Appends metrics to metrics.jsonl and TensorBoard. Does nothing on processes other than 0."""
+
+  def __init__(self, workdir: str, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._tensorboard = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # Imported lazily: slow, and only process 0 needs it.
+      self._tensorboard = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+
+  def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), "split": split}
+    record.update({k: _plain(v) for k, v in metrics.items() if k not in ("step", "split")})
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+      if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+        self._tensorboard.add_scalar(f"{split}/{key}", value, step)
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    if self.enabled:
+      self._tensorboard.add_text(tag, text, step)
+
+  def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
+    """`image` is [height, width, 3] uint8."""
+    if self.enabled:
+      self._tensorboard.add_image(tag, image, step, dataformats="HWC")
+
+  def flush(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
