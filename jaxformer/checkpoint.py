@@ -97,8 +97,9 @@ class DamagedCheckpointError(CheckpointError):
 
 # --- The run's config. ------------------------------------------------------------------------
 
-def _describe(value: Any) -> str:
-  return repr(tuple(value) if isinstance(value, list) else value)
+def _normalize(value: Any) -> Any:
+  """Lists (as JSON gives them back) compare equal to the schema's tuples."""
+  return tuple(value) if isinstance(value, list) else value
 
 
 def _breaking_keys(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -123,16 +124,11 @@ def check_compatible(saved_config: ml_collections.ConfigDict,
   new = {k: _normalize(v) for k, v in config_lib.flatten(new_config).items()}
   breaking = _breaking_keys(saved, new)
   if breaking:
-    changes = ", ".join(f"{k} ({_describe(saved.get(k))} -> {_describe(new.get(k))})"
-                        for k in breaking)
+    changes = ", ".join(f"{k} ({saved.get(k)!r} -> {new.get(k)!r})" for k in breaking)
     raise CheckpointError(
         f"the config changes what the checkpoints in this workdir hold: {changes}; "
         "put these values back, or use a new --workdir to train a different model")
   return sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
-
-
-def _normalize(value: Any) -> Any:
-  return tuple(value) if isinstance(value, list) else value
 
 
 def read_run_config(workdir: str) -> ml_collections.FrozenConfigDict | None:
@@ -442,16 +438,18 @@ class Checkpointer:
       try:
         return self.restore(step, abstract_state, data_iterator), step
       except DamagedCheckpointError as e:
-        moved_to = self._move_aside(step)
-        kept = f"the damaged one is kept in {moved_to}" if moved_to else "the damaged one is kept"
+        kept = f"the damaged one is kept in {self._move_aside(step)}"
         if not steps:
           raise CheckpointError(f"{e}, and no older checkpoint is left ({kept}); start again "
                                 "in a new --workdir") from None
         _report(f"{e}; falling back to step {steps[-1]} ({kept})")
     return None
 
-  def _move_aside(self, step: int) -> str | None:
-    """Moves a damaged step out of the manager's directory; returns where (process 0 moves)."""
+  def _move_aside(self, step: int) -> str:
+    """Moves a damaged step out of the manager's directory; returns where (process 0 moves).
+
+    Orbax would otherwise count it among the steps to keep, and a later save of that step
+    would find it in the way."""
     target_root = os.path.join(self.workdir, DAMAGED_DIR)
     target = os.path.join(target_root, str(step))
     n = 1
@@ -629,19 +627,19 @@ def average_checkpoints(workdir: str, last_k: int) -> str:
   if out.exists():
     raise CheckpointError(f"{out} already exists; it is never overwritten (delete it yourself "
                           "to recompute it)")
-  total, dtypes, shapes = None, None, None
-  for step in chosen:
-    params = _restore_params(epath.Path(directory) / str(step), step, workdir, on_host=True)
-    if total is None:
-      total = jax.tree.map(lambda x: x.astype(np.float64), params)
-      dtypes = jax.tree.map(lambda x: x.dtype, params)
-      shapes = _flat_shapes(params)
-      continue
+  def read(step):
+    return _restore_params(epath.Path(directory) / str(step), step, workdir, on_host=True)
+
+  first = read(chosen[0])
+  shapes = _flat_shapes(first)
+  total = jax.tree.map(lambda x: x.astype(np.float64), first)
+  for step in chosen[1:]:
+    params = read(step)
     if _flat_shapes(params) != shapes:
-      raise CheckpointError(f"cannot average: the parameters of step {step} differ from those "
-                            f"of step {chosen[0]}: {_describe_mismatch(_flat_shapes(params), shapes)}")
+      raise CheckpointError(f"cannot average step {step} with step {chosen[0]}: "
+                            f"{_describe_mismatch(_flat_shapes(params), shapes)}")
     total = jax.tree.map(lambda t, x: t + x, total, params)
-  mean = jax.tree.map(lambda t, dtype: (t / last_k).astype(dtype), total, dtypes)
+  mean = jax.tree.map(lambda t, x: (t / last_k).astype(x.dtype), total, first)
   ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(out, args=ocp.args.Composite(**{
       STATE_ITEM: ocp.args.PyTreeSave({PARAMS_KEY: mean}),
       INFO_ITEM: ocp.args.JsonSave({"averaged_steps": chosen, "source": directory}),

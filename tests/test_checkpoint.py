@@ -6,7 +6,6 @@ with step, params and an optax Adam state), so these tests do not depend on the 
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import flax
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -101,9 +99,12 @@ def test_round_trip_is_bit_identical_and_the_iterator_continues(tmp_path):
   iterator = make_iterator()
   for _ in range(3):
     next(iterator)
+  on_device = jax.tree.map(jnp.copy, state)
   with checkpoint.Checkpointer(str(tmp_path), every_steps=5, keep=3) as ckpt:
-    assert not ckpt.save(3, state, iterator)  # Not due: 3 is not a multiple of every_steps.
-    assert ckpt.save(3, state, iterator, force=True)
+    assert not ckpt.save(3, on_device, iterator)  # Not due: 3 is not a multiple of every_steps.
+    assert ckpt.save(3, on_device, iterator, force=True)
+    for leaf in jax.tree.leaves(on_device):
+      leaf.delete()  # As donating the state to the next train step would, while it writes.
     expected_batches = [next(iterator) for _ in range(2)]  # What the run takes after saving.
     ckpt.wait()
     assert ckpt.all_steps() == [3] and ckpt.latest_step() == 3
@@ -225,7 +226,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_step(tmp_path, cap
   assert step == 1
   assert_trees_identical(restored, states[1])
   err = capsys.readouterr().err
-  reason = {"delete_metadata": "missing state/_METADATA", "delete_array_data": "missing file state/d/",
+  reason = {"delete_metadata": "missing state/_METADATA",
+            "delete_array_data": "missing file state/d/",
             "truncate_array_data": "truncated file state/d/",
             "delete_data_state": "missing data/process_0-of-1.json"}[damage]
   assert f"checkpoint at step 2 in {ckpt_dir} is damaged ({reason}" in err
@@ -251,6 +253,18 @@ def test_restore_step_that_does_not_exist_lists_the_steps(tmp_path):
   assert step == 5 and int(restored.step) == 2
 
 
+def test_resuming_with_another_number_of_processes_is_refused_not_skipped(tmp_path):
+  save_steps(str(tmp_path), [1])
+  data_dir = os.path.join(str(tmp_path), "checkpoints", "1", "data")
+  os.rename(os.path.join(data_dir, "process_0-of-1.json"),
+            os.path.join(data_dir, "process_0-of-2.json"))  # As a 2-process run saves it.
+  with checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=3) as ckpt:
+    with pytest.raises(CheckpointError, match=r"holds the data iterator of 2 processes, this "
+                                              r"run has 1"):
+      ckpt.restore_or_none(abstract(make_state(0), one_device()), make_iterator())
+    assert ckpt.all_steps() == [1]  # Not taken for damage: nothing moved.
+
+
 def test_restore_onto_a_model_of_another_shape_names_the_leaf(tmp_path):
   save_steps(str(tmp_path), [1])
   other = make_state(0).replace(params={"embed": {"embedding": jnp.zeros((16, 4))},
@@ -270,7 +284,9 @@ def test_no_checkpoints_means_a_fresh_start(tmp_path):
 def test_keep_policy_keeps_the_newest_and_the_best(tmp_path):
   iterator = make_iterator()
   losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5, 5: 2.8}
-  with checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=2, keep_best="loss") as ckpt:
+  config = config_lib.get_default_config()
+  config.checkpoint.update(every_steps=1, keep=2, keep_best="loss")
+  with checkpoint.Checkpointer.from_config(str(tmp_path), config) as ckpt:
     for step, loss in losses.items():
       ckpt.save(step, make_state(step), iterator, metrics={"loss": loss, "accuracy": 0.5})
     ckpt.wait()
@@ -388,13 +404,15 @@ def test_preemption_guard_agrees_through_the_jax_preemption_service(tmp_path):
       jax.distributed.initialize(f"localhost:{port}", num_processes=1, process_id=0)
       from jaxformer import checkpoint
       with checkpoint.PreemptionGuard() as guard:
-        for step in range(1, 100000):
+        for step in range(1, 2000):  # The sync point comes about a second after the signal.
           if step == 3:
             os.kill(os.getpid(), signal.SIGINT if sys.argv[1] == "int" else signal.SIGTERM)
           time.sleep(0.01)
           if guard.should_stop(step):
             print(f"stopped at {step} by {guard.reason}", flush=True)
             break
+        else:
+          print("never stopped", flush=True)
       jax.distributed.shutdown()
   """)
   env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
