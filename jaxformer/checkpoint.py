@@ -421,7 +421,7 @@ class Checkpointer:
 
     With `restore_step`, restores exactly that step (CheckpointError listing the available
     steps when it does not exist or is damaged). Raises CheckpointError when every
-    checkpoint is damaged.
+    checkpoint is damaged (they are all moved aside, so running again starts from scratch).
     """
     for unfinished in self.unfinished_saves():
       _report(f"ignoring {unfinished}: a save that never finished (the run stopped while "
@@ -440,8 +440,8 @@ class Checkpointer:
       except DamagedCheckpointError as e:
         kept = f"the damaged one is kept in {self._move_aside(step)}"
         if not steps:
-          raise CheckpointError(f"{e}, and no older checkpoint is left ({kept}); start again "
-                                "in a new --workdir") from None
+          raise CheckpointError(f"{e}, and no older checkpoint is left ({kept}); run again to "
+                                "train from the start") from None
         _report(f"{e}; falling back to step {steps[-1]} ({kept})")
     return None
 
