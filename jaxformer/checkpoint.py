@@ -1,0 +1,744 @@
+"""Checkpoints: save and exactly resume training, restore for inference, average, preemption.
+
+A workdir holds one run:
+
+```
+<workdir>/config.json          the resolved config (written once by `write_run_files`)
+<workdir>/vocab.model          the SentencePiece vocabulary
+<workdir>/checkpoints/<step>/  orbax checkpoints, one directory per saved step, each with
+           state/              the whole TrainState (params, optimizer state, step)
+           data/               the grain iterator state, one JSON file per process
+<workdir>/averaged/<name>/     averaged parameters (`average_checkpoints`), e.g. last5_1000-5000
+<workdir>/damaged/<step>/      checkpoints found damaged on resume, moved aside (never deleted)
+```
+
+The pieces, in the order a run meets them:
+
+- `write_run_files` records the config; `check_compatible` refuses to resume a run whose config
+  changed in a way that breaks its checkpoints (model shape, vocabulary).
+- `Checkpointer` wraps an orbax `CheckpointManager`: it saves the train state and the data
+  iterator together, asynchronously, every `checkpoint.every_steps`, keeps the `checkpoint.keep`
+  newest (and the best by `checkpoint.keep_best`), and restores both onto the shardings of the
+  current run, so a run saved on 8 devices with fsdp resumes on 1 (or the other way round).
+  `Checkpointer.restore_or_none` resumes from the newest intact step: a damaged newest
+  checkpoint is reported, moved aside to `<workdir>/damaged/`, and the previous one is used.
+- `PreemptionGuard` turns SIGTERM/SIGINT into "finish this step, save, exit 0".
+- `load_params` loads only the parameters (no optimizer state) of a step or of an averaged
+  checkpoint onto the devices of the current process, for evaluation and translation.
+- `average_checkpoints` writes the element-wise mean of the parameters of the last K checkpoints
+  as a new checkpoint, as the paper did (last 5 for base, last 20 for big).
+
+Every failure a user can cause raises `CheckpointError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from typing import Any, Iterable, Sequence
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+from jaxformer import config as config_lib
+from jaxformer.errors import CheckpointError
+
+PyTree = Any
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS_DIR = "checkpoints"
+AVERAGED_DIR = "averaged"
+DAMAGED_DIR = "damaged"
+
+STATE_ITEM = "state"    # the TrainState, saved with orbax's StandardSave.
+DATA_ITEM = "data"      # the grain iterator state, one file per process.
+INFO_ITEM = "info"      # averaged checkpoints: which steps were averaged (JSON).
+PARAMS_KEY = "params"   # the field of the TrainState that holds the parameters.
+
+# Whether a larger or a smaller value of each validation metric is better (checkpoint.keep_best).
+BEST_MODE = {"loss": "min", "accuracy": "max", "bleu": "max"}
+
+# Config keys whose change makes the checkpoints of a workdir unusable, with the reason.
+# Any other key (train.steps, logging, evaluation, dropout, learning rate, checkpoint.*,
+# parallelism) may change when a run is resumed.
+MODEL_SHAPE_KEYS = (
+    "model.vocab_size", "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
+    "model.pos_encoding", "model.share_embeddings", "model.tie_output", "model.attention_bias",
+    "model.scan_layers",
+)
+# Same shapes, but the parameters were trained to compute something else.
+MODEL_FUNCTION_KEYS = ("model.norm", "model.activation")
+# The vocabulary in the workdir was trained for this data with these settings.
+TOKENIZER_KEYS = ("data.vocab_type", "data.task", "data.tfds_name", "data.direction")
+# Learned positions: one embedding row per position, so max_len is part of the shape.
+LEARNED_POSITIONS_KEY = "model.max_len"
+
+_AVERAGED_NAME = re.compile(r"^last(\d+)_(\d+)-(\d+)$")
+_MAX_REASON_CHARS = 200
+# Status codes of tensorstore errors when a checkpoint's files are damaged.
+_TENSORSTORE_PROBLEMS = {"NOT_FOUND": "missing file", "OUT_OF_RANGE": "truncated file",
+                         "DATA_LOSS": "corrupt file"}
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint directory that exists but cannot be read (missing or truncated files)."""
+
+  def __init__(self, step: int, directory: str, reason: str):
+    self.step, self.directory, self.reason = step, directory, reason
+    super().__init__(f"checkpoint at step {step} in {directory} is damaged ({reason})")
+
+
+# --- The run's config. ------------------------------------------------------------------------
+
+def _normalize(value: Any) -> Any:
+  """Lists (as JSON gives them back) compare equal to the schema's tuples."""
+  return tuple(value) if isinstance(value, list) else value
+
+
+def _breaking_keys(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """The keys among `saved`/`new` (flattened configs) whose difference breaks a checkpoint."""
+  keys = [k for k in MODEL_SHAPE_KEYS + MODEL_FUNCTION_KEYS + TOKENIZER_KEYS
+          if saved.get(k) != new.get(k)]
+  learned = "learned" in (saved.get("model.pos_encoding"), new.get("model.pos_encoding"))
+  if learned and saved.get(LEARNED_POSITIONS_KEY) != new.get(LEARNED_POSITIONS_KEY):
+    keys.append(LEARNED_POSITIONS_KEY)
+  return keys
+
+
+def check_compatible(saved_config: ml_collections.ConfigDict,
+                     new_config: ml_collections.ConfigDict) -> list[str]:
+  """Checks that a run with `new_config` can resume from checkpoints made with `saved_config`.
+
+  Raises CheckpointError naming every key that breaks the checkpoints (the model's shape, what
+  its parameters compute, or the vocabulary). Returns the other keys that differ (harmless:
+  train.steps, logging, evaluation, dropout, learning rate, checkpoint.*, parallelism ...).
+  """
+  saved = {k: _normalize(v) for k, v in config_lib.flatten(saved_config).items()}
+  new = {k: _normalize(v) for k, v in config_lib.flatten(new_config).items()}
+  breaking = _breaking_keys(saved, new)
+  if breaking:
+    changes = ", ".join(f"{k} ({saved.get(k)!r} -> {new.get(k)!r})" for k in breaking)
+    raise CheckpointError(
+        f"the config changes what the checkpoints in this workdir hold: {changes}; "
+        "put these values back, or use a new --workdir to train a different model")
+  return sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
+
+
+def read_run_config(workdir: str) -> ml_collections.FrozenConfigDict | None:
+  """The config recorded in `<workdir>/config.json`, or None when there is none."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    text = f.read()
+  try:
+    return config_lib.from_json(text)
+  except ValueError as e:
+    raise CheckpointError(f"{path} is not a valid config file ({e}); restore it from a backup "
+                          "or use a new --workdir") from None
+
+
+def write_run_files(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
+  """Records `config` as `<workdir>/config.json` at the start of a run (process 0 only).
+
+  A new workdir gets the file. A workdir that has one keeps going only when the two configs are
+  compatible (`check_compatible`, else CheckpointError and the file is left alone); when they
+  differ harmlessly, the old file is kept as `config.<n>.json` (n = 1, 2, ...) and the new
+  config becomes `config.json`, so evaluation uses the settings of the latest run. Returns the
+  keys that changed. The vocabulary (`vocab.model`) is trained into the workdir by the data
+  pipeline, once, and reused from there.
+  """
+  saved = read_run_config(workdir)
+  changed = [] if saved is None else check_compatible(saved, config)
+  if jax.process_index() != 0 or (saved is not None and not changed):
+    return changed
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  if saved is not None:
+    n = 1
+    while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+      n += 1
+    os.rename(path, os.path.join(workdir, f"config.{n}.json"))
+  tmp_path = path + ".tmp"
+  with open(tmp_path, "w") as f:
+    f.write(config_lib.to_json(config) + "\n")
+  os.replace(tmp_path, path)  # Atomic: config.json is never half written.
+  return changed
+
+
+# --- Saving and restoring training. -----------------------------------------------------------
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  reason = f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+  return reason if len(reason) <= _MAX_REASON_CHARS else reason[:_MAX_REASON_CHARS] + "..."
+
+
+def _damage_reason(error: BaseException, ckpt_dir: epath.Path) -> str:
+  """'missing file state/d/1f3a...' from a tensorstore error, else the error's first line."""
+  text = str(error)
+  code = re.search(r"\b(" + "|".join(_TENSORSTORE_PROBLEMS) + r")\b", text)
+  files = re.findall(r'local file "([^"]+)"', text)
+  if code and files:
+    where = os.path.relpath(files[-1], str(ckpt_dir))
+    return f"{_TENSORSTORE_PROBLEMS[code.group(1)]} {where}"
+  return _first_line(error)
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+  return ", ".join(str(s) for s in steps) if steps else "none"
+
+
+def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  """{'params.encoder.layer_0.kernel': (D, F), ...} for every array leaf of a pytree."""
+  flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree), sep=".")
+  return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, "shape")}
+
+
+def _describe_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple], limit: int = 3) -> str:
+  """A short list of the leaves that differ between two `_flat_shapes` results."""
+  problems = [f"{k} missing in the checkpoint" for k in wanted if k not in saved]
+  problems += [f"{k} not in the model" for k in saved if k not in wanted]
+  problems += [f"{k} is {saved[k]} in the checkpoint, {wanted[k]} in the model"
+               for k in wanted if k in saved and saved[k] != wanted[k]]
+  more = f" and {len(problems) - limit} more" if len(problems) > limit else ""
+  return "; ".join(problems[:limit]) + more
+
+
+def _read_tree_metadata(step_dir: epath.Path, step: int, where: str) -> PyTree:
+  """The saved state's tree of ArrayMetadata (shape, dtype), or DamagedCheckpointError."""
+  state_dir = step_dir / STATE_ITEM
+  if not (state_dir / "_METADATA").exists():
+    raise DamagedCheckpointError(step, where, f"missing {STATE_ITEM}/_METADATA")
+  _silence_closed_event_loop_noise()
+  try:
+    return ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
+  except Exception as e:  # Orbax and tensorstore raise many types for unreadable files.
+    raise DamagedCheckpointError(step, where, _damage_reason(e, step_dir)) from e
+
+
+def _check_data_files(step_dir: epath.Path, step: int, where: str) -> None:
+  """The iterator state of this process exists (grain writes process_<i>-of-<n>.json)."""
+  index, count = jax.process_index(), jax.process_count()
+  expected = step_dir / DATA_ITEM / f"process_{index}-of-{count}.json"
+  if expected.exists():
+    return
+  others = sorted(p.name for p in (step_dir / DATA_ITEM).glob("process_*-of-*.json"))
+  saved_counts = {int(name.rsplit("-of-", 1)[1].split(".")[0]) for name in others}
+  if saved_counts and count not in saved_counts:
+    raise CheckpointError(
+        f"the checkpoint at step {step} in {where} holds the data iterator of "
+        f"{'/'.join(str(c) for c in sorted(saved_counts))} processes, this run has {count}; "
+        "resume with the same number of processes (the device count may change)")
+  raise DamagedCheckpointError(step, where, f"missing {DATA_ITEM}/{expected.name}")
+
+
+def _check_has_shardings(abstract_state: PyTree) -> None:
+  missing = [jax.tree_util.keystr(path) for path, leaf
+             in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+             if getattr(leaf, "sharding", None) is None]
+  if missing:
+    raise ValueError(f"abstract_state leaves need a .sharding to restore onto; missing at "
+                     f"{', '.join(missing[:3])}; build them as jax.ShapeDtypeStruct(shape, dtype, "
+                     "sharding=...) (e.g. jax.eval_shape + the strategy's shardings)")
+
+
+class Checkpointer:
+  """Saves and restores the train state and the data iterator of a run, together, by step.
+
+  A thin layer over `orbax.checkpoint.CheckpointManager` in `<workdir>/checkpoints`:
+
+  - saves are asynchronous: `save` copies the arrays off the devices and returns; the files
+    are written in the background and a step directory appears only once complete (orbax
+    writes `<step>.orbax-checkpoint-tmp` and renames it). Call `wait()` before exiting.
+  - a step is saved when `step % every_steps == 0`, or when orbax reached a multi-host
+    preemption sync point, or with `force=True` (at the end of training, on preemption).
+  - the `keep` newest steps are kept; with `keep_best` ('loss', 'accuracy' or 'bleu') the
+    best step by that validation metric (passed to `save` as `metrics`) is kept as well.
+  - every process calls every method (orbax synchronizes the processes); each saves the
+    arrays it holds and its own iterator state.
+
+  Use it as a context manager, or call `close()`.
+  """
+
+  def __init__(self, workdir: str, *, every_steps: int, keep: int, keep_best: str = "",
+               async_save: bool = True):
+    if keep_best and keep_best not in BEST_MODE:
+      raise CheckpointError(f"checkpoint.keep_best={keep_best!r} is not one of "
+                            f"{', '.join(repr(m) for m in BEST_MODE)} (or '')")
+    self.workdir = workdir
+    self.directory = os.path.join(workdir, CHECKPOINTS_DIR)
+    self.keep_best = keep_best
+    preserve = [ocp.checkpoint_managers.LatestN(n=keep)]
+    best_fn = None
+    if keep_best:
+      best_fn = lambda metrics: float(metrics[keep_best])  # noqa: E731
+      preserve.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=best_fn, reverse=BEST_MODE[keep_best] == "min", n=1,
+          keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=ocp.checkpoint_managers.AnySavePolicy([
+            ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
+            ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+        ]),
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(preserve),
+        best_fn=best_fn,  # Makes orbax record the metrics of each step beside it.
+        best_mode=BEST_MODE.get(keep_best, "max"),
+        enable_async_checkpointing=async_save,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        item_names=(STATE_ITEM, DATA_ITEM),
+        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                       DATA_ITEM: grain.checkpoint.CheckpointHandler()},
+        options=options,
+    )
+
+  @classmethod
+  def from_config(cls, workdir: str, config: ml_collections.ConfigDict,
+                  async_save: bool = True) -> "Checkpointer":
+    """A Checkpointer with the run's `checkpoint.*` settings."""
+    c = config.checkpoint
+    return cls(workdir, every_steps=c.every_steps, keep=c.keep, keep_best=c.keep_best,
+               async_save=async_save)
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  # Steps.
+
+  def all_steps(self) -> list[int]:
+    """The finished (complete, renamed) steps on disk, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The best step by `keep_best` among those with metrics (the newest without keep_best)."""
+    return self._manager.best_step()
+
+  def unfinished_saves(self) -> list[str]:
+    """Directories left by saves that never finished (the process died while writing)."""
+    return sorted(str(p.get()) for p in ocp.utils.tmp_checkpoints(self.directory))
+
+  # Saving.
+
+  def save(self, step: int, state: PyTree, data_iterator: Any,
+           metrics: dict[str, float] | None = None, force: bool = False) -> bool:
+    """Saves `state` and the iterator's position at `step` if this step is due (or `force`).
+
+    Call it after every train step with the state reached after `step` updates; it returns
+    at once when nothing is due. `metrics` (validation metrics of this step) are recorded when
+    `keep_best` is set. Returns whether a save started; a step already on disk is not saved
+    again (returns False). The arrays are copied before this returns, so `state` may be
+    donated to the next train step; the files are written in the background.
+
+    Under `pmap`, save the unreplicated state (one copy, e.g. `jax.tree.map(lambda x: x[0],
+    state)`) so the checkpoint does not depend on the device count.
+    """
+    step = int(step)
+    if step in self._manager.all_steps():
+      return False
+    tracked = None
+    if self.keep_best and metrics is not None and self.keep_best in metrics:
+      tracked = {self.keep_best: float(metrics[self.keep_best])}
+    return self._manager.save(
+        step,
+        args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardSave(state),
+            DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator),
+        }),
+        metrics=tracked,
+        force=force,
+    )
+
+  def wait(self) -> None:
+    """Blocks until every started save is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for the saves in flight, then releases orbax's threads."""
+    self._manager.close()
+
+  # Restoring.
+
+  def restore(self, step: int, abstract_state: PyTree, data_iterator: Any) -> PyTree:
+    """The train state saved at `step`, and the iterator set to continue after it.
+
+    `abstract_state` has the structure of the state (e.g. the TrainState dataclass) with a
+    `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` per leaf; each array is read straight
+    onto that sharding, whatever devices and strategy saved it. `data_iterator` (a fresh grain
+    iterator of the same pipeline) is set to the saved position: its next batch is the one the
+    saved run would have taken next.
+
+    Raises CheckpointError when `step` does not exist (listing the steps that do) or does not
+    match the model's shapes, DamagedCheckpointError when its files cannot be read.
+    """
+    _check_has_shardings(abstract_state)
+    step = int(step)
+    steps = self.all_steps()
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; available "
+                            f"steps: {_steps_text(steps)}")
+    step_dir = epath.Path(self.directory) / str(step)
+    saved = _flat_shapes(_read_tree_metadata(step_dir, step, self.directory))
+    wanted = _flat_shapes(abstract_state)
+    if saved != wanted:
+      raise CheckpointError(
+          f"the checkpoint at step {step} in {self.directory} does not fit this model: "
+          f"{_describe_mismatch(saved, wanted)}; use the config it was trained with")
+    _check_data_files(step_dir, step, self.directory)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+          DATA_ITEM: grain.checkpoint.CheckpointRestore(data_iterator),
+      }))
+    except Exception as e:  # A file that vanished or was cut short: see _read_tree_metadata.
+      raise DamagedCheckpointError(step, self.directory, _damage_reason(e, step_dir)) from e
+    return restored[STATE_ITEM]
+
+  def restore_or_none(self, abstract_state: PyTree, data_iterator: Any,
+                      restore_step: int | None = None) -> tuple[PyTree, int] | None:
+    """Resumes a run: (state, step) from the newest intact checkpoint, or None when none exist.
+
+    A newest checkpoint that is damaged (missing or truncated files) is reported on stderr,
+    as `checkpoint at step N in DIR is damaged (...); falling back to step M (...)`, moved to
+    `<workdir>/damaged/N` (kept, not deleted, and out of the way of the step being saved
+    again) and the next older one is tried. Directories of saves that never finished are
+    reported and left to orbax, which replaces them when that step is saved again.
+
+    With `restore_step`, restores exactly that step (CheckpointError listing the available
+    steps when it does not exist or is damaged). Raises CheckpointError when every
+    checkpoint is damaged (they are all moved aside, so running again starts from scratch).
+    """
+    for unfinished in self.unfinished_saves():
+      _report(f"ignoring {unfinished}: a save that never finished (the run stopped while "
+              "writing it)")
+    steps = self.all_steps()
+    if restore_step is not None:
+      try:
+        return self.restore(restore_step, abstract_state, data_iterator), int(restore_step)
+      except DamagedCheckpointError as e:
+        raise CheckpointError(f"{e}; available steps: {_steps_text(steps)}; choose another "
+                              "with --restore-step") from None
+    while steps:
+      step = steps.pop()
+      try:
+        return self.restore(step, abstract_state, data_iterator), step
+      except DamagedCheckpointError as e:
+        kept = f"the damaged one is kept in {self._move_aside(step)}"
+        if not steps:
+          raise CheckpointError(f"{e}, and no older checkpoint is left ({kept}); run again to "
+                                "train from the start") from None
+        _report(f"{e}; falling back to step {steps[-1]} ({kept})")
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    """Moves a damaged step out of the manager's directory; returns where (process 0 moves).
+
+    Orbax would otherwise count it among the steps to keep, and a later save of that step
+    would find it in the way."""
+    target_root = os.path.join(self.workdir, DAMAGED_DIR)
+    target = os.path.join(target_root, str(step))
+    n = 1
+    while os.path.exists(target):
+      target = os.path.join(target_root, f"{step}.{n}")
+      n += 1
+    if jax.process_index() == 0:
+      os.makedirs(target_root, exist_ok=True)
+      os.rename(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"jaxformer_checkpoint_moved_{step}")
+    self._manager.reload()
+    return target
+
+
+def _report(message: str) -> None:
+  """One line on stderr (prefixed with the process index when there are several)."""
+  prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
+  print(prefix + message, file=sys.stderr, flush=True)
+
+
+_NOISE_FILTER_INSTALLED = False
+
+
+def _silence_closed_event_loop_noise() -> None:
+  """Hides the tracebacks tensorstore prints when orbax fails to read a damaged checkpoint.
+
+  When one read fails, orbax closes its event loop while other reads are still finishing;
+  their completion callbacks then raise `RuntimeError('Event loop is closed')`, which Python
+  prints as unraisable exceptions: a screenful of noise around the one clear message. This
+  filter, installed once before the first read, drops exactly those and passes every other
+  unraisable exception on to the previous hook.
+  """
+  global _NOISE_FILTER_INSTALLED
+  if _NOISE_FILTER_INSTALLED:
+    return
+  previous_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    previous_hook(unraisable)
+
+  sys.unraisablehook = hook
+  _NOISE_FILTER_INSTALLED = True
+
+
+# --- Parameters for inference, and averaging. -------------------------------------------------
+
+def _available(workdir: str) -> str:
+  steps = ocp.utils.checkpoint_steps(os.path.join(workdir, CHECKPOINTS_DIR))
+  text = f"available steps: {_steps_text(sorted(steps))}"
+  averaged = averaged_checkpoints(workdir)
+  if averaged:
+    text += f"; averaged: {', '.join(averaged)}"
+  return text
+
+
+def averaged_checkpoints(workdir: str) -> list[str]:
+  """Names of the averaged checkpoints in `<workdir>/averaged`, e.g. ['last5_1000-5000']."""
+  root = os.path.join(workdir, AVERAGED_DIR)
+  if not os.path.isdir(root):
+    return []
+  return sorted((n for n in os.listdir(root) if _AVERAGED_NAME.match(n)),
+                key=lambda n: tuple(int(g) for g in _AVERAGED_NAME.match(n).groups()))
+
+
+def _checkpoint_dir(workdir: str, step: int | str | None) -> tuple[epath.Path, int | str]:
+  """The directory of a step (newest when None) or of an averaged checkpoint, and its label."""
+  steps = sorted(ocp.utils.checkpoint_steps(os.path.join(workdir, CHECKPOINTS_DIR)))
+  if isinstance(step, str) and step.isdigit():
+    step = int(step)
+  if step is None:
+    if not steps:
+      where = os.path.join(workdir, CHECKPOINTS_DIR)
+      averaged = averaged_checkpoints(workdir)
+      hint = (f"; averaged checkpoints: {', '.join(averaged)}" if averaged
+              else "; train first (jaxformer train --workdir ...)")
+      raise CheckpointError(f"no checkpoints in {where}{hint}")
+    step = steps[-1]
+  if isinstance(step, str):
+    name = step.removeprefix(AVERAGED_DIR + "/").rstrip("/")
+    path = epath.Path(workdir) / AVERAGED_DIR / name
+    if not _AVERAGED_NAME.match(name) or not path.is_dir():
+      raise CheckpointError(f"no averaged checkpoint {step!r} in {workdir}; {_available(workdir)}")
+    return path, name
+  if step not in steps:
+    raise CheckpointError(f"no checkpoint at step {step} in {workdir}; {_available(workdir)}")
+  return epath.Path(workdir) / CHECKPOINTS_DIR / str(step), int(step)
+
+
+def _target_shardings(sharding: Any, shapes: PyTree) -> PyTree:
+  """One sharding per leaf of `shapes`: replicated on the local devices by default."""
+  if sharding is None:
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("replica",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree.map(lambda _: sharding, shapes)
+  return sharding
+
+
+def _restore_params(ckpt_dir: epath.Path, label: int | str, workdir: str,
+                    sharding: Any = None, on_host: bool = False) -> PyTree:
+  """Reads only `params` of the state in `ckpt_dir` (no optimizer state).
+
+  The arrays land on `sharding` (see `load_params`), or in host memory as NumPy arrays when
+  `on_host`.
+  """
+  tree = _read_tree_metadata(ckpt_dir, label, workdir)
+  if PARAMS_KEY not in tree:
+    raise CheckpointError(f"the checkpoint {label} in {workdir} holds no {PARAMS_KEY!r}")
+  shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[PARAMS_KEY])
+  if on_host:
+    restore_args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
+  else:
+    shapes = jax.tree.map(
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+        shapes, _target_shardings(sharding, shapes))
+    restore_args = ocp.checkpoint_utils.construct_restore_args(shapes)
+  try:
+    restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+        ckpt_dir / STATE_ITEM,
+        args=ocp.args.PyTreeRestore(item={PARAMS_KEY: shapes},
+                                    restore_args={PARAMS_KEY: restore_args},
+                                    partial_restore=True))
+  except Exception as e:  # Unreadable files: see _read_tree_metadata.
+    raise DamagedCheckpointError(label, workdir, _damage_reason(e, ckpt_dir)) from e
+  return restored[PARAMS_KEY]
+
+
+def load_params(workdir: str, step: int | str | None = None, sharding: Any = None
+                ) -> tuple[PyTree, int | str, ml_collections.FrozenConfigDict]:
+  """The parameters of a checkpoint, for evaluation and translation: (params, step, config).
+
+  `step` is a saved step (int, or its digits as a string), None for the newest, or the name of
+  an averaged checkpoint as `average_checkpoints` wrote it (e.g. 'last5_1000-5000', also
+  accepted as 'averaged/last5_1000-5000'); the returned `step` is that int or name. Only the
+  parameters are read (no optimizer state). They land on `sharding`: by default replicated on
+  every local device of this process; or one `jax.sharding.Sharding` for every leaf; or a
+  pytree of them shaped like the params; whatever devices, strategy or fsdp the run trained
+  with. `config` is the run's recorded config.json.
+  """
+  if not os.path.isdir(workdir):
+    raise CheckpointError(f"workdir {workdir} does not exist")
+  ckpt_dir, label = _checkpoint_dir(workdir, step)
+  run_config = read_run_config(workdir)
+  if run_config is None:
+    raise CheckpointError(f"{os.path.join(workdir, CONFIG_FILE)} is missing; the model cannot "
+                          "be rebuilt without the config the run was trained with")
+  return _restore_params(ckpt_dir, label, workdir, sharding=sharding), label, run_config
+
+
+def average_checkpoints(workdir: str, last_k: int) -> str:
+  """Averages the parameters of the last `last_k` checkpoints into a new one; returns its path.
+
+  The mean is element-wise, accumulated in float64 on the host and stored in the parameters'
+  own dtype. The result goes to `<workdir>/averaged/last<K>_<first>-<last>` (e.g.
+  `last5_1000-5000`: the 5 newest steps, 1000 to 5000), written atomically by orbax with the
+  same layout as a training checkpoint's parameters (plus `info/` naming the steps); pass that
+  name as `load_params(workdir, step='last5_1000-5000')` (`--step last5_1000-5000` on the
+  command line). The original checkpoints are only read. Raises CheckpointError when there are
+  fewer than `last_k` checkpoints or when that averaged checkpoint already exists.
+  """
+  directory = os.path.join(workdir, CHECKPOINTS_DIR)
+  steps = sorted(ocp.utils.checkpoint_steps(directory))
+  if last_k < 1:
+    raise CheckpointError(f"--last {last_k}: average at least 1 checkpoint")
+  if last_k > len(steps):
+    raise CheckpointError(f"cannot average the last {last_k} checkpoints: {directory} has "
+                          f"{len(steps)} (steps: {_steps_text(steps)})")
+  chosen = steps[-last_k:]
+  name = f"last{last_k}_{chosen[0]}-{chosen[-1]}"
+  out = epath.Path(workdir) / AVERAGED_DIR / name
+  if out.exists():
+    raise CheckpointError(f"{out} already exists; it is never overwritten (delete it yourself "
+                          "to recompute it)")
+  def read(step):
+    return _restore_params(epath.Path(directory) / str(step), step, workdir, on_host=True)
+
+  first = read(chosen[0])
+  shapes = _flat_shapes(first)
+  total = jax.tree.map(lambda x: x.astype(np.float64), first)
+  for step in chosen[1:]:
+    params = read(step)
+    if _flat_shapes(params) != shapes:
+      raise CheckpointError(f"cannot average step {step} with step {chosen[0]}: "
+                            f"{_describe_mismatch(_flat_shapes(params), shapes)}")
+    total = jax.tree.map(lambda t, x: t + x, total, params)
+  mean = jax.tree.map(lambda t, x: (t / last_k).astype(x.dtype), total, first)
+  ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(out, args=ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.PyTreeSave({PARAMS_KEY: mean}),
+      INFO_ITEM: ocp.args.JsonSave({"averaged_steps": chosen, "source": directory}),
+  }))
+  return str(out)
+
+
+# --- Preemption. ------------------------------------------------------------------------------
+
+def _preemption_service_running() -> bool:
+  """Whether jax.distributed runs the preemption sync service (multi-host agreement).
+
+  jax.distributed.initialize() starts it by default (config jax_enable_preemption_service);
+  its notifier then catches SIGTERM itself, and every host learns of it.
+  """
+  if not jax.distributed.is_initialized():
+    return False
+  from jax._src import distributed  # The manager is not exposed publicly in jax 0.10.
+  return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+
+
+class PreemptionGuard:
+  """Turns SIGTERM (preemption, `kill`) and SIGINT (Ctrl-C) into a request to stop cleanly.
+
+  While the guard is entered, these signals no longer kill the process: they set a flag, and
+  `should_stop(step)` becomes True. The loop then saves a checkpoint at that step, waits for
+  it and exits with status 0. A second signal of the same kind acts as if no guard were
+  installed (Ctrl-C twice: stop at once, without a checkpoint). On exit the previous handlers
+  are restored. Enter it in the main thread (Python delivers signals there only).
+
+  Multi-host: when jax.distributed runs its preemption service (the default after
+  `jax.distributed.initialize()`), SIGTERM is left to jax's notifier, SIGINT is forwarded to
+  it, and `should_stop(step)` is `multihost_utils.reached_preemption_sync_point(step)`: True
+  on every host at the same step, a few steps after any host got the signal. Otherwise (one
+  process) it is the local flag, True from the step during which the signal came.
+
+  The training loop, on every process:
+
+      with checkpoint.PreemptionGuard() as guard:
+        for step in range(start_step, config.train.steps):
+          state, metrics = train_step(state, next(batches))  # state.step == step + 1
+          checkpointer.save(step + 1, state, batches)        # due every every_steps
+          if guard.should_stop(step + 1):                   # call it at every step
+            checkpointer.save(step + 1, state, batches, force=True)
+            checkpointer.wait()
+            print(f"stopped by {guard.reason} at step {step + 1}; checkpoint in "
+                  f"{checkpointer.directory}; run the same command to resume")
+            return                                          # exit status 0
+        checkpointer.save(config.train.steps, state, batches, force=True)
+      checkpointer.close()
+  """
+
+  def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)):
+    self._signals = tuple(signals)
+    self._previous: dict[int, Any] = {}
+    self._received: int | None = None
+    self._sync_hosts = False
+
+  def __enter__(self) -> "PreemptionGuard":
+    self._sync_hosts = _preemption_service_running()
+    for signum in self._signals:
+      if self._sync_hosts and signum == signal.SIGTERM:
+        continue  # jax's preemption notifier handles SIGTERM and tells the other hosts.
+      self._previous[signum] = signal.signal(signum, self._on_signal)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    for signum, handler in self._previous.items():
+      # None: a handler installed outside Python, which cannot be put back; use the default.
+      signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    self._previous = {}
+
+  def _on_signal(self, signum: int, frame: Any) -> None:
+    del frame
+    if self._received == signum:  # The second one: behave as without the guard.
+      self.__exit__()
+      signal.raise_signal(signum)
+      return
+    self._received = signum
+    if self._sync_hosts:
+      os.kill(os.getpid(), signal.SIGTERM)  # Hand it to jax's notifier (all hosts agree).
+
+  @property
+  def requested(self) -> bool:
+    """Whether this process received one of the signals (SIGTERM under jax.distributed aside)."""
+    return self._received is not None
+
+  @property
+  def reason(self) -> str:
+    """'SIGTERM', 'SIGINT' ..., or 'a preemption notice' when jax's service relayed it."""
+    if self._received is not None:
+      return signal.Signals(self._received).name
+    return "a preemption notice"
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to save at `step` and stop. Call at every step, on every process."""
+    if self._sync_hosts:
+      try:
+        return multihost_utils.reached_preemption_sync_point(int(step))
+      except RuntimeError:  # The service was disabled after all: fall back to the flag.
+        self._sync_hosts = False
+    return self._received is not None
