@@ -70,8 +70,10 @@ def shuffle_seed(config: Config) -> int:
   return config.data.shuffle_seed if config.data.shuffle_seed >= 0 else config.train.seed
 
 
-def wait_until(ready: Callable[[], bool], what: str, timeout_s: float = WAIT_TIMEOUT_S) -> None:
-  """Polls `ready()` until it is true; raises DataError naming `what` after `timeout_s`."""
+def wait_until(ready: Callable[[], bool], what: str, timeout_s: float | None = None) -> None:
+  """Polls `ready()` until it is true; raises DataError naming `what` after `timeout_s`
+  (default WAIT_TIMEOUT_S)."""
+  timeout_s = WAIT_TIMEOUT_S if timeout_s is None else timeout_s
   deadline = time.monotonic() + timeout_s
   while not ready():
     if time.monotonic() > deadline:
