@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxformer.data import sources
 from jaxformer.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
-from jaxformer.errors import ConfigError
+from jaxformer.errors import ConfigError, DataError
 
 FEATURES = ("inputs", "targets")  # source and target token ids, in that order.
 READ_THREADS = 4          # threads that read and tokenize pairs ahead of the packer.
@@ -80,22 +80,26 @@ def truncate(ids: np.ndarray, max_len: int) -> np.ndarray:
 class LengthPolicy:
   """Drops ('drop') or truncates ('truncate') pairs whose source or target is over max_len.
 
-  Counts them and says so, never silently: a warning at the first over-long pair, and the count
-  once when the first pass over the data is complete (`report`). Runs in the iterator's own
-  order (an IterDataset step), so the count of a pass is exact.
+  Counts them and says so, never silently: the count once when the first pass over the data is
+  complete (`report`), and, for data whose pass may take hours, a warning at the first
+  over-long pair. Runs in the iterator's own order (an IterDataset step, or a MapDataset read
+  without threads), so the count of a pass is exact.
 
   Args:
     max_len: the longest sequence kept as it is, EOS included.
     policy: 'drop' or 'truncate'.
     what: names the data in messages, e.g. "train split on process 0 of 2".
+    warn_first: also warn at the first over-long pair.
   """
 
-  def __init__(self, max_len: int, policy: str, what: str):
+  def __init__(self, max_len: int, policy: str, what: str, warn_first: bool = True):
     self.max_len = max_len
     self.policy = policy
     self.what = what
+    self.warn_first = warn_first
     self.count = 0        # over-long pairs of the first pass.
     self.total = 0        # pairs of the first pass.
+    self.first_epoch = None  # the epoch of the first pair seen (> 0 in a resumed run).
     self.reported = False
 
   def over_long(self, example: dict[str, Any]) -> bool:
@@ -103,13 +107,16 @@ class LengthPolicy:
 
   def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
     """Counts `example`; truncates it under 'truncate', marks it `keep=False` under 'drop'."""
-    if example.get("epoch", 0) > 0 and not self.reported:
+    epoch = example.get("epoch", 0)
+    if self.first_epoch is None:
+      self.first_epoch = epoch
+    if epoch != self.first_epoch and not self.reported:
       self.report()
     too_long = self.over_long(example)
     if not self.reported:
       self.total += 1
       self.count += too_long
-      if too_long and self.count == 1:
+      if too_long and self.count == 1 and self.warn_first:
         log.warning("%s: a pair is longer than data.max_len=%d tokens (source %d, target %d, "
                     "EOS included); pairs like it are %s (data.length_policy=%r)", self.what,
                     self.max_len, len(example["inputs"]), len(example["targets"]),
@@ -119,12 +126,19 @@ class LengthPolicy:
     return {**example, "keep": not (too_long and self.policy == "drop")}
 
   def report(self) -> None:
-    """Logs the count of over-long pairs of the first pass (once)."""
-    if not self.reported and self.count:
-      log.warning("%s: %d of %d pairs were longer than data.max_len=%d and were %s", self.what,
+    """Logs the count of over-long pairs of the first pass (once). DataError if every pair was
+    dropped (training would wait forever for a batch)."""
+    if self.reported:
+      return
+    self.reported = True
+    if self.policy == "drop" and self.total and self.count == self.total:
+      raise DataError(f"{self.what}: all {self.total} pairs are longer than data.max_len="
+                      f"{self.max_len} tokens and were dropped; raise data.max_len or set "
+                      "data.length_policy=truncate")
+    if self.count:
+      log.warning("%s: %d of %d pairs read were longer than data.max_len=%d and were %s", self.what,
                   self.count, self.total, self.max_len,
                   "dropped" if self.policy == "drop" else "truncated")
-    self.reported = True
 
 
 def pad_row(example: dict[str, Any], max_len: int) -> Batch:
@@ -236,7 +250,8 @@ def make_eval_batches(config, tokenizer: Tokenizer, data_dir: str, split: str, *
   index, count = _processes(process_index, process_count)
   max_len = config.data.max_len
   source = sources.get_split(config, split, data_dir)
-  policy = LengthPolicy(max_len, "truncate", f"{split} split on process {index} of {count}")
+  policy = LengthPolicy(max_len, "truncate", f"{split} split on process {index} of {count}",
+                        warn_first=False)
 
   def example(i: int) -> Batch:
     row = pad_row(policy(tokenize(tokenizer, source[i])), max_len)
@@ -247,9 +262,11 @@ def make_eval_batches(config, tokenizer: Tokenizer, data_dir: str, split: str, *
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))  # policy counts in order.
   ds = ds.batch(batch_size, batch_fn=lambda rows: _stack(rows, batch_size, max_len))
   batches = iter(ds)
-  for _ in range(num_eval_batches(len(source), batch_size, count)):
-    yield next(batches, None) or _stack([], batch_size, max_len)
-  policy.report()
+  try:
+    for _ in range(num_eval_batches(len(source), batch_size, count)):
+      yield next(batches, None) or _stack([], batch_size, max_len)
+  finally:  # Also when the caller stops early: the count then covers what it read.
+    policy.report()
 
 
 def _stack(rows: list[Batch], batch_size: int, max_len: int) -> Batch:

@@ -148,6 +148,7 @@ class TaskConfig(tfds.core.BuilderConfig):
 class GeneratedTask(tfds.core.GeneratorBasedBuilder):
   """The generated tasks of jaxformer/data/tasks.py as a tfds dataset."""
 
+  # Bump the version whenever tasks.py draws different pairs, so older data is never reused.
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Numbers (English -> Spanish words), copy, reverse, sort, addition."}
 
@@ -361,7 +362,12 @@ def prepare(config: Config, data_dir: str) -> tfds.core.DatasetBuilder:
   with _quiet_tfds():
     prepared = builder.is_prepared()
   if not prepared:
-    builder.download_and_prepare(file_format=FILE_FORMAT)
+    try:
+      builder.download_and_prepare(file_format=FILE_FORMAT)
+    except OSError as e:  # Network failures (requests.ConnectionError) and full disks are.
+      raise DataError(f"preparing {builder.name}/{builder.builder_config_name} in {data_dir} "
+                      f"failed: {e}; check the internet connection and free disk space, then "
+                      "run the same command again (finished downloads are kept)") from e
   return builder
 
 

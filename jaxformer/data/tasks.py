@@ -70,7 +70,8 @@ def english_number(n: int) -> str:
   return " ".join(words)
 
 
-# 0..29 are single words in Spanish; note the accents of dieciséis, veintidós, veintitrés, veintiséis.
+# 0..29 are single words in Spanish; note the accents of dieciséis, veintidós, veintitrés and
+# veintiséis.
 _ES_BELOW_30 = (
     "cero uno dos tres cuatro cinco seis siete ocho nueve diez once doce trece catorce quince "
     "dieciséis diecisiete dieciocho diecinueve veinte veintiuno veintidós veintitrés "

@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 
 from jaxformer.data import pipeline, sources, tokenizer
 from jaxformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from jaxformer.errors import ConfigError
+from jaxformer.errors import ConfigError, DataError
 
 KEYS = {"inputs", "targets", "inputs_segment_ids", "targets_segment_ids", "inputs_positions",
         "targets_positions"}
@@ -55,8 +55,8 @@ def stream(config, tok, data_dir, index=0, count=1):
   shard = pipeline.train_shard(source, sources.shuffle_seed(config), index, count)
   for i in itertools.count():
     pair = shard[i]
-    yield (tuple(tok.encode(pair["source"]) + [EOS_ID]), tuple(tok.encode(pair["target"]) + [EOS_ID]),
-           pair["epoch"])
+    ids = pipeline.tokenize(tok, pair)
+    yield tuple(ids["inputs"].tolist()), tuple(ids["targets"].tolist()), pair["epoch"]
 
 
 # --- Packing. --------------------------------------------------------------------------------
@@ -215,13 +215,13 @@ def test_over_long_pairs_are_counted_and_dropped_or_truncated(policy, small_conf
   done = "dropped" if policy == "drop" else "truncated"
   messages = [r.getMessage() for r in caplog.records]
   assert any(f"pairs like it are {done}" in m for m in messages), messages
-  assert sum(f"{sum(over)} of {num_pairs} pairs were longer than data.max_len={max_len} and "
+  assert sum(f"{sum(over)} of {num_pairs} pairs read were longer than data.max_len={max_len} and "
              f"were {done}" in m for m in messages) == 1, messages
 
 
 # --- Evaluation batches. ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("count", [1, 2, 3])
+@pytest.mark.parametrize("count", [1, 2, 3, 8])  # 8: shards of 8 and 7, so some pad a batch.
 def test_eval_batches_hold_every_example_once(count, small_config, numbers_tokenizer,
                                               numbers_data_dir):
   config, batch_size = small_config(), 7
@@ -265,7 +265,7 @@ def test_over_long_eval_examples_are_truncated_and_counted(small_config, numbers
   for batch in batches:
     lengths = (batch["inputs"] != PAD_ID).sum(1)
     assert np.all(batch["inputs"][lengths == max_len, -1] == EOS_ID)
-  assert any(f"{long} of {len(references)} pairs were longer than data.max_len={max_len} and "
+  assert any(f"{long} of {len(references)} pairs read were longer than data.max_len={max_len} and "
              "were truncated" in r.getMessage() for r in caplog.records)
 
 
@@ -291,3 +291,10 @@ def test_wmt_batches_under_mock_data(direction, small_config, tmp_path):
           assert tok.decode(b["inputs"][row]) == want_source
           assert tok.decode(b["targets"][row]) == want_target
   assert sum(int((b["example_ids"] >= 0).sum()) for b in batches) == 24
+
+
+def test_dropping_every_pair_is_an_error_not_a_hang(small_config, numbers_tokenizer, tmp_path):
+  config = small_config(num_train=24, max_len=1, length_policy="drop")  # Only EOS would fit.
+  iterator = pipeline.make_train_iterator(config, numbers_tokenizer, str(tmp_path))
+  with pytest.raises(DataError, match=r"all 24 pairs are longer than data\.max_len=1"):
+    next(iterator)

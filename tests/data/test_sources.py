@@ -143,8 +143,20 @@ def test_wmt_bad_direction_and_unprepared_data(small_config, tmp_path):
   with tfds.testing.mock_data(num_examples=2):
     with pytest.raises(ConfigError, match=r"data\.direction='en-fr' does not fit .*de-en, en-de"):
       sources.get_split(config, "train", str(tmp_path))
+  config = small_config(task="tfds", tfds_name="wmt99_translate/de-en")
+  with pytest.raises(ConfigError, match=r"data\.tfds_name='wmt99_translate/de-en' is not in"):
+    sources.get_split(config, "train", str(tmp_path))
   config = small_config(task="tfds")
   with pytest.raises(DataError, match=r"wmt14_translate/de-en is not prepared in .*"
                                       r"python -m jaxformer\.data\.sources"):
     sources.get_split(config, "train", str(tmp_path))
   assert not os.listdir(tmp_path), "reading must not create or download anything"
+
+
+def test_other_processes_wait_for_process_0_to_build(small_config, tmp_path, monkeypatch):
+  monkeypatch.setattr(sources.jax, "process_index", lambda: 1)
+  monkeypatch.setattr(sources, "WAIT_POLL_S", 0.01)
+  monkeypatch.setattr(sources, "WAIT_TIMEOUT_S", 0.05)
+  with pytest.raises(DataError, match=r"waiting for process 0 to write the numbers dataset in"):
+    sources.get_split(small_config(), "train", str(tmp_path))
+  assert not any(files for _, _, files in os.walk(tmp_path)), "only process 0 builds data"
