@@ -40,7 +40,6 @@ from jaxformer.errors import ConfigError, DataError
 FEATURES = ("inputs", "targets")  # source and target token ids, in that order.
 READ_THREADS = 4          # threads that read and tokenize pairs ahead of the packer.
 READ_BUFFER = 64          # pairs read ahead (grain scans this buffer per element: keep small).
-PREFETCH_BATCHES = 2      # finished batches prepared ahead in a background thread.
 
 Batch = dict[str, np.ndarray]
 log = logging.getLogger(__name__)
@@ -197,10 +196,9 @@ def make_train_iterator(config, tokenizer: Tokenizer, data_dir: str, *,
                                             prefetch_buffer_size=READ_BUFFER))
   ds = ds.map(policy).filter(lambda example: example["keep"]).map(only_features)
   ds = to_rows(ds, max_len, packing=config.data.packing, num_packing_bins=batch_size)
-  ds = ds.batch(batch_size, drop_remainder=True)
-  # A background thread prepares the next batches while the devices compute.
-  ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=PREFETCH_BATCHES)
-  return iter(ds)
+  # No extra prefetch thread: JAX runs a train step asynchronously, so the loop's next call to
+  # next() already prepares the next batch while the devices compute.
+  return iter(ds.batch(batch_size, drop_remainder=True))
 
 
 def to_rows(ds: grain.IterDataset, max_len: int, *, packing: bool, num_packing_bins: int

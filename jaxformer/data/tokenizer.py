@@ -81,14 +81,18 @@ class Tokenizer:
     return self._processor.encode_as_ids(text)
 
   def decode(self, ids: Iterable[int]) -> str:
-    """Text of `ids` up to the first EOS; PAD and BOS are skipped (so a padded row decodes)."""
+    """Text of `ids` up to the first EOS; PAD and BOS are skipped (so a padded row decodes).
+
+    Ids past the vocabulary (a model whose model.vocab_size exceeds vocab_size may predict
+    them) decode like UNK_ID, as " ⁇ ".
+    """
     pieces = []
     for i in ids:
       i = int(i)
       if i == EOS_ID:
         break
       if i not in (PAD_ID, BOS_ID):
-        pieces.append(i)
+        pieces.append(i if 0 <= i < self.vocab_size else UNK_ID)
     return self._processor.decode_ids(pieces)
 
 

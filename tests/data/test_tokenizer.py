@@ -35,6 +35,8 @@ def test_decode_stops_at_eos_and_skips_pad_and_bos(numbers_tokenizer):
   assert tok.decode([BOS_ID] + one + [EOS_ID] + two + [PAD_ID]) == "seven"
   assert tok.decode(one + [PAD_ID, PAD_ID]) == "seven"
   assert tok.decode([EOS_ID] + one) == ""
+  # An id past the vocabulary (the model's embedding may be larger) reads as unknown.
+  assert tok.decode(one + [tok.vocab_size + 5] + two) == tok.decode(one + [UNK_ID] + two)
 
 
 def test_saved_and_reloaded_vocabulary_gives_identical_ids(numbers_tokenizer, tmp_path):
