@@ -413,8 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   downloads (catalog) or builds (generated, text) the dataset of an experiment."""
   from jaxformer import config as config_lib  # pylint: disable=import-outside-toplevel
   from jaxformer.errors import JaxformerError  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(prog="python -m jaxformer.data.sources",
-                                   description=main.__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      prog="python -m jaxformer.data.sources",
+      description="Download (catalog) or build (generated, text) the dataset of an experiment.")
   parser.add_argument("--config", default="default", help="experiment name or file")
   parser.add_argument("--workdir", required=True, help="data goes to data.data_dir or WORKDIR/tfds")
   args, rest = parser.parse_known_args(argv)
