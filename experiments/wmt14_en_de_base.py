@@ -13,8 +13,12 @@ def get_config():
   config.data.task = "tfds"
   config.data.tfds_name = "wmt14_translate/de-en"
   config.data.direction = "en-de"
-  config.data.max_len = 256
-  config.data.vocab_sample_size = 10_000_000
+  config.data.max_len = 256                # pairs longer than this are dropped (and counted).
+  config.data.length_policy = "drop"
+  config.data.packing = True
+  config.data.vocab_type = "bpe"           # the paper: byte-pair encoding, shared vocabulary.
+  config.data.vocab_sample_size = 2_000_000  # sentences (1M pairs) that train the vocabulary.
+  config.data.vocab_character_coverage = 0.9995  # web-crawled text holds stray scripts.
   config.model.vocab_size = 37000
   config.model.max_len = 256
   config.train.steps = 100_000

@@ -65,6 +65,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.data.direction = "en-de"        # 'tfds' task: '<source>-<target>' language codes.
   c.data.vocab_type = "unigram"     # SentencePiece model: 'unigram' | 'bpe'.
   c.data.vocab_sample_size = 200000  # at most this many sentences (both sides) train the vocab.
+  c.data.vocab_character_coverage = 1.0  # share of characters the vocab must cover (SentencePiece;
+                                    # 0.9995 for noisy web text, 1.0 keeps every character).
   c.data.max_len = 64               # tokens per row (source and target each), eos included.
   c.data.length_policy = "drop"     # pairs longer than max_len: 'drop' | 'truncate'.
   c.data.packing = True             # pack several pairs per row (segment ids and positions).
@@ -155,6 +157,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in POSITIVE:
     if get_key(config, key) <= 0:
       raise ConfigError(f"{key}={get_key(config, key)} must be positive")
+  if not 0.0 < config.data.vocab_character_coverage <= 1.0:
+    raise ConfigError(f"data.vocab_character_coverage={config.data.vocab_character_coverage} "
+                      "must be in (0, 1]")
   for key in ("model.dropout_rate", "model.attention_dropout_rate", "train.label_smoothing"):
     if not 0.0 <= get_key(config, key) < 1.0:
       raise ConfigError(f"{key}={get_key(config, key)} must be in [0, 1)")

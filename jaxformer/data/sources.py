@@ -1,0 +1,435 @@
+"""Where sentence pairs come from: tfds datasets read as random-access sources, without TensorFlow.
+
+Three kinds of data, chosen by `data.task`, all ending up as tfds datasets in array_record files
+that `builder.as_data_source()` reads with random access (what grain needs to shuffle globally
+and to shard by index):
+
+- generated tasks ('numbers', 'copy', 'reverse', 'sort', 'addition'): `GeneratedTask`, a
+  `tfds.core.GeneratorBasedBuilder` that draws the splits of jaxformer/data/tasks.py;
+- local parallel text ('text'): `TextPairs`, a builder over aligned `*.src` / `*.tgt` files or a
+  TSV file per split, checked line by line;
+- catalog datasets ('tfds'): e.g. `wmt14_translate/de-en`, prepared once by
+  `python -m jaxformer.data.sources` (needs internet), then read like the others.
+
+A builder's config name records everything its data depends on (task, seed, sizes, lengths; or
+the paths, sizes and modification times of the text files), so a changed config builds a new
+dataset beside the old one instead of silently reusing stale data.
+
+Every source, whatever its kind, reads as `source[i] -> {'source': str, 'target': str}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import importlib
+import importlib.resources.abc
+import importlib.util
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import tensorflow_datasets as tfds
+
+from jaxformer.data import tasks
+from jaxformer.errors import ConfigError, DataError
+
+SPLITS = ("train", "validation", "test")
+FILE_FORMAT = "array_record"   # random access, readable without TensorFlow.
+WAIT_TIMEOUT_S = 2 * 3600      # how long other processes wait for process 0 to build data/vocab.
+WAIT_POLL_S = 1.0
+# Modules that register the catalog datasets jaxformer knows how to read.
+CATALOG_MODULES = {
+    "wmt14_translate": "tensorflow_datasets.translate.wmt14",
+    "wmt17_translate": "tensorflow_datasets.translate.wmt17",
+}
+
+Config = ml_collections.ConfigDict | ml_collections.FrozenConfigDict
+
+# tensorflow_datasets 4.9.10 needs the `importlib_resources` backport to prepare any dataset
+# (DatasetBuilder.code_path) but declares it only for Python < 3.9, so download_and_prepare fails
+# with "No module named 'importlib_resources'" (github.com/tensorflow/datasets/issues/11212).
+# The standard library's importlib.resources offers what tfds uses from it (abc.Traversable).
+if importlib.util.find_spec("importlib_resources") is None:
+  sys.modules["importlib_resources"] = importlib.resources
+
+
+def resolve_data_dir(config: Config, workdir: str) -> str:
+  """`data.data_dir`, or `<workdir>/tfds` when it is empty."""
+  return config.data.data_dir or os.path.join(workdir, "tfds")
+
+
+def shuffle_seed(config: Config) -> int:
+  """The seed of the data: `data.shuffle_seed`, or `train.seed` when that is negative."""
+  return config.data.shuffle_seed if config.data.shuffle_seed >= 0 else config.train.seed
+
+
+def wait_until(ready: Callable[[], bool], what: str, timeout_s: float | None = None) -> None:
+  """Polls `ready()` until it is true; raises DataError naming `what` after `timeout_s`
+  (default WAIT_TIMEOUT_S)."""
+  timeout_s = WAIT_TIMEOUT_S if timeout_s is None else timeout_s
+  deadline = time.monotonic() + timeout_s
+  while not ready():
+    if time.monotonic() > deadline:
+      raise DataError(f"timed out after {timeout_s:.0f} s waiting for process 0 to write {what}; "
+                      "check process 0's log, and that every process sees the same workdir "
+                      "(and data.data_dir)")
+    time.sleep(WAIT_POLL_S)
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """Hides tfds's warnings about what is normal here while a builder is made: a builder config
+  made at run time (from the jaxformer config) and a dataset that is not built yet."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+# --- Random-access sources of {'source': str, 'target': str}. -------------------------------
+
+def _text(value: str | bytes) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+class PairSource(Sequence[dict[str, str]]):
+  """A tfds data source seen as pairs: `len(source)`, `source[i] -> {'source', 'target'}`.
+
+  Args:
+    records: a random-access tfds data source (`builder.as_data_source(split)`).
+    source_key, target_key: the record features holding the two sides ('en' and 'de' for WMT).
+  """
+
+  def __init__(self, records: Sequence[Any], source_key: str = "source",
+               target_key: str = "target"):
+    self._records = records
+    self._source_key = source_key
+    self._target_key = target_key
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict[str, str]:
+    if not 0 <= index < len(self):
+      raise IndexError(f"pair {index} is outside 0..{len(self) - 1}")
+    record = self._records[index]
+    return {"source": _text(record[self._source_key]),
+            "target": _text(record[self._target_key])}
+
+  def __repr__(self) -> str:
+    return f"PairSource({self._records!r}, {self._source_key!r} -> {self._target_key!r})"
+
+
+_PAIR_FEATURES = {"source": tfds.features.Text(), "target": tfds.features.Text()}
+
+
+# --- Generated tasks. ------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class TaskConfig(tfds.core.BuilderConfig):
+  """What a generated dataset depends on; `GeneratedTask.config_for` names it after all of it."""
+  task: str = "numbers"
+  sizes: tuple[int, int, int] = (0, 0, 0)                  # train, validation, test
+  train_lengths: tuple[int, int] = (1, 8)
+  eval_lengths: tuple[int, int] = (1, 8)
+  seed: int = 0
+
+
+class GeneratedTask(tfds.core.GeneratorBasedBuilder):
+  """The generated tasks of jaxformer/data/tasks.py as a tfds dataset."""
+
+  # Bump the version whenever tasks.py draws different pairs, so older data is never reused.
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Numbers (English -> Spanish words), copy, reverse, sort, addition."}
+
+  @staticmethod
+  def config_for(config: Config) -> TaskConfig:
+    d = config.data
+    for key in ("num_validation", "num_test"):
+      if d[key] <= 0:
+        raise ConfigError(f"data.{key}={d[key]} must be positive for generated tasks")
+    for key in ("train_lengths", "eval_lengths"):
+      low, high = d[key]
+      if not 1 <= low <= high:
+        raise ConfigError(f"data.{key}={tuple(d[key])} must be (min, max) with 1 <= min <= max")
+    sizes = (d.num_train, d.num_validation, d.num_test)
+    seed = shuffle_seed(config)
+    name = f"{d.task}-seed{seed}-sizes{'_'.join(map(str, sizes))}"
+    if d.task in tasks.ALGORITHMIC_TASKS:  # 'numbers' does not use the lengths.
+      name += f"-len{d.train_lengths[0]}_{d.train_lengths[1]}"
+      name += f"-evallen{d.eval_lengths[0]}_{d.eval_lengths[1]}"
+    return TaskConfig(name=name, task=d.task, sizes=sizes, train_lengths=tuple(d.train_lengths),
+                      eval_lengths=tuple(d.eval_lengths), seed=seed)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=__doc__, disable_shuffling=True,
+        features=tfds.features.FeaturesDict(_PAIR_FEATURES))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    c = self.builder_config
+    splits = tasks.generate_splits(
+        c.task, dict(zip(SPLITS, c.sizes)),
+        {"train": c.train_lengths, "validation": c.eval_lengths, "test": c.eval_lengths}, c.seed)
+    return {split: self._generate_examples(pairs) for split, pairs in splits.items()}
+
+  def _generate_examples(self, pairs):
+    for index, (source, target) in enumerate(pairs):
+      yield index, {"source": source, "target": target}
+
+
+# --- Local parallel text. --------------------------------------------------------------------
+
+def parse_files(spec: str, key: str) -> tuple[str, ...]:
+  """'a.src,a.tgt' -> two paths; 'a.tsv' -> one path. `key` names the config key in errors."""
+  paths = tuple(os.path.abspath(os.path.expanduser(p.strip())) for p in spec.split(",")
+                if p.strip())
+  if len(paths) not in (1, 2) or (len(paths) == 1 and not paths[0].endswith(".tsv")):
+    raise ConfigError(f"data.{key}={spec!r} must be '<source file>,<target file>' or "
+                      "'<file>.tsv' (source TAB target per line)")
+  return paths
+
+
+def read_lines(path: str) -> list[str]:
+  """The lines of a UTF-8 text file, without line ends. DataError naming file and line."""
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except FileNotFoundError:
+    raise DataError(f"{path}: file not found") from None
+  except OSError as e:
+    raise DataError(f"{path}: cannot read ({e.strerror})") from None
+  if not raw.strip():
+    raise DataError(f"{path}: the file is empty")
+  lines = raw.split(b"\n")
+  if lines[-1] == b"":
+    lines.pop()  # The newline that ends the last line.
+  text = []
+  for number, line in enumerate(lines, start=1):
+    try:
+      text.append(line.decode("utf-8").removesuffix("\r"))
+    except UnicodeDecodeError as e:
+      raise DataError(f"{path}:{number}: invalid UTF-8 (byte {e.start + 1} of the line); "
+                      "save the file as UTF-8") from None
+  return text
+
+
+def read_pairs(paths: Sequence[str]) -> list[tuple[str, str]]:
+  """Aligned pairs from ('x.src', 'x.tgt') or ('x.tsv',). DataError naming file and line."""
+  if len(paths) == 1:
+    pairs = []
+    for number, line in enumerate(read_lines(paths[0]), start=1):
+      fields = line.split("\t")
+      if len(fields) != 2:
+        raise DataError(f"{paths[0]}:{number}: expected 2 tab-separated fields (source, target), "
+                        f"found {len(fields)}")
+      pairs.append((fields[0], fields[1]))
+  else:
+    sources, targets = (read_lines(p) for p in paths)
+    if len(sources) != len(targets):
+      shorter, longer = sorted(zip((len(sources), len(targets)), paths))
+      raise DataError(f"{shorter[1]} has {shorter[0]} lines but {longer[1]} has {longer[0]}: "
+                      f"line {shorter[0] + 1} of {longer[1]} has no partner; the files must be "
+                      "aligned line by line")
+    pairs = list(zip(sources, targets))
+  for number, (source, target) in enumerate(pairs, start=1):
+    for side, text, path in (("source", source, paths[0]), ("target", target, paths[-1])):
+      if not text.strip():
+        raise DataError(f"{path}:{number}: empty {side} sentence; remove the pair or fill it in")
+  return pairs
+
+
+@dataclasses.dataclass(eq=False)
+class TextConfig(tfds.core.BuilderConfig):
+  """Which files make each split; `TextPairs.config_for` names it after their content stamps."""
+  files: tuple[tuple[str, tuple[str, ...]], ...] = ()     # ((split, paths), ...)
+
+
+def _file_stamp(path: str) -> str:
+  try:
+    stat = os.stat(path)
+  except FileNotFoundError:
+    raise DataError(f"{path}: file not found") from None
+  return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+class TextPairs(tfds.core.GeneratorBasedBuilder):
+  """Aligned sentence pairs from local files, one split per `data.<split>_files` key.
+
+  Example i of a split is line i + 1 of its files.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Aligned .src/.tgt files or a .tsv file per split."}
+
+  @staticmethod
+  def config_for(config: Config) -> TextConfig:
+    files = tuple((split, parse_files(config.data[f"{split}_files"], f"{split}_files"))
+                  for split in SPLITS if config.data[f"{split}_files"])
+    if not any(split == "train" for split, _ in files):
+      raise ConfigError("data.task='text' needs data.train_files ('<src>,<tgt>' or '<file>.tsv')")
+    stamps = "\n".join(f"{split}={_file_stamp(p)}" for split, paths in files for p in paths)
+    digest = hashlib.sha256(stamps.encode()).hexdigest()[:16]
+    return TextConfig(name=f"text-{digest}", files=files)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=__doc__, disable_shuffling=True,
+        features=tfds.features.FeaturesDict(_PAIR_FEATURES))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    # Read (and check) every file before writing anything.
+    pairs = {split: read_pairs(paths) for split, paths in self.builder_config.files}
+    return {split: self._generate_examples(split_pairs) for split, split_pairs in pairs.items()}
+
+  def _generate_examples(self, pairs):
+    for index, (source, target) in enumerate(pairs):
+      yield index, {"source": source, "target": target}
+
+
+# --- Catalog datasets (WMT). -----------------------------------------------------------------
+
+def catalog_builder(config: Config, data_dir: str) -> tfds.core.DatasetBuilder:
+  """The tfds builder of `data.tfds_name` (e.g. 'wmt14_translate/de-en') in `data_dir`."""
+  name = config.data.tfds_name
+  module = CATALOG_MODULES.get(name.split("/")[0].split(":")[0])
+  if module:
+    importlib.import_module(module)  # Registers the builder; needs no TensorFlow.
+  try:
+    with _quiet_tfds():
+      return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ConfigError(f"data.tfds_name={name!r} is not in the tfds catalog; jaxformer is tested "
+                      f"with {', '.join(k + '/de-en' for k in CATALOG_MODULES)}") from None
+
+
+def direction_keys(config: Config, builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
+  """'en-de' -> ('en', 'de'): the record features of the source and target languages."""
+  languages = tuple(builder.info.features.keys())
+  parts = config.data.direction.split("-")
+  if len(parts) != 2 or any(p not in languages for p in parts) or parts[0] == parts[1]:
+    options = [f"{a}-{b}" for a in languages for b in languages if a != b]
+    raise ConfigError(f"data.direction={config.data.direction!r} does not fit "
+                      f"{config.data.tfds_name}; choose one of {', '.join(options)}")
+  return parts[0], parts[1]
+
+
+def _not_prepared(config: Config, data_dir: str) -> DataError:
+  return DataError(
+      f"{config.data.tfds_name} is not prepared in {data_dir}; download and prepare it once "
+      "(needs internet): python -m jaxformer.data.sources --config <experiment> "
+      "--workdir <workdir>")
+
+
+# --- Building and opening. -------------------------------------------------------------------
+
+def local_builder(config: Config, data_dir: str) -> tfds.core.GeneratorBasedBuilder:
+  """The builder of a generated task or of local text files (not yet prepared)."""
+  if config.data.task == "text":
+    with _quiet_tfds():
+      return TextPairs(data_dir=data_dir, config=TextPairs.config_for(config))
+  if config.data.task in tasks.SAMPLERS:
+    with _quiet_tfds():
+      return GeneratedTask(data_dir=data_dir, config=GeneratedTask.config_for(config))
+  raise ConfigError(f"data.task={config.data.task!r} is not a generated or text task")
+
+
+def prepare(config: Config, data_dir: str) -> tfds.core.DatasetBuilder:
+  """Builds the dataset of `config` in `data_dir` unless it exists; returns its builder.
+
+  Generated tasks and text files take seconds. A catalog dataset is downloaded (hours for
+  WMT); run this once on one machine with internet, before training.
+  """
+  if config.data.task == "tfds":
+    builder = catalog_builder(config, data_dir)
+    direction_keys(config, builder)
+    tfds.display_progress_bar(True)
+  else:
+    builder = local_builder(config, data_dir)
+    tfds.display_progress_bar(False)  # Seconds of work: no progress bars in the log.
+  with _quiet_tfds():
+    prepared = builder.is_prepared()
+  if not prepared:
+    try:
+      builder.download_and_prepare(file_format=FILE_FORMAT)
+    except OSError as e:  # Network failures (requests.ConnectionError) and full disks are.
+      raise DataError(f"preparing {builder.name}/{builder.builder_config_name} in {data_dir} "
+                      f"failed: {e}; check the internet connection and free disk space, then "
+                      "run the same command again (finished downloads are kept)") from e
+  return builder
+
+
+def _open_local(config: Config, data_dir: str) -> tfds.core.DatasetBuilder:
+  """Process 0 builds the data once; the other processes wait for it."""
+  if jax.process_index() == 0:
+    return prepare(config, data_dir)
+  builder = local_builder(config, data_dir)
+  wait_until(builder.is_prepared, f"the {config.data.task} dataset in {builder.data_dir}")
+  return builder
+
+
+def get_split(config: Config, split: str, data_dir: str) -> PairSource:
+  """The pairs of one split ('train', 'validation' or 'test') of the configured data.
+
+  Generated and text datasets are built on first use (by process 0); catalog datasets must have
+  been prepared with `prepare` (or `python -m jaxformer.data.sources`).
+
+  Returns:
+    a random-access source: `len(source)`, `source[i] -> {'source': str, 'target': str}`.
+  """
+  if split not in SPLITS:
+    raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+  if config.data.task == "text" and not config.data[f"{split}_files"]:
+    raise ConfigError(f"data.{split}_files is empty; set it to '<src>,<tgt>' or '<file>.tsv' "
+                      f"to use the {split} split")
+  if config.data.task != "tfds":
+    return PairSource(_open_local(config, data_dir).as_data_source(split=split))
+  builder = catalog_builder(config, data_dir)
+  source_key, target_key = direction_keys(config, builder)
+  try:
+    records = builder.as_data_source(split=split)
+  except (NotImplementedError, FileNotFoundError, ValueError, KeyError) as e:
+    if not builder.is_prepared():
+      raise _not_prepared(config, data_dir) from None
+    raise DataError(f"{config.data.tfds_name} split {split!r} in {builder.data_dir} cannot be "
+                    f"read as {FILE_FORMAT}: {e}") from None
+  return PairSource(records, source_key, target_key)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m jaxformer.data.sources --config wmt14_en_de_base --workdir runs/wmt14`:
+  downloads (catalog) or builds (generated, text) the dataset of an experiment."""
+  from jaxformer import config as config_lib  # pylint: disable=import-outside-toplevel
+  from jaxformer.errors import JaxformerError  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(
+      prog="python -m jaxformer.data.sources",
+      description="Download (catalog) or build (generated, text) the dataset of an experiment.")
+  parser.add_argument("--config", default="default", help="experiment name or file")
+  parser.add_argument("--workdir", required=True, help="data goes to data.data_dir or WORKDIR/tfds")
+  args, rest = parser.parse_known_args(argv)
+  try:
+    config = config_lib.load_config(args.config, config_lib.parse_override_args(rest))
+    builder = prepare(config, resolve_data_dir(config, args.workdir))
+  except JaxformerError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for split, info in builder.info.splits.items():
+    print(f"{split}: {info.num_examples} examples")
+  print(f"prepared in {builder.data_dir}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
