@@ -47,7 +47,81 @@ def cmd_train(args, overrides) -> int:
   return 0
 
 
-COMMANDS = {}
+def _load_for_inference(workdir: str, step):
+  """(model, params, config, tokenizer, step) from a workdir's checkpoint."""
+  import os
+  from jaxformer import checkpoint
+  from jaxformer.data.tokenizer import Tokenizer
+  from jaxformer.errors import CheckpointError
+  from jaxformer.model.transformer import Transformer
+  if not os.path.isdir(workdir):
+    raise CheckpointError(f"workdir {workdir} does not exist; train first with "
+                          f"`./launch.sh EXPERIMENT --workdir {workdir}`")
+  params, step, config = checkpoint.load_params(workdir, step=step)
+  tokenizer = Tokenizer.load(os.path.join(workdir, "vocab.model"))
+  return Transformer(config=config.model), params, config, tokenizer, step
+
+
+def cmd_evaluate(args, overrides) -> int:
+  import json
+  from jaxformer import evaluate
+  from jaxformer.data import sources
+  from jaxformer.train import step as step_lib
+  from jaxformer.train.writer import MetricsWriter
+  model, params, config, tokenizer, step = _load_for_inference(args.workdir, args.step)
+  eval_step = step_lib.make_eval_fn(model, config, params)
+  metrics = evaluate.evaluate(
+      config, tokenizer=tokenizer, data_dir=sources.resolve_data_dir(config, args.workdir),
+      split=args.split, eval_step=eval_step,
+      translate_fn=evaluate.make_translate_fn(model, params, config, args.beam_size, args.alpha),
+      num_samples=args.samples)
+  samples = metrics.pop("samples", [])
+  metrics["checkpoint_step"] = step
+  metrics["beam_size"] = args.beam_size or config.decode.beam_size
+  MetricsWriter(args.workdir).write(step if isinstance(step, int) else -1, args.split, metrics)
+  for sample in samples:
+    print(f"  source:      {sample['source']}\n  reference:   {sample['reference']}\n"
+          f"  translation: {sample['translation']}\n", file=sys.stderr)
+  print(f"sacrebleu signature: {metrics['bleu_signature']}", file=sys.stderr)
+  print(json.dumps(metrics))
+  return 0
+
+
+def cmd_translate(args, overrides) -> int:
+  from jaxformer import decode
+  model, params, config, tokenizer, _ = _load_for_inference(args.workdir, args.step)
+  if args.input:
+    try:
+      with open(args.input, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+      raise JaxformerError(f"cannot read --input {args.input}: {e}") from None
+  else:
+    lines = sys.stdin.read().splitlines()
+  translations = decode.translate_texts(
+      model, params, tokenizer, lines,
+      beam_size=args.beam_size or config.decode.beam_size, alpha=config.decode.alpha,
+      max_extra_len=config.decode.max_extra_len, max_len=config.model.max_len,
+      batch_size=args.batch_size)
+  text = "".join(t + "\n" for t in translations)
+  if args.output:
+    with open(args.output, "w", encoding="utf-8") as f:
+      f.write(text)
+  else:
+    sys.stdout.write(text)
+  return 0
+
+
+def cmd_average(args, overrides) -> int:
+  from jaxformer import checkpoint
+  path = checkpoint.average_checkpoints(args.workdir, args.last)
+  print(path)
+  return 0
+
+
+def _step_arg(text: str):
+  """--step takes a number or the name of an averaged checkpoint."""
+  return int(text) if text.isdigit() else text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +139,30 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--restore-step", type=int, default=None,
                  help="resume from this checkpoint step instead of the newest")
   p.set_defaults(run=cmd_train, takes_overrides=True)
+
+  p = sub.add_parser("evaluate", help="loss, accuracy, exact match and BLEU on a split")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--step", type=_step_arg, default=None,
+                 help="checkpoint step or averaged checkpoint name (default: newest)")
+  p.add_argument("--split", default="test", choices=("train", "validation", "test"))
+  p.add_argument("--beam-size", type=int, default=None)
+  p.add_argument("--alpha", type=float, default=None)
+  p.add_argument("--samples", type=int, default=0, help="print this many sample translations")
+  p.set_defaults(run=cmd_evaluate)
+
+  p = sub.add_parser("translate", help="translate lines of text with beam search")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--step", type=_step_arg, default=None)
+  p.add_argument("--beam-size", type=int, default=None)
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--input", default=None, help="file of source lines (default: stdin)")
+  p.add_argument("--output", default=None, help="file for the translations (default: stdout)")
+  p.set_defaults(run=cmd_translate)
+
+  p = sub.add_parser("average", help="average the parameters of the last K checkpoints")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--last", type=int, required=True)
+  p.set_defaults(run=cmd_average)
   return parser
 
 

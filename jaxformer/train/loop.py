@@ -62,6 +62,12 @@ def _format(metrics: dict[str, Any]) -> str:
   return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
 
 
+def _concatenate(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  if len(batches) == 1:
+    return batches[0]
+  return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+
 def train_and_evaluate(config, workdir: str, restore_step: int | None = None) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns the last
   validation metrics."""
@@ -77,13 +83,14 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
   train_iter = pipeline.make_train_iterator(config, tokenizer, data_dir)
   model = Transformer(config=config.model)
 
-  state = strategy.init_state(jax.random.PRNGKey(config.train.seed))
-  checkpointer = checkpoint.Checkpointer(workdir, config)
-  restored = checkpointer.restore_for_training(strategy, state, train_iter, step=restore_step)
-  if restored is not None:
-    state = restored
-  start_step = int(jax.device_get(strategy.step_of(state)))
-  if start_step:
+  checkpointer = checkpoint.Checkpointer.from_config(workdir, config)
+  restored = checkpointer.restore_or_none(strategy.abstract_state(), train_iter,
+                                          restore_step=restore_step)
+  if restored is None:
+    state = strategy.init_state(jax.random.key(config.train.seed))
+    start_step = 0
+  else:
+    state, start_step = strategy.place_state(restored[0]), restored[1]
     log(f"jaxformer: resumed from the checkpoint at step {start_step}")
 
   writer = MetricsWriter(workdir)
@@ -96,7 +103,7 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
     params = strategy.inference_params(state)
     result = evaluate.evaluate(
         config, tokenizer=tokenizer, data_dir=data_dir, split=split,
-        eval_step=lambda batch: strategy.eval_step(state, strategy.shard_batch(batch)),
+        eval_step=lambda batch: strategy.eval_step(state.params, strategy.shard_eval_batch(batch)),
         translate_fn=evaluate.make_translate_fn(model, params, config),
         max_decode_examples=max_examples, num_samples=num_samples)
     samples = result.pop("samples", [])
@@ -110,31 +117,34 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
   progress = _progress(start_step, config.train.steps)
   guard = checkpoint.PreemptionGuard()
   step = start_step
-  window_start, window_tokens, data_wait = time.perf_counter(), 0, 0.0
+  window_start, window_step, window_tokens, data_wait = time.perf_counter(), step, 0, 0.0
   with guard:
     while step < config.train.steps:
-      for _ in range(config.train.grad_accum_steps):
-        wait_start = time.perf_counter()
-        batch = next(train_iter)
-        data_wait += time.perf_counter() - wait_start
-        window_tokens += int(np.count_nonzero(batch["targets"]))
-        state, metrics = strategy.train_step(state, strategy.shard_batch(batch))
+      wait_start = time.perf_counter()
+      # One update takes grad_accum_steps pipeline batches (its micro-batches).
+      host_batch = _concatenate([next(train_iter) for _ in range(config.train.grad_accum_steps)])
+      data_wait += time.perf_counter() - wait_start
+      window_tokens += int(np.count_nonzero(host_batch["targets"]))
+      state, metrics = strategy.train_step(state, strategy.shard_batch(host_batch))
       step += 1
       if progress is not None:
         progress.update(1)
 
       last = step == config.train.steps
-      if step % config.train.log_every_steps == 0 or last:
+      preempted = guard.should_stop(step)  # Every process calls it at every step.
+      saving = last or preempted or step % config.checkpoint.every_steps == 0
+      logging_now = last or step % config.train.log_every_steps == 0
+      if saving or logging_now:  # Never log or save the state of a diverged run.
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(metrics["loss"]):
-          checkpointer.wait()
+          checkpointer.close()
           raise NonFiniteLossError(
               f"the training loss is {metrics['loss']} at step {step}; the last good "
               f"checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. "
               "Lower train.learning_rate or set train.grad_clip_norm, then resume")
+      if logging_now:
         elapsed = time.perf_counter() - window_start
-        steps_done = config.train.log_every_steps if not last else max(
-            1, step % config.train.log_every_steps or config.train.log_every_steps)
+        steps_done = step - window_step
         metrics["step_time"] = elapsed / steps_done
         metrics["tokens_per_second"] = window_tokens * jax.process_count() / elapsed
         metrics["data_wait_fraction"] = data_wait / elapsed
@@ -144,16 +154,16 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
           progress.set_postfix_str(_format(metrics))
         else:
           log(f"step {step}: {_format(metrics)}")
-        window_start, window_tokens, data_wait = time.perf_counter(), 0, 0.0
+        window_start, window_step, window_tokens, data_wait = time.perf_counter(), step, 0, 0.0
 
       if step % config.train.eval_every_steps == 0 or last:
         eval_metrics = run_evaluation(step, max_examples=config.eval.bleu_examples)
         log(f"step {step} validation: {_format(eval_metrics)}")
+        window_start = time.perf_counter()  # Evaluation time is not training time.
 
-      preempted = guard.should_stop(step)
-      if step % config.checkpoint.every_steps == 0 or last or preempted:
-        checkpointer.save(step, strategy.checkpoint_state(state), train_iter,
-                          metrics=eval_metrics, force=preempted or last)
+      # Every process calls save at every step; the checkpointer's policy decides what is due.
+      checkpointer.save(step, strategy.checkpoint_state(state), train_iter,
+                        metrics=eval_metrics, force=preempted or last)
       if preempted:
         break
   if progress is not None:
@@ -162,6 +172,6 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
   checkpointer.close()
   writer.close()
   if step < config.train.steps:
-    log(f"jaxformer: stopped by a signal at step {step}; the checkpoint is saved in "
+    log(f"jaxformer: stopped by {guard.reason} at step {step}; the checkpoint is saved in "
         f"{checkpointer.directory}. Run the same command to resume.")
   return eval_metrics
