@@ -119,6 +119,27 @@ def cmd_average(args, overrides) -> int:
   return 0
 
 
+def cmd_plot(args, overrides) -> int:
+  from jaxformer import plots
+  if args.plot == "attention":
+    maps = plots.plot_attention(args.workdir, args.text, step=args.step, out=args.out,
+                                layer=args.layer)
+    print(f"translation: {maps.translation}", file=sys.stderr)
+  elif args.plot == "positions":
+    config = None
+    if args.config is not None or args.workdir is None:
+      from jaxformer import config as config_lib
+      config = config_lib.load_config(args.config or "default", overrides)
+    elif overrides:
+      raise JaxformerError("--config.KEY overrides need --config EXPERIMENT; with --workdir "
+                           "alone the run's own config is used")
+    plots.plot_positions(config, args.workdir, out=args.out, step=args.step)
+  else:
+    plots.plot_curves(args.workdir, out=args.out)
+  print(args.out)
+  return 0
+
+
 def _step_arg(text: str):
   """--step takes a number or the name of an averaged checkpoint."""
   return int(text) if text.isdigit() else text
@@ -163,6 +184,33 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True)
   p.add_argument("--last", type=int, required=True)
   p.set_defaults(run=cmd_average)
+
+  p = sub.add_parser("plot", help="draw attention maps, positional encodings or training curves")
+  kinds = p.add_subparsers(dest="plot", required=True, parser_class=_Parser,
+                           metavar="{attention,positions,curves}")
+  k = kinds.add_parser("attention", help="translate a sentence and draw its attention weights")
+  k.add_argument("--workdir", required=True)
+  k.add_argument("--text", required=True, help="the source sentence to translate")
+  k.add_argument("--step", type=_step_arg, default=None,
+                 help="checkpoint step or averaged checkpoint name (default: newest)")
+  k.add_argument("--layer", type=int, default=-1,
+                 help="cross-attention layer whose heads are drawn (default: -1, the last)")
+  k.add_argument("--out", default="attention.png", help="image file (.png, .pdf, .svg ...)")
+  k.set_defaults(run=cmd_plot)
+  k = kinds.add_parser("positions", help="the positional encoding table and its similarities")
+  k.add_argument("--config", default=None,
+                 help="experiment name or file (default: the run's config with --workdir, "
+                 "else 'default')")
+  k.add_argument("--workdir", default=None,
+                 help="a trained run: its learned table (model.pos_encoding='learned')")
+  k.add_argument("--step", type=_step_arg, default=None)
+  k.add_argument("--out", default="positions.png")
+  k.set_defaults(run=cmd_plot, takes_overrides=True)
+  k = kinds.add_parser("curves", help="loss, learning rate, tokens/s and BLEU against step")
+  k.add_argument("--workdir", action="append", required=True,
+                 help="a run's workdir; repeat to compare runs on one figure")
+  k.add_argument("--out", default="curves.png")
+  k.set_defaults(run=cmd_plot)
   return parser
 
 

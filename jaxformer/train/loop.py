@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxformer import checkpoint, evaluate
+from jaxformer import checkpoint, evaluate, plots
 from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
 from jaxformer.errors import JaxformerError
 from jaxformer.model.transformer import Transformer
@@ -112,6 +112,9 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
       writer.write_text(step, f"{split}/samples", " | ".join(
           f"{k}: {v}" for k, v in sample.items()))
     result["samples"] = samples
+    if samples:  # One attention map, of the first sample, as an image in TensorBoard.
+      plots.log_attention_to_tensorboard(writer, step, model, params, tokenizer,
+                                         samples[0]["source"], config)
     return result
 
   progress = _progress(start_step, config.train.steps)
@@ -157,7 +160,8 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
         window_start, window_step, window_tokens, data_wait = time.perf_counter(), step, 0, 0.0
 
       if step % config.train.eval_every_steps == 0 or last:
-        eval_metrics = run_evaluation(step, max_examples=config.eval.bleu_examples)
+        eval_metrics = run_evaluation(step, max_examples=config.eval.bleu_examples,
+                                      num_samples=config.eval.num_samples)
         log(f"step {step} validation: {_format(eval_metrics)}")
         window_start = time.perf_counter()  # Evaluation time is not training time.
 
