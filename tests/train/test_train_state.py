@@ -1,5 +1,7 @@
 """TrainState, the optimizer chain (clipping, weight decay) and parameter counting."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from jaxformer.train import state as state_lib
 
 def test_init_state_is_a_float32_pytree_at_step_zero():
   config = tiny_config()
-  state = state_lib.init_state(config, jax.random.key(0))
+  state = jax.jit(functools.partial(state_lib.init_state, config))(jax.random.key(0))
   assert state.step.dtype == np.int32 and int(state.step) == 0
   assert all(p.dtype == np.float32 for p in jax.tree.leaves(state.params))
   leaves, treedef = jax.tree.flatten(state)
@@ -22,7 +24,7 @@ def test_init_state_is_a_float32_pytree_at_step_zero():
 def test_parameter_counts_add_up_to_the_real_init():
   config = tiny_config()
   counts = state_lib.count_parameters_by_module(config)
-  params = state_lib.init_params(config, jax.random.key(0))
+  params = jax.jit(functools.partial(state_lib.init_params, config))(jax.random.key(0))
   assert counts["total"] == sum(p.size for p in jax.tree.leaves(params))
   assert set(counts) == set(params) | {"total"}
   assert sum(v for k, v in counts.items() if k != "total") == counts["total"]
