@@ -134,10 +134,11 @@ class Strategy(abc.ABC):
     self.config = state_lib.frozen(config)
     self.devices = list(jax.devices() if devices is None else devices)
     self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
-    share = len(self.local_devices) / len(self.devices)   # this host's share of every batch
-    self.micro_batch_rows = int(config.train.batch_size * share)
+    # This host's share of every batch: its devices' rows.
+    local, total = len(self.local_devices), len(self.devices)
+    self.micro_batch_rows = config.train.batch_size * local // total
     self.host_batch_size = config.train.grad_accum_steps * self.micro_batch_rows
-    self.eval_host_batch_size = int(config.eval.batch_size * share)
+    self.eval_host_batch_size = config.eval.batch_size * local // total
     self.model = state_lib.make_model(self.config)
     self.optimizer = state_lib.make_optimizer(self.config)
 
@@ -170,7 +171,10 @@ class Strategy(abc.ABC):
 
   @abc.abstractmethod
   def eval_step(self, params: Params, batch: Batch) -> dict[str, Any]:
-    """Global metric sums of one eval batch (see step.eval_step)."""
+    """Global metric sums of one eval batch (see step.eval_step).
+
+    `params` is `state.params` as this strategy holds it (replicated per device under pmap).
+    """
 
   @abc.abstractmethod
   def state_to_host(self, state: TrainState) -> TrainState:
@@ -263,6 +267,8 @@ class MeshStrategy(Strategy):
 
   def place_state(self, state):
     def place(x, sharding):
+      if isinstance(x, jax.Array):   # already on devices (e.g. restored by orbax): reshard
+        return jax.device_put(x, sharding)
       x = np.asarray(x)
       return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
     return jax.tree.map(place, state, self.state_sharding)
@@ -365,5 +371,4 @@ def make_strategy(config: ml_collections.ConfigDict,
   Raises ConfigError (before any work) when the batch sizes or `parallel.fsdp` do not fit the
   devices. A subset of devices (e.g. `jax.devices()[:1]`) is for tests and benchmarks.
   """
-  validate_for_devices(config, devices)
   return STRATEGIES[config.parallel.strategy](config, devices)
