@@ -1,0 +1,222 @@
+"""Multi-head attention (Vaswani et al. 2017, section 3.2), its masks, and its decoding cache.
+
+Masks are boolean, True = may attend, shaped `[B, 1, T, S]` (the 1 broadcasts over heads). Every
+mask of the model is built by the functions of the first section and nowhere else.
+
+`MultiHeadAttention` projects queries, keys and values into H heads of K = D / H dimensions,
+computes softmax(Q K^T / sqrt(K)) V in every head, and projects the H results back to D. While
+decoding it keeps keys and values in the 'cache' collection:
+
+- self-attention appends this step's key and value at `cache_index` to `cached_key` and
+  `cached_value` `[B*n, L, H, K]` (L = the longest decode) and attends to positions <= index;
+- cross-attention projects the encoder output to keys and values once per sentence
+  (`init_cross_cache`) into `cross_key` and `cross_value` `[B, S, H, K]`; every step then only
+  projects its queries. With n hypotheses per sentence (beam search), the n queries of sentence
+  b attend to sentence b's keys and values, which are never copied n times.
+
+Every cache entry has its batch on axis 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxformer.data.tokenizer import PAD_ID
+
+# ---------------------------------------------------------------------------------------------
+# Masks: boolean, True = may attend, [B, 1, T, S].
+# ---------------------------------------------------------------------------------------------
+
+
+def pairwise_mask(query_valid: jnp.ndarray, key_valid: jnp.ndarray) -> jnp.ndarray:
+  """Query `[B, T]` and key `[B, S]` booleans -> `[B, 1, T, S]`, True where both are True."""
+  return query_valid[:, None, :, None] & key_valid[:, None, None, :]
+
+
+def padding_mask(query_ids: jnp.ndarray, key_ids: jnp.ndarray) -> jnp.ndarray:
+  """Neither the query nor the key is padding: `[B, T]`, `[B, S]` ids -> `[B, 1, T, S]`."""
+  return pairwise_mask(query_ids != PAD_ID, key_ids != PAD_ID)
+
+
+def causal_mask(length: int) -> jnp.ndarray:
+  """Position t may attend to positions <= t only: `[1, 1, T, T]`."""
+  return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+
+
+def segment_mask(query_segments: jnp.ndarray, key_segments: jnp.ndarray) -> jnp.ndarray:
+  """In a packed row, a query attends only within its own sequence: `[B, 1, T, S]`."""
+  return query_segments[:, None, :, None] == key_segments[:, None, None, :]
+
+
+def encoder_self_mask(ids: jnp.ndarray, segments: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Encoder self-attention over source ids `[B, S]`: `[B, 1, S, S]`."""
+  mask = padding_mask(ids, ids)
+  if segments is not None:
+    mask &= segment_mask(segments, segments)
+  return mask
+
+
+def decoder_self_mask(ids: jnp.ndarray, segments: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Masked decoder self-attention over decoder inputs `[B, T]`: `[B, 1, T, T]`."""
+  mask = padding_mask(ids, ids) & causal_mask(ids.shape[-1])
+  if segments is not None:
+    mask &= segment_mask(segments, segments)
+  return mask
+
+
+def cross_mask(target_ids: jnp.ndarray, source_ids: jnp.ndarray,
+               target_segments: jnp.ndarray | None = None,
+               source_segments: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Decoder positions `[B, T]` attending to the encoder output `[B, S]`: `[B, 1, T, S]`."""
+  mask = padding_mask(target_ids, source_ids)
+  if target_segments is not None and source_segments is not None:
+    mask &= segment_mask(target_segments, source_segments)
+  return mask
+
+
+def source_key_mask(source_ids: jnp.ndarray) -> jnp.ndarray:
+  """Every query may attend to every real source token: `[B, 1, 1, S]` (decoding steps)."""
+  return (source_ids != PAD_ID)[:, None, None, :]
+
+
+def cached_positions_mask(cache_index: jnp.ndarray, cache_length: int) -> jnp.ndarray:
+  """One decoding step at `cache_index` `[B]` sees cached positions <= index: `[B, 1, 1, L]`."""
+  return (jnp.arange(cache_length) <= cache_index[:, None])[:, None, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention.
+# ---------------------------------------------------------------------------------------------
+
+# Masked scores are this fraction of the most negative finite value of their dtype (as JAX does):
+# far below any real score, with room left so that nothing added to it overflows.
+MASK_FILL_FRACTION = 0.7
+
+
+def masked_fill_value(dtype: Any) -> float:
+  """The score given to masked pairs: very negative yet finite in `dtype`.
+
+  Not -inf: a fully masked row (a source that is all padding) would give 0/0 = NaN in softmax.
+  Not a fixed -1e9: it overflows in float16. A row whose scores all equal this value gets a
+  uniform (finite, ignored) distribution instead.
+  """
+  return float(jnp.finfo(dtype).min) * MASK_FILL_FRACTION
+
+
+def attention_weights(query: jnp.ndarray, key: jnp.ndarray, mask: jnp.ndarray | None
+                      ) -> jnp.ndarray:
+  """softmax(Q K^T / sqrt(K)) per head, in float32: `[B, T, H, K]`, `[B, S, H, K]` -> `[B, H, T, S]`."""
+  depth = query.shape[-1]
+  scores = jnp.einsum("bthk,bshk->bhts", query, key, preferred_element_type=jnp.float32)
+  scores = scores / np.sqrt(depth).astype(np.float32)
+  if mask is not None:
+    scores = jnp.where(mask, scores, masked_fill_value(scores.dtype))
+  return jax.nn.softmax(scores, axis=-1)
+
+
+# Decoding modes of an attention module (see the module docstring).
+FULL, INIT_CACHE, STEP = "full", "init_cache", "step"
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention with kernels `[D, H, K]` (Q, K, V) and `[H, K, D]` (output).
+
+  Attributes:
+    config: the model config (d_model, num_heads, attention_bias, attention_dropout_rate, dtype).
+    cross: cross-attention (keys and values from the encoder output) rather than self-attention;
+      decides what the cache holds.
+  """
+  config: Any
+  cross: bool = False
+
+  @nn.compact
+  def __call__(self, inputs_q: jnp.ndarray, inputs_kv: jnp.ndarray | None,
+               mask: jnp.ndarray | None, deterministic: bool = True,
+               mode: str = FULL) -> jnp.ndarray | None:
+    """Attention of `inputs_q` `[B, T, D]` over `inputs_kv` `[B, S, D]`: `[B, T, D]`.
+
+    mode 'full': all positions at once. 'init_cache': creates this module's cache (self:
+    empty, `inputs_q` `[B, L, D]` gives its shape; cross: keys and values of `inputs_kv`) and
+    returns None. 'step': self: `inputs_q` is one position `[B*n, 1, D]`, `inputs_kv` and `mask`
+    are ignored (the cache gives them); cross: `inputs_kv` is ignored, `mask` is `[B, 1, 1, S]`.
+    """
+    cfg = self.config
+    heads, depth = cfg.num_heads, cfg.d_model // cfg.num_heads
+    dense = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
+                 use_bias=cfg.attention_bias, kernel_init=nn.initializers.xavier_uniform())
+    project_query = nn.DenseGeneral(features=(heads, depth), axis=-1, name="query", **dense)
+    project_key = nn.DenseGeneral(features=(heads, depth), axis=-1, name="key", **dense)
+    project_value = nn.DenseGeneral(features=(heads, depth), axis=-1, name="value", **dense)
+    project_out = nn.DenseGeneral(features=cfg.d_model, axis=(-2, -1), name="out", **dense)
+
+    if mode == INIT_CACHE:
+      if self.cross:
+        self.variable("cache", "cross_key", lambda: project_key(inputs_kv))
+        self.variable("cache", "cross_value", lambda: project_value(inputs_kv))
+      else:
+        batch, length = inputs_q.shape[:2]
+        shape, dtype = (batch, length, heads, depth), jnp.dtype(cfg.dtype)
+        self.variable("cache", "cached_key", jnp.zeros, shape, dtype)
+        self.variable("cache", "cached_value", jnp.zeros, shape, dtype)
+        self.variable("cache", "cache_index", jnp.zeros, (batch,), jnp.int32)
+      return None
+
+    query = project_query(inputs_q)                                  # [B, T, H, K]
+    if mode == STEP and self.cross:
+      out = self._cross_attend_cached(query, mask)
+    elif mode == STEP:
+      out = self._self_attend_cached(query, project_key(inputs_q), project_value(inputs_q))
+    else:
+      key, value = project_key(inputs_kv), project_value(inputs_kv)  # [B, S, H, K]
+      out = self._attend(query, key, value, mask, deterministic)
+    return project_out(out)                                          # [B, T, D]
+
+  def _attend(self, query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray,
+              mask: jnp.ndarray | None, deterministic: bool) -> jnp.ndarray:
+    """The per-head core: `[B, T, H, K]`, `[B, S, H, K]` x2, mask `[B, 1, T, S]` -> `[B, T, H, K]`.
+
+    Uses `jax.nn.dot_product_attention` (a fused kernel where the platform has one) unless the
+    weights themselves are needed: for attention dropout in training, or to record them in the
+    'intermediates' collection (under 'attention_weights', `[B, H, T, S]`) when it is mutable.
+    """
+    record = self.is_mutable_collection("intermediates")
+    dropout = not deterministic and self.config.attention_dropout_rate > 0.0
+    if not (record or dropout):
+      return jax.nn.dot_product_attention(query, key, value, mask=mask)
+    weights = attention_weights(query, key, mask)
+    if record:
+      self.sow("intermediates", "attention_weights", weights)
+    weights = nn.Dropout(rate=self.config.attention_dropout_rate)(
+        weights, deterministic=deterministic)
+    return jnp.einsum("bhts,bshk->bthk", weights.astype(value.dtype), value)
+
+  def _self_attend_cached(self, query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray
+                          ) -> jnp.ndarray:
+    """One position `[B*n, 1, H, K]`: appends its key/value, attends to the cache so far."""
+    cached_key = self.variable("cache", "cached_key")
+    cached_value = self.variable("cache", "cached_value")
+    cache_index = self.variable("cache", "cache_index")
+    rows, index = jnp.arange(query.shape[0]), cache_index.value
+    cached_key.value = cached_key.value.at[rows, index].set(key[:, 0])
+    cached_value.value = cached_value.value.at[rows, index].set(value[:, 0])
+    cache_index.value = index + 1
+    mask = cached_positions_mask(index, cached_key.value.shape[1])
+    return self._attend(query, cached_key.value, cached_value.value, mask, deterministic=True)
+
+  def _cross_attend_cached(self, query: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """Queries `[B*n, T, H, K]` over the cached encoder keys/values `[B, S, H, K]`.
+
+    The n hypotheses of sentence b (rows b*n .. b*n + n-1) become n*T queries of row b, so they
+    share that sentence's keys and values. `mask` is `[B, 1, 1, S]`.
+    """
+    key = self.variable("cache", "cross_key").value
+    value = self.variable("cache", "cross_value").value
+    batch, (rows, length, heads, depth) = key.shape[0], query.shape
+    query = query.reshape(batch, (rows // batch) * length, heads, depth)
+    out = self._attend(query, key, value, mask, deterministic=True)
+    return out.reshape(rows, length, heads, depth)
