@@ -251,9 +251,12 @@ class Transformer(nn.Module):
   """The encoder-decoder Transformer. `config` is the model section of the config (frozen)."""
   config: Any
 
+  def __post_init__(self):
+    check_model_config(self.config)  # Refuse a bad hand-made config when the model is built.
+    super().__post_init__()
+
   def setup(self):
     cfg = self.config
-    check_model_config(cfg)
     if cfg.share_embeddings:
       self.shared_embedding = TokenEmbedding(cfg)
       source_embedding = target_embedding = self.shared_embedding

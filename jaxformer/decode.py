@@ -1,0 +1,443 @@
+"""Greedy search and beam search over the cached decoder, all inside jit.
+
+The file has two layers.
+
+1. The search algorithms (`greedy_search`, `beam_search`) know nothing about the Transformer.
+   They drive a step function
+
+       step_fn(token_ids [R, 1], state) -> (logits [R, V], state)
+
+   over R = B * n rows, where row b * n + j holds hypothesis j of sentence b (n = 1 for greedy,
+   the beam size for beam search). `step_fn` returns logits or log-probabilities (they are
+   normalized here either way). Beam search keeps the state in step with its hypotheses through
+   a reorder rule, `reorder_state(state, rows [R]) -> state`: row i of the new state is row
+   rows[i] of the old one. The same rule tiles the initial state from B rows to B * n (rows =
+   [0, 0, .., 1, 1, ..]). Each search is one `lax.while_loop`, so it compiles into one program
+   that stops as soon as every sentence has finished.
+
+2. The binding to the Transformer (`decode_batch`, `naive_decode_batch`, `translate_texts`): the
+   encoder runs once per sentence and the cross-attention keys and values are computed once, by
+   `init_cache`; they stay at batch B, shared by the n hypotheses of each sentence. Only the
+   self-attention cache is tiled and reordered.
+
+Conventions shared by both layers:
+- A hypothesis's length counts its tokens, the closing EOS included. A sentence's hypotheses
+  may grow to `max_lens[b]` tokens; one that reaches it without EOS ends there (truncated).
+- Scores are length-normalized log-probabilities, log P(y) / lp(|y|), with GNMT's length penalty
+  lp(L) = ((5 + L) / 6) ** alpha (Wu et al. 2016), as the Transformer paper uses (alpha 0.6).
+  alpha = 0 ranks by plain log-probability. `score * lp(length)` is the model's log P(y).
+- Outputs are `DecodeResult(tokens [B, n, L], scores [B, n], lengths [B, n])`, best first, with
+  PAD after each hypothesis. PAD and BOS are never generated (their log-probabilities are set to
+  -inf, the others are not renormalized, so scores stay the model's log-probabilities).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from jaxformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from jaxformer.errors import InputError
+
+State = Any  # any pytree of arrays: the decoder's cache, or a toy model's hidden state.
+StepFn = Callable[[jax.Array, State], tuple[jax.Array, State]]
+ReorderFn = Callable[[State, jax.Array], State]
+
+LENGTH_PENALTY_BASE = 5.0  # GNMT: lp(L) = ((BASE + L) / (BASE + 1)) ** alpha.
+NEVER_GENERATED = (PAD_ID, BOS_ID)  # tokens a decoder must not output.
+NAIVE_FILLER = EOS_ID  # naive_decode_batch's placeholder for targets not generated yet.
+MIN_LENGTH_BUCKET = 8  # translate_texts pads inputs to powers of two from here up to max_len.
+
+
+class DecodeResult(NamedTuple):
+  """The n best hypotheses of each of B sentences, best first."""
+  tokens: jax.Array  # [B, n, L] int32: token ids, EOS included, PAD after the end.
+  scores: jax.Array  # [B, n] float32: log P(y) / lp(length); -inf for an empty slot.
+  lengths: jax.Array  # [B, n] int32: tokens in each hypothesis, EOS included.
+
+
+def length_penalty(length: jax.Array, alpha: float | jax.Array) -> jax.Array:
+  """GNMT's length penalty ((5 + L) / 6) ** alpha, float32, of the same shape as `length`."""
+  length = jnp.asarray(length, jnp.float32)
+  return ((LENGTH_PENALTY_BASE + length) / (LENGTH_PENALTY_BASE + 1.0)) ** alpha
+
+
+def take_rows(state: State, rows: jax.Array) -> State:
+  """The default reorder rule: row i of every array in `state` becomes row rows[i] of it."""
+  return jax.tree_util.tree_map(lambda x: x if x.ndim == 0 else jnp.take(x, rows, axis=0), state)
+
+
+def _log_probs(logits: jax.Array, banned_ids: Sequence[int]) -> jax.Array:
+  """[R, V] logits -> float32 log-probabilities with `banned_ids` at -inf (not renormalized)."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  if banned_ids:
+    log_probs = log_probs.at[:, jnp.asarray(banned_ids)].set(-jnp.inf)
+  return log_probs
+
+
+# --- Greedy search. ------------------------------------------------------------------------
+
+class _GreedyCarry(NamedTuple):
+  step: jax.Array  # [] tokens generated so far (the loop counter t).
+  last: jax.Array  # [B] the token fed at this step: BOS, then the argmax (PAD once finished).
+  tokens: jax.Array  # [B, L]
+  log_prob: jax.Array  # [B] log P of the tokens so far.
+  length: jax.Array  # [B]
+  done: jax.Array  # [B] bool
+  state: State
+
+
+def greedy_search(step_fn: StepFn, init_state: State, max_lens: jax.Array, *,
+                  max_decode_len: int, alpha: float | jax.Array = 0.0, bos_id: int = BOS_ID,
+                  eos_id: int = EOS_ID, pad_id: int = PAD_ID,
+                  banned_ids: Sequence[int] = NEVER_GENERATED) -> DecodeResult:
+  """The most likely next token at every step, until EOS or `max_lens` ([B] int).
+
+  `init_state` has batch B; `max_decode_len` (static) bounds every entry of `max_lens`.
+  `alpha` only scales the returned scores (so that they compare with beam search's).
+  Returns a DecodeResult with n = 1.
+  """
+  batch = max_lens.shape[0]
+
+  def not_finished(c: _GreedyCarry) -> jax.Array:
+    return (c.step < max_decode_len) & ~jnp.all(c.done)
+
+  def step(c: _GreedyCarry) -> _GreedyCarry:
+    logits, state = step_fn(c.last[:, None], c.state)
+    log_probs = _log_probs(logits, banned_ids)  # [B, V]
+    live = ~c.done
+    token = jnp.where(live, jnp.argmax(log_probs, axis=-1), pad_id)
+    token_log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+    ended = live & ((token == eos_id) | (c.step + 1 >= max_lens))
+    return _GreedyCarry(
+        step=c.step + 1,
+        last=token,
+        tokens=c.tokens.at[:, c.step].set(token),
+        log_prob=c.log_prob + jnp.where(live, token_log_prob, 0.0),
+        length=jnp.where(ended, c.step + 1, c.length),
+        done=c.done | ended,
+        state=state)
+
+  init = _GreedyCarry(
+      step=jnp.array(0, jnp.int32),
+      last=jnp.full((batch,), bos_id, jnp.int32),
+      tokens=jnp.full((batch, max_decode_len), pad_id, jnp.int32),
+      log_prob=jnp.zeros((batch,), jnp.float32),
+      length=jnp.zeros((batch,), jnp.int32),
+      done=jnp.zeros((batch,), bool),
+      state=init_state)
+  final = jax.lax.while_loop(not_finished, step, init)
+  scores = final.log_prob / length_penalty(final.length, alpha)
+  return DecodeResult(final.tokens[:, None], scores[:, None], final.length[:, None])
+
+
+# --- Beam search. --------------------------------------------------------------------------
+
+class _BeamCarry(NamedTuple):
+  step: jax.Array  # [] tokens generated so far (the loop counter t).
+  live_tokens: jax.Array  # [B, k, L] the hypotheses still growing.
+  live_log_probs: jax.Array  # [B, k] their log P; -inf for an empty slot.
+  finished_tokens: jax.Array  # [B, k, L] the k best ended hypotheses so far.
+  finished_scores: jax.Array  # [B, k] their log P / lp(length), best first; -inf = empty.
+  finished_lengths: jax.Array  # [B, k]
+  done: jax.Array  # [B] bool: the sentence's finished hypotheses can no longer change.
+  state: State  # batch B * k, row b * k + j = live hypothesis j of sentence b.
+
+
+def _best_possible_score(best_live_log_prob: jax.Array, step: jax.Array, max_lens: jax.Array,
+                         alpha: float | jax.Array) -> jax.Array:
+  """[B] the highest score any live hypothesis can still reach (the flax wmt example's rule).
+
+  Extending a hypothesis only lowers its log-probability, so one with `step` tokens and log P
+  = p ends with a score <= p / lp(L) for some length L in [step + 1, max_len]. The penalty is
+  monotonic in L, so the bound is at one end of that range: at the maximum length for
+  alpha >= 0 (the usual case), at the next length for alpha < 0.
+  """
+  at_next = best_live_log_prob / length_penalty(step + 1, alpha)
+  at_max = best_live_log_prob / length_penalty(max_lens, alpha)
+  return jnp.maximum(at_next, at_max)
+
+
+def beam_search(step_fn: StepFn, init_state: State, max_lens: jax.Array, *, beam_size: int,
+                max_decode_len: int, alpha: float | jax.Array, bos_id: int = BOS_ID,
+                eos_id: int = EOS_ID, pad_id: int = PAD_ID,
+                banned_ids: Sequence[int] = NEVER_GENERATED,
+                reorder_state: ReorderFn = take_rows) -> DecodeResult:
+  """The `beam_size` best hypotheses of each sentence under the length-penalized score.
+
+  At each step every live hypothesis is extended by every token; the k = beam_size most
+  probable extensions are kept. Those ending in EOS, or reaching the sentence's `max_lens[b]`,
+  join the sentence's pool of k best finished hypotheses; the others stay live. A sentence is
+  done when nothing is live or no live hypothesis can still beat the worst of a full pool
+  (`_best_possible_score`); the loop ends when every sentence is done. With k = 1 this is
+  exactly greedy search. At the first step only one beam is live (the others are at -inf), so
+  the k hypotheses are distinct.
+
+  `init_state` has batch B (it is tiled to B * k by `reorder_state`); `max_lens` is [B] int,
+  each at most the static `max_decode_len`. Returns a DecodeResult with n = k; slots that no
+  hypothesis filled (a vocabulary smaller than the beam) have score -inf and length 0.
+  """
+  batch, k, length = max_lens.shape[0], beam_size, max_decode_len
+  sentence = jnp.arange(batch)
+
+  def not_finished(c: _BeamCarry) -> jax.Array:
+    return (c.step < length) & ~jnp.all(c.done)
+
+  def step(c: _BeamCarry) -> _BeamCarry:
+    t = c.step
+    last = jnp.where(t == 0, bos_id,
+                     jax.lax.dynamic_index_in_dim(c.live_tokens, jnp.maximum(t - 1, 0), axis=2,
+                                                  keepdims=False))  # [B, k]
+    logits, state = step_fn(last.reshape(batch * k, 1), c.state)
+    log_probs = _log_probs(logits, banned_ids)
+    vocab = log_probs.shape[-1]
+    # Every (live hypothesis, next token) pair, scored by log P; keep the k best.
+    candidates = c.live_log_probs[:, :, None] + log_probs.reshape(batch, k, vocab)
+    top_log_probs, top_index = jax.lax.top_k(candidates.reshape(batch, k * vocab), k)  # [B, k]
+    parent, token = top_index // vocab, top_index % vocab
+    tokens = jnp.take_along_axis(c.live_tokens, parent[:, :, None], axis=1)
+    tokens = tokens.at[:, :, t].set(token)  # [B, k, L]
+
+    # Extensions that end here move to the finished pool, which keeps its k best.
+    real = top_log_probs > -jnp.inf
+    ends = real & ((token == eos_id) | (t + 1 >= max_lens[:, None]))
+    new_scores = jnp.where(ends, top_log_probs / length_penalty(t + 1, alpha), -jnp.inf)
+    pool_scores = jnp.concatenate([c.finished_scores, new_scores], axis=1)  # [B, 2k]
+    pool_tokens = jnp.concatenate([c.finished_tokens,
+                                   jnp.where(ends[:, :, None], tokens, pad_id)], axis=1)
+    pool_lengths = jnp.concatenate([c.finished_lengths, jnp.where(ends, t + 1, 0)], axis=1)
+    finished_scores, best = jax.lax.top_k(pool_scores, k)
+    finished_tokens = jnp.take_along_axis(pool_tokens, best[:, :, None], axis=1)
+    finished_lengths = jnp.take_along_axis(pool_lengths, best, axis=1)
+
+    # The others stay live, unless their sentence is done.
+    live_log_probs = jnp.where(ends, -jnp.inf, top_log_probs)
+    best_live = jnp.max(live_log_probs, axis=1)
+    nothing_live = best_live == -jnp.inf
+    cannot_win = finished_scores[:, -1] >= _best_possible_score(best_live, t + 1, max_lens,
+                                                                alpha)
+    done = c.done | nothing_live | cannot_win
+    live_log_probs = jnp.where(done[:, None], -jnp.inf, live_log_probs)
+
+    rows = (sentence[:, None] * k + parent).reshape(batch * k)
+    return _BeamCarry(step=t + 1, live_tokens=tokens, live_log_probs=live_log_probs,
+                      finished_tokens=finished_tokens, finished_scores=finished_scores,
+                      finished_lengths=finished_lengths, done=done,
+                      state=reorder_state(state, rows))
+
+  first_beam_only = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf).astype(jnp.float32)
+  init = _BeamCarry(
+      step=jnp.array(0, jnp.int32),
+      live_tokens=jnp.full((batch, k, length), pad_id, jnp.int32),
+      live_log_probs=jnp.broadcast_to(first_beam_only, (batch, k)),
+      finished_tokens=jnp.full((batch, k, length), pad_id, jnp.int32),
+      finished_scores=jnp.full((batch, k), -jnp.inf, jnp.float32),
+      finished_lengths=jnp.zeros((batch, k), jnp.int32),
+      done=jnp.zeros((batch,), bool),
+      state=reorder_state(init_state, jnp.repeat(sentence, k)))
+  final = jax.lax.while_loop(not_finished, step, init)
+  return DecodeResult(final.finished_tokens, final.finished_scores, final.finished_lengths)
+
+
+# --- The Transformer binding. --------------------------------------------------------------
+
+# Entries of the decoder's self-attention cache: one row per hypothesis, tiled and reordered.
+# The cross-attention entries ('cross_key', 'cross_value') keep batch B and are never touched.
+SELF_ATTENTION_CACHE = ("cached_key", "cached_value", "cache_index")
+
+
+def reorder_decoder_cache(cache: State, rows: jax.Array) -> State:
+  """The Transformer's reorder rule: take `rows` of the self-attention cache entries only."""
+  def reorder(path, x):
+    if getattr(path[-1], "key", None) in SELF_ATTENTION_CACHE and x.ndim > 0:
+      return jnp.take(x, rows, axis=0)
+    return x
+  return jax.tree_util.tree_map_with_path(reorder, cache)
+
+
+def output_max_lens(inputs: jax.Array, max_extra_len: int, max_len: int) -> jax.Array:
+  """[B] int32: each sentence's output length limit, its source length + max_extra_len, capped
+  by the model's max_len. The source length counts the non-PAD tokens of `inputs` [B, S]."""
+  source_lens = jnp.sum(inputs != PAD_ID, axis=1, dtype=jnp.int32)
+  return jnp.clip(source_lens + max_extra_len, 1, max_len)
+
+
+def _search(step_fn: StepFn, state: State, max_lens: jax.Array, *, beam_size: int,
+            max_decode_len: int, alpha: jax.Array, eos_id: int,
+            reorder_state: ReorderFn) -> DecodeResult:
+  """Greedy search for beam_size 1, beam search otherwise."""
+  if beam_size == 1:
+    return greedy_search(step_fn, state, max_lens, max_decode_len=max_decode_len, alpha=alpha,
+                         eos_id=eos_id)
+  return beam_search(step_fn, state, max_lens, beam_size=beam_size,
+                     max_decode_len=max_decode_len, alpha=alpha, eos_id=eos_id,
+                     reorder_state=reorder_state)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_extra_len", "max_len",
+                                             "eos_id"))
+def _decode_cached(model: nn.Module, params: Any, inputs: jax.Array, alpha: jax.Array, *,
+                   beam_size: int, max_extra_len: int, max_len: int,
+                   eos_id: int) -> DecodeResult:
+  """decode_batch, compiled once per input shape and setting."""
+  max_decode_len = min(inputs.shape[1] + max_extra_len, max_len)
+  encoded = model.apply({"params": params}, inputs, method="encode")  # [B, S, D]
+  _, variables = model.apply({"params": params}, encoded, inputs, max_decode_len,
+                             method="init_cache", mutable=["cache"])
+
+  def step_fn(token_ids, cache):
+    logits, variables = model.apply({"params": params, "cache": cache}, token_ids, inputs,
+                                    method="decode_step", mutable=["cache"])
+    return logits[:, 0], variables["cache"]
+
+  return _search(step_fn, variables["cache"], output_max_lens(inputs, max_extra_len, max_len),
+                 beam_size=beam_size, max_decode_len=max_decode_len, alpha=alpha,
+                 eos_id=eos_id, reorder_state=reorder_decoder_cache)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_extra_len", "max_len",
+                                             "eos_id"))
+def _decode_naive(model: nn.Module, params: Any, inputs: jax.Array, alpha: jax.Array, *,
+                  beam_size: int, max_extra_len: int, max_len: int,
+                  eos_id: int) -> DecodeResult:
+  """naive_decode_batch, compiled once per input shape and setting."""
+  max_decode_len = min(inputs.shape[1] + max_extra_len, max_len)
+  inputs_per_row = jnp.repeat(inputs, beam_size, axis=0)  # [B * n, S]
+
+  def step_fn(token_ids, state):
+    # targets [B * n, L]: the tokens generated so far, then NAIVE_FILLER. The model's
+    # shift-right feeds target t-1 at position t only where target t is not PAD, so the filler
+    # is not PAD; the causal mask keeps it from influencing the positions before it.
+    step, targets = state
+    targets = jnp.where(step > 0, targets.at[:, jnp.maximum(step - 1, 0)].set(token_ids[:, 0]),
+                        targets)
+    logits = model.apply({"params": params}, inputs_per_row, targets)  # [B * n, L, V]
+    return jax.lax.dynamic_index_in_dim(logits, step, axis=1, keepdims=False), (step + 1,
+                                                                                  targets)
+
+  state = (jnp.array(0, jnp.int32),
+           jnp.full((inputs.shape[0], max_decode_len), NAIVE_FILLER, jnp.int32))
+  return _search(step_fn, state, output_max_lens(inputs, max_extra_len, max_len),
+                 beam_size=beam_size, max_decode_len=max_decode_len, alpha=alpha,
+                 eos_id=eos_id, reorder_state=take_rows)
+
+
+def _check_decode_args(model: nn.Module, inputs: Any, beam_size: int, max_extra_len: int,
+                       max_len: int | None) -> int:
+  """Raises InputError for arguments that cannot be decoded; returns the resolved max_len."""
+  if max_len is None:
+    max_len = model.config.max_len
+  if beam_size < 1:
+    raise InputError(f"beam_size={beam_size} must be at least 1 (1 = greedy search)")
+  if max_extra_len < 0:
+    raise InputError(f"max_extra_len={max_extra_len} must be >= 0")
+  if np.ndim(inputs) != 2:
+    raise InputError(f"inputs must be token ids of shape [batch, length], got shape "
+                     f"{np.shape(inputs)}")
+  if np.shape(inputs)[1] > max_len:
+    raise InputError(f"inputs have {np.shape(inputs)[1]} positions, more than max_len="
+                     f"{max_len}; truncate them (translate_texts does)")
+  return max_len
+
+
+def decode_batch(model: nn.Module, params: Any, inputs: jax.Array, *, beam_size: int,
+                 alpha: float, max_extra_len: int, max_len: int | None = None,
+                 eos_id: int = EOS_ID) -> DecodeResult:
+  """Translates a batch of token ids `inputs` [B, S] (EOS-terminated, PAD-padded).
+
+  The encoder runs once and the cache is built once; then greedy search (beam_size 1) or beam
+  search runs over the cached decoder, all in one compiled function (one compile per input
+  shape and setting). Each sentence's output is at most its source length + max_extra_len
+  tokens, capped by max_len (default: the model's). Returns DecodeResult(tokens [B, n, L],
+  scores [B, n], lengths [B, n]) with n = beam_size, best first, L = min(S + max_extra_len,
+  max_len).
+  """
+  max_len = _check_decode_args(model, inputs, beam_size, max_extra_len, max_len)
+  return _decode_cached(model, params, jnp.asarray(inputs, jnp.int32), jnp.float32(alpha),
+                        beam_size=beam_size, max_extra_len=max_extra_len, max_len=max_len,
+                        eos_id=eos_id)
+
+
+def naive_decode_batch(model: nn.Module, params: Any, inputs: jax.Array, *, beam_size: int,
+                       alpha: float, max_extra_len: int, max_len: int | None = None,
+                       eos_id: int = EOS_ID) -> DecodeResult:
+  """decode_batch without a cache, the baseline of benchmarks/decode_throughput.py.
+
+  Each step re-runs the whole teacher-forced model (encoder included) on every hypothesis's
+  prefix padded to the full output length, and reads the logits at the current position: the
+  same search and results as decode_batch, at about L times the cost.
+  """
+  max_len = _check_decode_args(model, inputs, beam_size, max_extra_len, max_len)
+  return _decode_naive(model, params, jnp.asarray(inputs, jnp.int32), jnp.float32(alpha),
+                       beam_size=beam_size, max_extra_len=max_extra_len, max_len=max_len,
+                       eos_id=eos_id)
+
+
+# --- Text in, text out. ---------------------------------------------------------------------
+
+def _bucket(n: int, smallest: int, largest: int) -> int:
+  """The smallest power of two >= n (and >= smallest), capped at largest."""
+  size = smallest
+  while size < n:
+    size *= 2
+  return min(size, largest)
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int) -> list[list[int]]:
+  """Source ids of each text: tokenizer.encode(text) + [EOS], or [] for an empty (blank) line.
+
+  A text longer than max_len tokens (EOS included) is cut to its first max_len - 1 tokens and
+  EOS, with a warning on stderr that names its line (1-based).
+  """
+  encoded = []
+  for index, text in enumerate(texts):
+    if not text.strip():
+      encoded.append([])
+      continue
+    ids = list(tokenizer.encode(text)) + [EOS_ID]
+    if len(ids) > max_len:
+      print(f"warning: line {index + 1} has {len(ids)} tokens (EOS included), more than the "
+            f"model's max_len={max_len}; it is truncated", file=sys.stderr)
+      ids = ids[:max_len - 1] + [EOS_ID]
+    encoded.append(ids)
+  return encoded
+
+
+def translate_texts(model: nn.Module, params: Any, tokenizer: Any, texts: Sequence[str], *,
+                    beam_size: int, alpha: float, max_extra_len: int,
+                    max_len: int | None = None, batch_size: int = 64) -> list[str]:
+  """One translation per text, in the order given (the best hypothesis of each).
+
+  Empty (or blank) lines translate to empty lines. Lines are sorted by length and decoded in
+  batches of at most `batch_size`, padded to power-of-two lengths and row counts so that few
+  shapes are compiled. A line longer than max_len tokens (default: the model's) is truncated,
+  with a warning on stderr.
+  """
+  if max_len is None:
+    max_len = model.config.max_len
+  if batch_size < 1:
+    raise InputError(f"batch_size={batch_size} must be at least 1")
+  translations = [""] * len(texts)
+  encoded = encode_texts(tokenizer, texts, max_len)
+  sources = sorted((pair for pair in enumerate(encoded) if pair[1]),
+                   key=lambda pair: len(pair[1]))  # (line index, ids), shortest first.
+  for start in range(0, len(sources), batch_size):
+    chunk = sources[start:start + batch_size]
+    rows = _bucket(len(chunk), 1, batch_size)
+    length = _bucket(max(len(ids) for _, ids in chunk), MIN_LENGTH_BUCKET, max_len)
+    inputs = np.full((rows, length), PAD_ID, np.int32)
+    inputs[len(chunk):, 0] = EOS_ID  # filler rows: an empty sentence each.
+    for row, (_, ids) in enumerate(chunk):
+      inputs[row, :len(ids)] = ids
+    result = decode_batch(model, params, inputs, beam_size=beam_size, alpha=alpha,
+                          max_extra_len=max_extra_len, max_len=max_len)
+    tokens, lengths = np.asarray(result.tokens[:, 0]), np.asarray(result.lengths[:, 0])
+    for row, (index, _) in enumerate(chunk):
+      translations[index] = tokenizer.decode(tokens[row, :lengths[row]].tolist())
+  return translations
