@@ -53,6 +53,42 @@ HostBatch = dict[str, np.ndarray]
 Batch = dict[str, jax.Array]
 
 
+# --- Several processes (hosts). ------------------------------------------------------------------
+
+COORDINATOR_ENV = "JAXFORMER_COORDINATOR_ADDRESS"   # host:port of process 0's coordinator
+NUM_PROCESSES_ENV = "JAXFORMER_NUM_PROCESSES"
+PROCESS_ID_ENV = "JAXFORMER_PROCESS_ID"
+AUTO_ENV = "JAXFORMER_DISTRIBUTED"                  # 'auto': TPU VMs and clusters JAX detects
+
+
+def initialize_distributed() -> None:
+  """Joins this process to a multi-process run, when the environment says it is one.
+
+  - `JAXFORMER_COORDINATOR_ADDRESS`, `JAXFORMER_NUM_PROCESSES` and `JAXFORMER_PROCESS_ID` set
+    (by `launch.sh --processes`, or by hand / a scheduler on a GPU cluster): join them.
+  - `JAXFORMER_DISTRIBUTED=auto` (set by `launch.sh --tpu`): `jax.distributed.initialize()`
+    with no arguments, which finds the peers itself on TPU VMs, SLURM and other clusters.
+  - neither: a single-process run; nothing to do.
+  On CPU the collectives between processes go through gloo. Call before any other jax work.
+  """
+  import os
+  env = os.environ
+  if jax.distributed.is_initialized():
+    return
+  if env.get(COORDINATOR_ENV):
+    try:
+      num_processes, process_id = int(env[NUM_PROCESSES_ENV]), int(env[PROCESS_ID_ENV])
+    except (KeyError, ValueError):
+      raise ConfigError(f"{COORDINATOR_ENV} is set, so {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV} "
+                        "must be set to whole numbers too") from None
+    if env.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=env[COORDINATOR_ENV],
+                               num_processes=num_processes, process_id=process_id)
+  elif env.get(AUTO_ENV) == "auto":
+    jax.distributed.initialize()
+
+
 # --- Checks that need to know the devices. ----------------------------------------------------
 
 def validate_for_devices(config: ml_collections.ConfigDict,
@@ -191,6 +227,10 @@ class Strategy(abc.ABC):
   def abstract_state(self) -> TrainState:
     """The state's shapes, dtypes and shardings (jax.ShapeDtypeStruct leaves), as a target for
     restoring a checkpoint directly onto devices; feed what is restored to `place_state`."""
+
+  def checkpoint_state(self, state: TrainState) -> TrainState:
+    """The state as a checkpoint stores it: one copy, whatever the device count."""
+    return state
 
   @abc.abstractmethod
   def inference_params(self, state: TrainState) -> Params:
@@ -356,6 +396,9 @@ class PmapStrategy(Strategy):
     replicated = NamedSharding(Mesh(np.array(self.devices), (PMAP_AXIS,)), P())
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                         self.state_shapes())
+
+  def checkpoint_state(self, state):
+    return self.state_to_host(state)
 
   def inference_params(self, state):
     return flax.jax_utils.unreplicate(state.params)
