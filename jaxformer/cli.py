@@ -41,8 +41,10 @@ def cmd_info(args, overrides) -> int:
 
 def cmd_train(args, overrides) -> int:
   from jaxformer import config as config_lib
-  from jaxformer.train import loop
   config = config_lib.load_config(args.config, overrides)
+  from jaxformer.train import loop, parallel
+  parallel.initialize_distributed()
+  parallel.validate_for_devices(config)  # Before anything is written to the workdir.
   loop.train_and_evaluate(config, args.workdir, restore_step=args.restore_step)
   return 0
 
@@ -66,19 +68,19 @@ def cmd_evaluate(args, overrides) -> int:
   import json
   from jaxformer import evaluate
   from jaxformer.data import sources
-  from jaxformer.train import step as step_lib
   from jaxformer.train.writer import MetricsWriter
-  model, params, config, tokenizer, step = _load_for_inference(args.workdir, args.step)
-  eval_step = step_lib.make_eval_fn(model, config, params)
-  metrics = evaluate.evaluate(
-      config, tokenizer=tokenizer, data_dir=sources.resolve_data_dir(config, args.workdir),
-      split=args.split, eval_step=eval_step,
-      translate_fn=evaluate.make_translate_fn(model, params, config, args.beam_size, args.alpha),
-      num_samples=args.samples)
+  _, params, config, tokenizer, step = _load_for_inference(args.workdir, args.step)
+  metrics = evaluate.evaluate_checkpoint(
+      config, params, tokenizer=tokenizer,
+      data_dir=sources.resolve_data_dir(config, args.workdir), split=args.split,
+      beam_size=args.beam_size, alpha=args.alpha, num_samples=args.samples)
   samples = metrics.pop("samples", [])
-  metrics["checkpoint_step"] = step
+  metrics["checkpoint"] = step
   metrics["beam_size"] = args.beam_size or config.decode.beam_size
-  MetricsWriter(args.workdir).write(step if isinstance(step, int) else -1, args.split, metrics)
+  metrics["alpha"] = config.decode.alpha if args.alpha is None else args.alpha
+  writer = MetricsWriter(args.workdir)
+  writer.write(step if isinstance(step, int) else -1, args.split, metrics)
+  writer.close()
   for sample in samples:
     print(f"  source:      {sample['source']}\n  reference:   {sample['reference']}\n"
           f"  translation: {sample['translation']}\n", file=sys.stderr)

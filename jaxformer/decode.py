@@ -51,6 +51,7 @@ ReorderFn = Callable[[State, jax.Array], State]
 
 LENGTH_PENALTY_BASE = 5.0  # GNMT: lp(L) = ((BASE + L) / (BASE + 1)) ** alpha.
 NEVER_GENERATED = (PAD_ID, BOS_ID)  # tokens a decoder must not output.
+NAIVE_FILLER = EOS_ID  # naive_decode_batch's placeholder for targets not generated yet.
 MIN_LENGTH_BUCKET = 8  # translate_texts pads inputs to powers of two from here up to max_len.
 
 
@@ -310,7 +311,10 @@ def _decode_naive(model: nn.Module, params: Any, inputs: jax.Array, alpha: jax.A
   inputs_per_row = jnp.repeat(inputs, beam_size, axis=0)  # [B * n, S]
 
   def step_fn(token_ids, state):
-    step, targets = state  # targets [B * n, L]: the tokens generated so far, then PAD.
+    # targets [B * n, L]: the tokens generated so far, then NAIVE_FILLER. The model's
+    # shift-right feeds target t-1 at position t only where target t is not PAD, so the filler
+    # is not PAD; the causal mask keeps it from influencing the positions before it.
+    step, targets = state
     targets = jnp.where(step > 0, targets.at[:, jnp.maximum(step - 1, 0)].set(token_ids[:, 0]),
                         targets)
     logits = model.apply({"params": params}, inputs_per_row, targets)  # [B * n, L, V]
@@ -318,7 +322,7 @@ def _decode_naive(model: nn.Module, params: Any, inputs: jax.Array, alpha: jax.A
                                                                                   targets)
 
   state = (jnp.array(0, jnp.int32),
-           jnp.full((inputs.shape[0], max_decode_len), PAD_ID, jnp.int32))
+           jnp.full((inputs.shape[0], max_decode_len), NAIVE_FILLER, jnp.int32))
   return _search(step_fn, state, output_max_lens(inputs, max_extra_len, max_len),
                  beam_size=beam_size, max_decode_len=max_decode_len, alpha=alpha,
                  eos_id=eos_id, reorder_state=take_rows)
@@ -385,19 +389,24 @@ def _bucket(n: int, smallest: int, largest: int) -> int:
   return min(size, largest)
 
 
-def _source_ids(tokenizer: Any, texts: Sequence[str], max_len: int) -> list[tuple[int, list[int]]]:
-  """(line index, ids + [EOS]) for every non-empty line; over-long lines truncated, warned."""
-  sources = []
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int) -> list[list[int]]:
+  """Source ids of each text: tokenizer.encode(text) + [EOS], or [] for an empty (blank) line.
+
+  A text longer than max_len tokens (EOS included) is cut to its first max_len - 1 tokens and
+  EOS, with a warning on stderr that names its line (1-based).
+  """
+  encoded = []
   for index, text in enumerate(texts):
     if not text.strip():
+      encoded.append([])
       continue
     ids = list(tokenizer.encode(text)) + [EOS_ID]
     if len(ids) > max_len:
       print(f"warning: line {index + 1} has {len(ids)} tokens (EOS included), more than the "
             f"model's max_len={max_len}; it is truncated", file=sys.stderr)
       ids = ids[:max_len - 1] + [EOS_ID]
-    sources.append((index, ids))
-  return sources
+    encoded.append(ids)
+  return encoded
 
 
 def translate_texts(model: nn.Module, params: Any, tokenizer: Any, texts: Sequence[str], *,
@@ -415,7 +424,9 @@ def translate_texts(model: nn.Module, params: Any, tokenizer: Any, texts: Sequen
   if batch_size < 1:
     raise InputError(f"batch_size={batch_size} must be at least 1")
   translations = [""] * len(texts)
-  sources = sorted(_source_ids(tokenizer, texts, max_len), key=lambda s: len(s[1]))
+  encoded = encode_texts(tokenizer, texts, max_len)
+  sources = sorted((pair for pair in enumerate(encoded) if pair[1]),
+                   key=lambda pair: len(pair[1]))  # (line index, ids), shortest first.
   for start in range(0, len(sources), batch_size):
     chunk = sources[start:start + batch_size]
     rows = _bucket(len(chunk), 1, batch_size)

@@ -17,12 +17,14 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 import sacrebleu
 from jax.experimental import multihost_utils
 
 from jaxformer import decode
 from jaxformer.data import pipeline
+from jaxformer.train import objective
 
 Batch = dict[str, np.ndarray]
 
@@ -50,16 +52,14 @@ def _gather_from_processes(tree: Any) -> Any:
 
 def teacher_forced_metrics(eval_step: Callable[[Batch], dict], batches: Sequence[Batch]
                            ) -> dict[str, float]:
-  """Token-level loss (cross entropy without smoothing), accuracy and perplexity."""
+  """Per-token loss (label-smoothed, as in training), accuracy and perplexity of a split."""
   sums: dict[str, float] = {}
   for batch in batches:
-    step_sums = jax.device_get(eval_step(batch))
-    for key, value in step_sums.items():
+    for key, value in jax.device_get(eval_step(batch)).items():
       sums[key] = sums.get(key, 0.0) + float(value)
-  tokens = max(sums.get("num_tokens", 0.0), 1.0)
-  loss = sums.get("loss", 0.0) / tokens
-  return {"loss": loss, "accuracy": sums.get("correct", 0.0) / tokens,
-          "perplexity": math.exp(min(loss, 50.0)), "num_tokens": int(tokens)}
+  metrics = {k: float(v) for k, v in objective.normalize_metrics(sums).items()}
+  metrics["num_tokens"] = int(metrics["num_tokens"])
+  return metrics
 
 
 def translate_batches(translate_fn: Callable[[np.ndarray], np.ndarray], tokenizer,
@@ -119,3 +119,28 @@ def make_translate_fn(model, params, config, beam_size: int | None = None,
     return result.tokens[:, 0]
 
   return translate_fn
+
+
+def evaluate_checkpoint(config, params, *, tokenizer, data_dir: str, split: str,
+                        beam_size: int | None = None, alpha: float | None = None,
+                        num_samples: int = 0) -> dict[str, Any]:
+  """`evaluate` for restored parameters, on every device of this process that fits the batch.
+
+  The checkpoint may come from any strategy and device count: the parameters are replicated
+  over a data-parallel mesh of this process's devices (or one device, when `eval.batch_size`
+  does not divide their number).
+  """
+  from jaxformer.train import parallel
+  devices = jax.devices()
+  if config.eval.batch_size % len(devices):
+    devices = devices[:1]
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.parallel.strategy, config.parallel.fsdp = "mesh", 1
+  config.train.batch_size = config.eval.batch_size  # Training batch sizes do not matter here.
+  strategy = parallel.make_strategy(ml_collections.FrozenConfigDict(config), devices)
+  params = jax.device_put(params, strategy.replicated)
+  return evaluate(
+      config, tokenizer=tokenizer, data_dir=data_dir, split=split,
+      eval_step=lambda batch: strategy.eval_step(params, strategy.shard_eval_batch(batch)),
+      translate_fn=make_translate_fn(strategy.model, params, config, beam_size, alpha),
+      num_samples=num_samples)

@@ -116,14 +116,16 @@ def run_beam(model, max_lens, beam_size, alpha):
   longest = max(max_lens)
   search = jax.jit(lambda state, lens: decode.beam_search(
       model.step_fn, state, lens, beam_size=beam_size, max_decode_len=longest, alpha=alpha))
-  return jax.tree_util.tree_map(np.asarray, search(model.init_state(), jnp.asarray(max_lens, jnp.int32)))
+  result = search(model.init_state(), jnp.asarray(max_lens, jnp.int32))
+  return jax.tree_util.tree_map(np.asarray, result)
 
 
 def run_greedy(model, max_lens, alpha):
   longest = max(max_lens)
   search = jax.jit(lambda state, lens: decode.greedy_search(
       model.step_fn, state, lens, max_decode_len=longest, alpha=alpha))
-  return jax.tree_util.tree_map(np.asarray, search(model.init_state(), jnp.asarray(max_lens, jnp.int32)))
+  result = search(model.init_state(), jnp.asarray(max_lens, jnp.int32))
+  return jax.tree_util.tree_map(np.asarray, result)
 
 
 def hypotheses(result, b):
@@ -269,3 +271,174 @@ def test_length_penalty_changes_the_winner_as_the_formula_says():
     np.testing.assert_allclose(score, toy.score(expected, alpha), rtol=1e-5)
     winners[alpha] = best
   assert winners[0.0] == (EOS_ID,) and winners[2.0] == (1, EOS_ID)
+
+
+# --- The Transformer binding, on a tiny random model. ---------------------------------------
+
+import ml_collections  # noqa: E402
+
+from jaxformer.config import get_default_config  # noqa: E402
+from jaxformer.model.transformer import Transformer  # noqa: E402
+
+ALPHA = 0.6
+
+
+def tiny_model(**overrides):
+  """A random 1-layer Transformer with a 24-token vocabulary and max_len 16."""
+  config = get_default_config().model
+  config.update(dict(vocab_size=24, num_layers=1, d_model=16, num_heads=2, d_ff=32, max_len=16,
+                     dropout_rate=0.0))
+  config.update(overrides)
+  model = Transformer(ml_collections.FrozenConfigDict(config))
+  dummy = jnp.ones((1, 4), jnp.int32)
+  return model, jax.jit(model.init)(jax.random.PRNGKey(0), dummy, dummy)["params"]
+
+
+def source_batch(lengths, width, vocab=24, seed=0):
+  """Random source ids (real tokens, EOS last) of the given lengths, PAD-padded to width."""
+  rng = np.random.default_rng(seed)
+  inputs = np.full((len(lengths), width), PAD_ID, np.int32)
+  for b, n in enumerate(lengths):
+    inputs[b, :n - 1] = rng.integers(4, vocab, size=n - 1)
+    inputs[b, n - 1] = EOS_ID
+  return inputs
+
+
+def teacher_forced_log_probs(model, params, inputs, result):
+  """[B, n] log P(hypothesis | source) from one teacher-forced pass, summed in NumPy."""
+  batch, n, length = result.tokens.shape
+  targets = result.tokens.reshape(batch * n, length)
+  logits = jax.jit(model.apply)({"params": params}, np.repeat(inputs, n, axis=0), targets)
+  log_probs = np_log_softmax(np.asarray(logits, np.float64))  # [B * n, L, V]
+  picked = np.take_along_axis(log_probs, targets[:, :, None], axis=-1)[:, :, 0]
+  within = np.arange(length) < result.lengths.reshape(batch * n, 1)
+  return np.where(within, picked, 0.0).sum(axis=1).reshape(batch, n)
+
+
+# Most tests below share these settings and shapes, so that they share compiled functions.
+BEAM, EXTRA = 3, 3
+LENGTHS, WIDTH = [7, 3], 7
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return tiny_model()
+
+
+def test_cached_beam_scores_are_teacher_forced_log_probs():
+  # Two scanned layers: the cache has a layer axis, which reordering must leave alone.
+  model, params = tiny_model(scan_layers=True, num_layers=2)
+  inputs = source_batch(LENGTHS, WIDTH)
+  result = jax.tree_util.tree_map(np.asarray, decode.decode_batch(
+      model, params, inputs, beam_size=BEAM, alpha=ALPHA, max_extra_len=EXTRA))
+  max_lens = [n + EXTRA for n in LENGTHS]
+  assert result.tokens.shape == (2, BEAM, WIDTH + EXTRA)
+  check_well_formed(result, max_lens)
+  for b in range(2):
+    assert len({seq for seq, _ in hypotheses(result, b)}) == BEAM  # k distinct hypotheses.
+  expected = teacher_forced_log_probs(model, params, inputs, result)
+  got = result.scores * np_length_penalty(result.lengths, ALPHA)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_batch_equals_each_sentence_alone(tiny):
+  model, params = tiny
+  inputs = source_batch(LENGTHS, WIDTH, seed=1)
+  together = decode.decode_batch(model, params, inputs, beam_size=BEAM, alpha=ALPHA,
+                                 max_extra_len=EXTRA)
+  for b, n in enumerate(LENGTHS):
+    alone = decode.decode_batch(model, params, inputs[b:b + 1, :n], beam_size=BEAM,
+                                alpha=ALPHA, max_extra_len=EXTRA)
+    width = alone.tokens.shape[-1]  # n + EXTRA <= the batch's WIDTH + EXTRA.
+    np.testing.assert_array_equal(together.tokens[b, :, :width], alone.tokens[0])
+    assert np.all(np.asarray(together.tokens[b, :, width:]) == PAD_ID)
+    np.testing.assert_array_equal(together.lengths[b], alone.lengths[0])
+    np.testing.assert_allclose(together.scores[b], alone.scores[0], rtol=1e-5)
+
+
+def test_naive_decoder_agrees_with_cached(tiny):
+  model, params = tiny
+  inputs = source_batch(LENGTHS, WIDTH, seed=2)
+  cached = decode.decode_batch(model, params, inputs, beam_size=BEAM, alpha=ALPHA,
+                               max_extra_len=EXTRA)
+  naive = decode.naive_decode_batch(model, params, inputs, beam_size=BEAM, alpha=ALPHA,
+                                    max_extra_len=EXTRA)
+  np.testing.assert_array_equal(naive.tokens, cached.tokens)
+  np.testing.assert_array_equal(naive.lengths, cached.lengths)
+  np.testing.assert_allclose(naive.scores, cached.scores, rtol=1e-5)
+
+
+def test_output_length_is_source_length_plus_extra_capped_by_max_len(tiny):
+  model, params = tiny
+  # EOS never matches (id -1), so every hypothesis runs to its sentence's limit.
+  inputs = source_batch([14, 3, 9], width=14, seed=3)
+  result = decode.decode_batch(model, params, inputs, beam_size=1, alpha=ALPHA,
+                               max_extra_len=5, eos_id=-1)
+  assert result.tokens.shape[-1] == 16  # min(14 + 5, max_len 16)
+  np.testing.assert_array_equal(result.lengths[:, 0], [16, 8, 14])
+
+
+def test_decode_batch_refuses_inputs_longer_than_max_len(tiny):
+  model, params = tiny
+  with pytest.raises(decode.InputError, match="max_len=16"):
+    decode.decode_batch(model, params, source_batch([17], 17), beam_size=BEAM, alpha=ALPHA,
+                        max_extra_len=EXTRA)
+
+
+class FakeTokenizer:
+  """Each character is a token: id 4 + (ord(c) mod 20); decoding spells ids as letters."""
+
+  def encode(self, text):
+    return [4 + ord(c) % 20 for c in text]
+
+  def decode(self, ids):
+    out = []
+    for i in ids:
+      if i == EOS_ID:
+        break
+      if i not in (PAD_ID, BOS_ID):
+        out.append(chr(ord("a") + i))
+    return "".join(out)
+
+
+def test_encode_texts_appends_eos_keeps_empty_lines_and_truncates_with_a_warning(capsys):
+  tok = FakeTokenizer()
+  texts = ["abc", "", "x" * 20, " ", "y" * 16, "z" * 15]
+  encoded = decode.encode_texts(tok, texts, max_len=16)
+  assert encoded[0] == tok.encode("abc") + [EOS_ID]
+  assert encoded[1] == [] and encoded[3] == []
+  assert encoded[2] == tok.encode("x" * 15) + [EOS_ID]  # 16 tokens, EOS last.
+  assert encoded[4] == tok.encode("y" * 15) + [EOS_ID]
+  assert encoded[5] == tok.encode("z" * 15) + [EOS_ID]  # exactly max_len: kept whole.
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 2 and "line 3 " in err[0] and "line 5 " in err[1]
+
+
+def test_translate_texts_keeps_lines_and_order_and_warns_on_long_lines(tiny, capsys):
+  model, params = tiny
+  tok = FakeTokenizer()
+  long_line = "a much longer line than the model takes"
+  texts = ["hello", "", long_line, "hi", "   ", "abcdef", "ok!"]
+  got = decode.translate_texts(model, params, tok, texts, beam_size=BEAM, alpha=ALPHA,
+                               max_extra_len=EXTRA, batch_size=4)
+  err = capsys.readouterr().err
+  assert err.count("warning") == 1 and "line 3 " in err
+  assert len(got) == len(texts)
+  assert got[1] == "" and got[4] == ""
+
+  def best(inputs):
+    result = decode.decode_batch(model, params, inputs, beam_size=BEAM, alpha=ALPHA,
+                                 max_extra_len=EXTRA)
+    return [tok.decode(np.asarray(result.tokens[row, 0, :result.lengths[row, 0]]).tolist())
+            for row in range(len(inputs))]
+
+  # Expected: the short lines decoded together in input order (translate_texts sorts them by
+  # length), and the long one cut to max_len tokens, EOS last, decoded alone.
+  short = [0, 3, 5, 6]
+  inputs = np.zeros((len(short), 8), np.int32)
+  for row, i in enumerate(short):
+    ids = tok.encode(texts[i]) + [EOS_ID]
+    inputs[row, :len(ids)] = ids
+  assert [got[i] for i in short] == best(inputs)
+  assert got[2] == best(np.array([tok.encode(long_line)[:15] + [EOS_ID]]))[0]
+  assert len(set(got[i] for i in short)) > 1  # the lines do translate differently.

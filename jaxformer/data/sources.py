@@ -25,8 +25,6 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib
-import importlib.resources.abc
-import importlib.util
 import logging
 import os
 import sys
@@ -51,14 +49,6 @@ CATALOG_MODULES = {
 }
 
 Config = ml_collections.ConfigDict | ml_collections.FrozenConfigDict
-
-# tensorflow_datasets 4.9.10 needs the `importlib_resources` backport to prepare any dataset
-# (DatasetBuilder.code_path) but declares it only for Python < 3.9, so download_and_prepare fails
-# with "No module named 'importlib_resources'" (github.com/tensorflow/datasets/issues/11212).
-# The standard library's importlib.resources offers what tfds uses from it (abc.Traversable).
-if importlib.util.find_spec("importlib_resources") is None:
-  sys.modules["importlib_resources"] = importlib.resources
-
 
 def resolve_data_dir(config: Config, workdir: str) -> str:
   """`data.data_dir`, or `<workdir>/tfds` when it is empty."""
