@@ -25,6 +25,7 @@ from jaxformer.data import tasks
 from jaxformer.data import tokenizer as tokenizer_lib
 from jaxformer.data.tokenizer import EOS_ID
 from jaxformer.model.transformer import Transformer, stack_layers
+from jaxformer.train import state as state_lib
 
 NUM_LAYERS, NUM_HEADS = 2, 4
 MAX_LEN = 16
@@ -44,22 +45,18 @@ def tiny_config(**model) -> ml_collections.FrozenConfigDict:
   return ml_collections.FrozenConfigDict(c)
 
 
-def init_params(config, seed=0):
-  ids = jnp.ones((1, 4), jnp.int32)
-  return Transformer(config=config.model).init(jax.random.key(seed), ids, ids)["params"]
-
-
 def make_run(workdir, config, tokenizer, seed=0):
-  """A workdir as training leaves it: config.json, vocab.model, checkpoints/STEP."""
+  """A workdir as training leaves it: config.json, vocab.model, checkpoints/STEP; returns the
+  params (fresh from init_state: the plots need a model, not a good one)."""
   os.makedirs(workdir)
   tokenizer.save(os.path.join(workdir, tokenizer_lib.VOCAB_FILENAME))
   checkpoint.write_run_files(workdir, config)
-  # Placed as load_run places them, so that compiled decoders are shared with plots.
-  params = jax.device_put(init_params(config, seed), plots.inference_sharding())
+  state = state_lib.init_state(config, jax.random.key(seed)).replace(step=jnp.int32(STEP))
   data = iter(grain.MapDataset.range(4).to_iter_dataset())
   with checkpoint.Checkpointer(workdir, every_steps=1, keep=1, async_save=False) as ckpt:
-    ckpt.save(STEP, {"step": jnp.int32(STEP), "params": params}, data, force=True)
-  return params
+    ckpt.save(STEP, state, data, force=True)
+  # Placed as load_run places them, so that compiled decoders are shared with plots.
+  return jax.device_put(state.params, plots.inference_sharding())
 
 
 @pytest.fixture(scope="module")
@@ -374,3 +371,40 @@ def test_cli_plot_curves_without_metrics(tmp_path, capsys):
   write_metrics(str(tmp_path), ["not json"])
   status, _, err = run_cli(capsys, "plot", "curves", "--workdir", str(tmp_path))
   assert status == 2 and err[-1].startswith("error: no valid metrics"), err
+
+
+# --- During training. ------------------------------------------------------------------------
+
+def read_event_tags(directory):
+  """{(tag, kind): [steps]} of the TensorBoard event files in `directory` (TFRecord framing:
+  length u64, its crc u32, the Event proto, its crc u32), read without TensorFlow."""
+  from tensorboardX.proto import event_pb2
+  tags = {}
+  for name in os.listdir(directory):
+    with open(os.path.join(directory, name), "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        tags.setdefault((value.tag, value.WhichOneof("value")), []).append(event.step)
+  return tags
+
+
+@pytest.mark.slow
+def test_training_writes_an_attention_image_at_each_evaluation(tmp_path):
+  from jaxformer.train import loop
+  config = config_lib.load_config("reverse", {
+      "data.num_train": "64", "data.num_validation": "8", "data.num_test": "8",
+      "model.num_layers": "1", "model.d_model": "16", "model.d_ff": "32",
+      "train.steps": "2", "train.batch_size": "8", "train.eval_every_steps": "1",
+      "train.log_every_steps": "1", "train.peak_flops": "1e12", "eval.batch_size": "8",
+      "eval.bleu_examples": "8", "eval.num_samples": "2", "checkpoint.every_steps": "2"})
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(config, workdir)
+  tags = read_event_tags(os.path.join(workdir, "tensorboard"))
+  assert tags[("validation/attention", "image")] == [1, 2]
+  assert tags[("validation/attention_translation/text_summary", "tensor")] == [1, 2]
+  assert tags[("validation/samples/text_summary", "tensor")] == [1, 1, 2, 2]
