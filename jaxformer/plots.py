@@ -110,14 +110,15 @@ def figure_to_array(figure: Figure) -> np.ndarray:
 class AttentionMaps(NamedTuple):
   """One sentence pair and every attention weight the model computed for it.
 
-  The target is the model's own translation, EOS included; the decoder's query at target
+  The target is the model's own translation, with its EOS (unless the search stopped at the
+  length limit first); the decoder's query at target
   position t is the one that predicts token t (its input is token t-1, or BOS). Weights are
   float32 probabilities, N layers, H heads, S source and T target tokens.
   """
   source_ids: np.ndarray      # [S] int32 token ids of the source, EOS included.
-  target_ids: np.ndarray      # [T] int32 token ids of the translation, EOS included.
+  target_ids: np.ndarray      # [T] int32 token ids of the translation.
   source_pieces: list[str]    # S subwords of the source, the closing '</s>' included.
-  target_pieces: list[str]    # T subwords of the translation, the closing '</s>' included.
+  target_pieces: list[str]    # T subwords of the translation.
   decoder_input_pieces: list[str]  # T decoder inputs: '<s>', then the target shifted right.
   translation: str            # the detokenized translation.
   cross: np.ndarray           # [N, H, T, S] decoder queries over the encoder output.
