@@ -451,7 +451,7 @@ def _is_number(value: Any) -> bool:
 def read_metrics(path: str) -> tuple[list[dict[str, Any]], list[str]]:
   """The records of a metrics.jsonl file, and one 'path:line: why' per line that was skipped.
 
-  A record is a JSON object with an integer 'step' >= 0 and a string 'split'. Within a valid
+  A record is a JSON object with an integer 'step' and a string 'split'. Within a valid
   record, the values of the curves' metrics must be finite numbers; others are dropped and
   reported (the writer stores NaN and infinity as strings). Raises InputError when the file
   does not exist or cannot be read.
@@ -480,8 +480,8 @@ def read_metrics(path: str) -> tuple[list[dict[str, Any]], list[str]]:
       problems.append(f"{where}: not a JSON object")
       continue
     step, split = record.get("step"), record.get("split")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-      problems.append(f"{where}: no valid 'step' (a whole number >= 0), got {step!r}")
+    if not isinstance(step, int) or isinstance(step, bool):
+      problems.append(f"{where}: no valid 'step' (a whole number), got {step!r}")
       continue
     if not isinstance(split, str):
       problems.append(f"{where}: no valid 'split' (e.g. 'train'), got {split!r}")
@@ -497,8 +497,11 @@ def read_metrics(path: str) -> tuple[list[dict[str, Any]], list[str]]:
 def curve_series(records: list[dict[str, Any]], split: str, key: str
                  ) -> tuple[np.ndarray, np.ndarray]:
   """(steps, values) of `key` in the `split` records, by step. When a step appears more than
-  once (a resumed run logs its last steps again), the later line wins."""
-  by_step = {r["step"]: r[key] for r in records if r["split"] == split and key in r}
+  once (a resumed run logs its last steps again), the later line wins. Negative steps (an
+  evaluation of an averaged checkpoint, `jaxformer evaluate`) are not training steps: left out.
+  """
+  by_step = {r["step"]: r[key] for r in records
+             if r["split"] == split and key in r and r["step"] >= 0}
   steps = np.array(sorted(by_step), dtype=np.int64)
   return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
 

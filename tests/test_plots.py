@@ -356,9 +356,11 @@ def test_plot_curves_reports_bad_lines_and_draws_the_good_ones(tmp_path, capsys)
   assert legend[:2] == ["run_a", "run_b"]
 
 
-def test_plot_curves_later_lines_win_after_a_resume(tmp_path):
+def test_plot_curves_later_lines_win_after_a_resume_and_averages_are_left_out(tmp_path):
   workdir = str(tmp_path / "resumed")
-  write_metrics(workdir, [train_line(10, 3.0), train_line(20, 2.0), train_line(10, 2.9)])
+  averaged = json.dumps({"step": -1, "split": "train", "loss": 0.1})  # jaxformer evaluate
+  write_metrics(workdir, [train_line(10, 3.0), train_line(20, 2.0), train_line(10, 2.9),
+                          averaged])
   records, problems = plots.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   assert problems == []
   steps, values = plots.curve_series(records, "train", "loss")
