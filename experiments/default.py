@@ -24,7 +24,8 @@ def get_config():
   config.train.steps = 1500
   config.train.batch_size = 64
   config.train.warmup_steps = 200
-  config.train.learning_rate = 2.0
+  config.train.grad_clip_norm = 1.0
+  config.train.learning_rate = 1.0
   config.train.log_every_steps = 100
   config.train.eval_every_steps = 500
   config.checkpoint.every_steps = 500
