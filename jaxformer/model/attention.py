@@ -113,7 +113,10 @@ def masked_fill_value(dtype: Any) -> float:
 
 def attention_weights(query: jnp.ndarray, key: jnp.ndarray, mask: jnp.ndarray | None
                       ) -> jnp.ndarray:
-  """softmax(Q K^T / sqrt(K)) per head, in float32: `[B, T, H, K]`, `[B, S, H, K]` -> `[B, H, T, S]`."""
+  """softmax(Q K^T / sqrt(K)) per head, in float32.
+
+  Queries `[B, T, H, K]`, keys `[B, S, H, K]`, mask `[B, 1, T, S]` -> weights `[B, H, T, S]`.
+  """
   depth = query.shape[-1]
   scores = jnp.einsum("bthk,bshk->bhts", query, key, preferred_element_type=jnp.float32)
   scores = scores / np.sqrt(depth).astype(np.float32)

@@ -295,7 +295,8 @@ class Transformer(nn.Module):
              inputs_segment_ids: jnp.ndarray | None = None,
              targets_segment_ids: jnp.ndarray | None = None,
              deterministic: bool = True) -> jnp.ndarray:
-    """Encoded source `[B, S, D]`, its ids `[B, S]`, shifted decoder inputs `[B, T]` -> `[B, T, V]`."""
+    """Logits `[B, T, V]` (float32) of shifted decoder inputs `[B, T]` given the encoded source
+    `[B, S, D]` and its ids `[B, S]` (for the padding mask)."""
     return self.decoder(encoded, inputs, decoder_inputs, targets_positions, inputs_segment_ids,
                         targets_segment_ids, deterministic, FULL)
 

@@ -45,7 +45,8 @@ def softmax(x):
 
 
 def multi_head_attention(xq, xkv, may_attend, p, bias):
-  """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = softmax(Q W_i^Q (K W_i^K)^T / sqrt(d_k)) V W_i^V."""
+  """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, where
+  head_i = softmax(Q W_i^Q (K W_i^K)^T / sqrt(d_k)) V W_i^V."""
   heads = []
   num_heads = p["query"]["kernel"].shape[1]
   for h in range(num_heads):
