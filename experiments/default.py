@@ -21,13 +21,14 @@ def get_config():
   config.model.d_ff = 512
   config.model.max_len = 64
   config.model.dropout_rate = 0.1
-  config.train.steps = 1500
+  config.train.steps = 600
   config.train.batch_size = 64
   config.train.warmup_steps = 200
-  config.train.learning_rate = 2.0
+  config.train.grad_clip_norm = 1.0
+  config.train.learning_rate = 0.5   # peak 0.5 * 128^-0.5 * 200^-0.5 = 0.0031
   config.train.log_every_steps = 100
-  config.train.eval_every_steps = 500
-  config.checkpoint.every_steps = 500
+  config.train.eval_every_steps = 200
+  config.checkpoint.every_steps = 200
   config.checkpoint.keep = 3
   config.eval.bleu_examples = 128
   return config

@@ -13,7 +13,8 @@ The file has two layers.
    a reorder rule, `reorder_state(state, rows [R]) -> state`: row i of the new state is row
    rows[i] of the old one. The same rule tiles the initial state from B rows to B * n (rows =
    [0, 0, .., 1, 1, ..]). Each search is one `lax.while_loop`, so it compiles into one program
-   that stops as soon as every sentence has finished.
+   that stops as soon as every sentence has finished (for beam search: as soon as no live
+   hypothesis of any sentence can still enter its k best finished ones).
 
 2. The binding to the Transformer (`decode_batch`, `naive_decode_batch`, `translate_texts`): the
    encoder runs once per sentence and the cross-attention keys and values are computed once, by
@@ -23,6 +24,8 @@ The file has two layers.
 Conventions shared by both layers:
 - A hypothesis's length counts its tokens, the closing EOS included. A sentence's hypotheses
   may grow to `max_lens[b]` tokens; one that reaches it without EOS ends there (truncated).
+  For the Transformer, max_lens[b] = the sentence's source length (its non-PAD tokens, EOS
+  included) + max_extra_len, capped by the model's max_len.
 - Scores are length-normalized log-probabilities, log P(y) / lp(|y|), with GNMT's length penalty
   lp(L) = ((5 + L) / 6) ** alpha (Wu et al. 2016), as the Transformer paper uses (alpha 0.6).
   alpha = 0 ranks by plain log-probability. `score * lp(length)` is the model's log P(y).

@@ -9,11 +9,15 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from jaxformer import decode
+from jaxformer.config import get_default_config
 from jaxformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from jaxformer.errors import InputError
+from jaxformer.model.transformer import Transformer
 
 TOY_VOCAB = 6  # 0 PAD, 1 UNK, 2 BOS, 3 EOS, and two more words.
 GENERATED = tuple(i for i in range(TOY_VOCAB) if i not in decode.NEVER_GENERATED)
@@ -275,11 +279,6 @@ def test_length_penalty_changes_the_winner_as_the_formula_says():
 
 # --- The Transformer binding, on a tiny random model. ---------------------------------------
 
-import ml_collections  # noqa: E402
-
-from jaxformer.config import get_default_config  # noqa: E402
-from jaxformer.model.transformer import Transformer  # noqa: E402
-
 ALPHA = 0.6
 
 
@@ -380,7 +379,7 @@ def test_output_length_is_source_length_plus_extra_capped_by_max_len(tiny):
 
 def test_decode_batch_refuses_inputs_longer_than_max_len(tiny):
   model, params = tiny
-  with pytest.raises(decode.InputError, match="max_len=16"):
+  with pytest.raises(InputError, match="max_len=16"):
     decode.decode_batch(model, params, source_batch([17], 17), beam_size=BEAM, alpha=ALPHA,
                         max_extra_len=EXTRA)
 
