@@ -150,6 +150,7 @@ def load_run(workdir: str, step: int | str | None = None) -> Run:
     raise checkpoint.CheckpointError(
         f"workdir {workdir} does not exist; train first with `jaxformer train --workdir "
         f"{workdir}` (or ./launch.sh EXPERIMENT --workdir {workdir})")
+  workdir = os.path.abspath(workdir)  # orbax restores from absolute paths only.
   params, step, config = checkpoint.load_params(workdir, step=step,
                                                 sharding=inference_sharding())
   tokenizer = Tokenizer.load(os.path.join(workdir, VOCAB_FILENAME))
@@ -375,7 +376,8 @@ def position_tables(config: Any, workdir: str | None = None, step: int | str | N
   if workdir is None:
     raise InputError("model.pos_encoding='learned': the table is learned, so it comes from a "
                      "checkpoint; give --workdir of a trained run")
-  params, step, _ = checkpoint.load_params(workdir, step=step, sharding=inference_sharding())
+  params, step, _ = checkpoint.load_params(os.path.abspath(workdir), step=step,
+                                           sharding=inference_sharding())
   tables = {}
   for stack in POSITION_STACKS:
     try:

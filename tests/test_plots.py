@@ -184,10 +184,12 @@ def test_scanned_layers_sow_the_same_weights(run, maps):
                                np.stack(layers), atol=1e-6)
 
 
-def test_cli_plot_attention(run, tmp_path, capsys):
+def test_cli_plot_attention(run, tmp_path, capsys, monkeypatch):
   out = str(tmp_path / "a.png")
-  status, stdout, err = run_cli(capsys, "plot", "attention", "--workdir", run[0], "--text", TEXT,
-                                "--out", out, "--layer", "0", "--step", str(STEP))
+  monkeypatch.chdir(os.path.dirname(run[0]))  # A relative --workdir, as ./launch.sh makes them.
+  status, stdout, err = run_cli(capsys, "plot", "attention", "--workdir",
+                                os.path.basename(run[0]), "--text", TEXT, "--out", out,
+                                "--layer", "0", "--step", str(STEP))
   assert status == 0, err
   assert stdout.strip() == out
   assert err[-1].startswith("translation: ")
