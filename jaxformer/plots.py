@@ -158,6 +158,7 @@ def load_run(workdir: str, step: int | str | None = None) -> Run:
 
 
 def check_not_empty(text: str) -> None:
+  """Raises InputError for an empty or blank text (checked before loading anything)."""
   if not text.strip():
     raise InputError("the text is empty; give a sentence to translate, e.g. --text \"...\"")
 
@@ -208,7 +209,8 @@ def attention_maps(model: Transformer, params: Any, tokenizer: Tokenizer, text: 
                    beam_size: int, alpha: float, max_extra_len: int) -> AttentionMaps:
   """Translates `text` with beam search, then records the model's attention on the pair.
 
-  1. `decode.decode_batch` finds the best translation (EOS included).
+  1. `decode.decode_batch` finds the best translation (with its EOS, unless the search hit
+     the length limit first).
   2. The teacher-forced model runs once on (source, translation) with the 'intermediates'
      collection mutable, so each attention module sows its softmax weights.
   Raises InputError for an empty text or one that does not fit the model.
