@@ -24,6 +24,15 @@ Batches. Every host feeds its own rows, `[rows, L]` numpy arrays from the data p
 Multi-host. Only `jax.devices()`, `jax.local_devices()` and `jax.process_index()` are used to
 find this host's devices; every host must call the same methods in the same order. Starting the
 distributed runtime (jax.distributed.initialize) is done before any of this, elsewhere.
+
+Where a host's rows go. Both strategies keep the order of `jax.devices()`, which lists the
+devices process by process, and give device d the d-th slice of the global batch; so process p's
+rows become rows [p * b, (p + 1) * b) of every global micro-batch. The data pipeline deals its
+shuffled pairs to the processes in blocks of b (pipeline.train_shard), so process p's rows are
+exactly those rows of what one process alone would read: 2 processes x 2 devices train on the
+same global batches, in the same row order (hence with the same dropout masks), as 1 process x
+4 devices. (On a TPU pod, `jax.make_mesh` may order the chips by their physical layout; the
+global batch then holds the same pairs with the hosts' blocks in another order.)
 """
 
 from __future__ import annotations
