@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -21,7 +22,7 @@ import pytest
 from jaxformer import checkpoint, config as config_lib, launcher
 from jaxformer.data import pipeline, sources
 from jaxformer.data.tokenizer import Tokenizer
-from jaxformer.train import parallel
+from jaxformer.train import parallel, writer as writer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
@@ -299,3 +300,33 @@ def test_launch_sh_tpu_dry_run_prints_the_gcloud_commands():
                         "gs://my-bucket/base", "--config.train.steps=10"]
   assert not os.path.exists(archive) or os.path.getmtime(archive) < time.time() - 60, (
       "--dry-run ran a command")
+
+
+# --- Shared storage and the pod experiment. ------------------------------------------------------
+
+@pytest.mark.parametrize("appendable", [True, False])  # False: as on gs://, rewritten whole.
+def test_metrics_file_keeps_every_record_where_files_cannot_be_appended(
+    appendable, tmp_path, monkeypatch):
+  monkeypatch.setattr(writer_lib, "can_append", lambda path: appendable)
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train"}\n')  # a resumed run
+  metrics = writer_lib.MetricsWriter(str(tmp_path), enabled=True)
+  metrics.write(2, "train", {"loss": 1.5})
+  metrics.write(2, "validation", {"bleu": 3.0})
+  metrics.close()
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert records == [{"step": 1, "split": "train"}, {"step": 2, "split": "train", "loss": 1.5},
+                     {"step": 2, "split": "validation", "bleu": 3.0}]
+
+
+def test_tpu32_experiment_is_the_papers_base_model_and_batch_on_32_chips():
+  base = config_lib.load_config("wmt14_en_de_base")
+  config = config_lib.load_config("wmt14_en_de_base_tpu32")
+  assert all(config_lib.get_key(config, key) == config_lib.get_key(base, key)
+             for key in checkpoint.MODEL_SHAPE_KEYS + checkpoint.TOKENIZER_KEYS)
+  assert config.model.dtype == "bfloat16"
+  # About 25k source and 25k target token slots per step, as in the paper.
+  assert 0.9 * 25_000 <= config.train.batch_size * config.data.max_len <= 1.1 * 25_000
+  # Fits 32 chips, on 8 hosts of 4 or 4 hosts of 8.
+  for chips_per_host in (4, 8):
+    chips = [types.SimpleNamespace(process_index=i // chips_per_host) for i in range(32)]
+    parallel.validate_for_devices(config, chips)
