@@ -196,10 +196,11 @@ def test_killed_pod_resumes_from_its_checkpoint_and_matches_the_uninterrupted_ru
     deadline = time.monotonic() + POD_TIMEOUT_S
     while not finished_steps(workdir) and pod.poll() is None and time.monotonic() < deadline:
       time.sleep(0.05)
-    processes = children_of(pod.pid)
+    running = pod.poll() is None
+    processes = children_of(pod.pid) if running else []
     pod.send_signal(signal.SIGKILL)
     pod.wait()
-  assert len(processes) == PROCESSES
+  assert running and len(processes) == PROCESSES, open(tmp_path / "killed.log").read()[-3000:]
   # The launcher's processes die with it (none is left to write into the workdir).
   deadline = time.monotonic() + 30
   while any(map(is_running, processes)) and time.monotonic() < deadline:

@@ -150,6 +150,15 @@ def _check_rows(host_batch: HostBatch, rows: int, what: str) -> None:
                        f"feeds {rows} rows per step")
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The whole array in host memory (a collective when other hosts hold parts of it)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  if x.is_fully_replicated:  # Every host has all of it.
+    return np.asarray(x.addressable_data(0))
+  return multihost_utils.process_allgather(x, tiled=True)
+
+
 def _pad_rows(host_batch: HostBatch, rows: int) -> HostBatch:
   """Appends pad rows (all PAD_ID: no real target token, so they count for nothing)."""
   def pad(x):
@@ -243,7 +252,8 @@ class Strategy(abc.ABC):
 
   @abc.abstractmethod
   def inference_params(self, state: TrainState) -> Params:
-    """Parameters that an ordinary jit-compiled function (decoding) can take."""
+    """Parameters that an ordinary jit-compiled function (decoding) can take, on this host's
+    devices only (a collective when other hosts hold parts of them)."""
 
   def state_shapes(self) -> TrainState:
     """Shapes and dtypes of the (single, unreplicated) state, computed without allocating it."""
@@ -308,11 +318,7 @@ class MeshStrategy(Strategy):
     return self._eval_step(params, batch)
 
   def state_to_host(self, state):
-    def to_host(x):
-      if x.is_fully_addressable:
-        return np.asarray(x)
-      return multihost_utils.process_allgather(x)
-    return jax.tree.map(to_host, state)
+    return jax.tree.map(_to_host, state)
 
   def place_state(self, state):
     def place(x, sharding):
@@ -328,7 +334,13 @@ class MeshStrategy(Strategy):
                         self.state_shapes(), self.state_sharding)
 
   def inference_params(self, state):
-    return state.params
+    if all(x.is_fully_addressable for x in jax.tree.leaves(state.params)):
+      return state.params
+    # Several hosts: each decodes its own sentences, and their decoding loops may run different
+    # numbers of steps, so no collective between hosts may happen inside them. Every host gets
+    # the whole parameters on its own devices.
+    local = NamedSharding(Mesh(np.array(self.local_devices), ("local",)), P())
+    return jax.device_put(jax.tree.map(_to_host, state.params), local)
 
 
 # --- 'pmap': replicated data parallelism. --------------------------------------------------------
