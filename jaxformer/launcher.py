@@ -45,6 +45,7 @@ PUMP_JOIN_SECONDS = 5.0    # how long the last output of stopped processes may t
 REMOTE_DIR = "~/jaxformer"  # where the code lives on every TPU VM worker.
 REMOTE_PYTHON = "3.11"     # the Python of the workers' environment (uv fetches it if missing).
 SHARED_STORAGE_PREFIX = "gs://"
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"  # CPU devices of one process.
 _PR_SET_PDEATHSIG = 1      # prctl(2) option: the signal a process gets when its parent dies.
 
 
@@ -92,13 +93,16 @@ def _dies_with_launcher(parent_pid: int):
 
 def _start_process(command: list[str], index: int, processes: int, devices: int,
                    address: str) -> subprocess.Popen:
+  """Starts process `index` of the pod: `devices` CPU devices, told where it belongs."""
+  xla_flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+               if not flag.startswith(DEVICE_COUNT_FLAG)]  # The user's other flags stay.
   env = dict(os.environ,
              JAXFORMER_COORDINATOR_ADDRESS=address,
              JAXFORMER_NUM_PROCESSES=str(processes),
              JAXFORMER_PROCESS_ID=str(index),
              JAX_PLATFORMS="cpu",
              PYTHONUNBUFFERED="1",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=" ".join([*xla_flags, f"{DEVICE_COUNT_FLAG}={devices}"]))
   try:
     # Its own session: a Ctrl-C in the terminal reaches the launcher only, which decides.
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -1,9 +1,10 @@
 """A simulated pod: local processes joined by jax.distributed train exactly like one process.
 
-The pods are real: `python -m jaxformer.launcher --processes 2 --devices-per-process 2` runs
-`jaxformer train` twice, joined through a coordinator on 127.0.0.1. Their expectations come from
-elsewhere: the same steps run here, in the test's own single process on 4 of its CPU devices.
-The pods share one prepared dataset and a compilation cache, so only the first one compiles.
+The pods are real: `python -m jaxformer.launcher --processes 2 --devices-per-process 2` starts
+two `jaxformer train` processes, joined through a coordinator on 127.0.0.1. Their expectations
+come from elsewhere: the same steps run here, in the test's own single process on 4 of its CPU
+devices. The pods share one prepared dataset and a compilation cache, so only the first one of
+each strategy compiles.
 """
 
 import json
@@ -20,8 +21,9 @@ import numpy as np
 import pytest
 
 from jaxformer import checkpoint, config as config_lib, launcher
-from jaxformer.data import pipeline, sources
+from jaxformer.data import pipeline
 from jaxformer.data.tokenizer import Tokenizer
+from jaxformer.errors import JaxformerError
 from jaxformer.train import parallel, writer as writer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -331,3 +333,21 @@ def test_tpu32_experiment_is_the_papers_base_model_and_batch_on_32_chips():
   for chips_per_host in (4, 8):
     chips = [types.SimpleNamespace(process_index=i // chips_per_host) for i in range(32)]
     parallel.validate_for_devices(config, chips)
+
+
+def test_tpu_revision_checks_out_the_same_commit_on_every_worker(tmp_path):
+  subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+  subprocess.run(["git", "-C", str(tmp_path), "remote", "add", "origin",
+                  "https://example.com/me/jaxformer.git"], check=True)
+  steps = launcher.tpu_commands(["train", "--workdir", "gs://b/r"], "pod", "zone-a", None,
+                                "v1.2", str(tmp_path))
+  ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod", "--worker=all", "--zone", "zone-a",
+         "--command"]
+  assert [step[:-1] for step in steps] == [ssh, ssh, ssh]
+  assert steps[0][-1] == ("test -d ~/jaxformer || git clone https://example.com/me/jaxformer.git "
+                          "~/jaxformer; cd ~/jaxformer && git fetch --all && git checkout v1.2")
+  assert steps[2][-1].endswith("-m jaxformer train --workdir gs://b/r")
+  # Without a remote the workers could not clone: one clear error.
+  subprocess.run(["git", "-C", str(tmp_path), "remote", "remove", "origin"], check=True)
+  with pytest.raises(JaxformerError, match="--revision needs a git remote 'origin'"):
+    launcher.tpu_commands(["train"], "pod", "zone-a", None, "v1.2", str(tmp_path))
