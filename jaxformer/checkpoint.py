@@ -133,11 +133,10 @@ def check_compatible(saved_config: ml_collections.ConfigDict,
 
 def read_run_config(workdir: str) -> ml_collections.FrozenConfigDict | None:
   """The config recorded in `<workdir>/config.json`, or None when there is none."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / CONFIG_FILE  # The workdir may be on gs://.
+  if not path.exists():
     return None
-  with open(path) as f:
-    text = f.read()
+  text = path.read_text()
   try:
     return config_lib.from_json(text)
   except ValueError as e:
@@ -159,17 +158,17 @@ def write_run_files(workdir: str, config: ml_collections.ConfigDict) -> list[str
   changed = [] if saved is None else check_compatible(saved, config)
   if jax.process_index() != 0 or (saved is not None and not changed):
     return changed
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
+  directory = epath.Path(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
+  path = directory / CONFIG_FILE
   if saved is not None:
     n = 1
-    while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+    while (directory / f"config.{n}.json").exists():
       n += 1
-    os.rename(path, os.path.join(workdir, f"config.{n}.json"))
-  tmp_path = path + ".tmp"
-  with open(tmp_path, "w") as f:
-    f.write(config_lib.to_json(config) + "\n")
-  os.replace(tmp_path, path)  # Atomic: config.json is never half written.
+    path.rename(directory / f"config.{n}.json")
+  tmp_path = directory / f"{CONFIG_FILE}.tmp"
+  tmp_path.write_text(config_lib.to_json(config) + "\n")
+  tmp_path.replace(path)  # Atomic on a local disk: config.json is never half written.
   return changed
 
 
@@ -450,19 +449,19 @@ class Checkpointer:
 
     Orbax would otherwise count it among the steps to keep, and a later save of that step
     would find it in the way."""
-    target_root = os.path.join(self.workdir, DAMAGED_DIR)
-    target = os.path.join(target_root, str(step))
+    target_root = epath.Path(self.workdir) / DAMAGED_DIR
+    target = target_root / str(step)
     n = 1
-    while os.path.exists(target):
-      target = os.path.join(target_root, f"{step}.{n}")
+    while target.exists():
+      target = target_root / f"{step}.{n}"
       n += 1
     if jax.process_index() == 0:
-      os.makedirs(target_root, exist_ok=True)
-      os.rename(os.path.join(self.directory, str(step)), target)
+      target_root.mkdir(parents=True, exist_ok=True)
+      (epath.Path(self.directory) / str(step)).rename(target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"jaxformer_checkpoint_moved_{step}")
     self._manager.reload()
-    return target
+    return str(target)
 
 
 def _report(message: str) -> None:
@@ -511,10 +510,10 @@ def _available(workdir: str) -> str:
 
 def averaged_checkpoints(workdir: str) -> list[str]:
   """Names of the averaged checkpoints in `<workdir>/averaged`, e.g. ['last5_1000-5000']."""
-  root = os.path.join(workdir, AVERAGED_DIR)
-  if not os.path.isdir(root):
+  root = epath.Path(workdir) / AVERAGED_DIR
+  if not root.is_dir():
     return []
-  return sorted((n for n in os.listdir(root) if _AVERAGED_NAME.match(n)),
+  return sorted((p.name for p in root.iterdir() if _AVERAGED_NAME.match(p.name)),
                 key=lambda n: tuple(int(g) for g in _AVERAGED_NAME.match(n).groups()))
 
 
@@ -593,7 +592,7 @@ def load_params(workdir: str, step: int | str | None = None, sharding: Any = Non
   pytree of them shaped like the params; whatever devices, strategy or fsdp the run trained
   with. `config` is the run's recorded config.json.
   """
-  if not os.path.isdir(workdir):
+  if not epath.Path(workdir).is_dir():
     raise CheckpointError(f"workdir {workdir} does not exist")
   ckpt_dir, label = _checkpoint_dir(workdir, step)
   run_config = read_run_config(workdir)

@@ -52,11 +52,12 @@ def cmd_train(args, overrides) -> int:
 def _load_for_inference(workdir: str, step):
   """(model, params, config, tokenizer, step) from a workdir's checkpoint."""
   import os
+  from etils import epath
   from jaxformer import checkpoint
   from jaxformer.data.tokenizer import Tokenizer
   from jaxformer.errors import CheckpointError
   from jaxformer.model.transformer import Transformer
-  if not os.path.isdir(workdir):
+  if not epath.Path(workdir).is_dir():  # The workdir may be on gs://.
     raise CheckpointError(f"workdir {workdir} does not exist; train first with "
                           f"`./launch.sh EXPERIMENT --workdir {workdir}`")
   params, step, config = checkpoint.load_params(workdir, step=step)

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from jaxformer import checkpoint, evaluate, plots
 from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
@@ -76,7 +77,7 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
   log(f"jaxformer: {jax.process_count()} process(es), {jax.device_count()} device(s) "
       f"({jax.devices()[0].platform}), strategy {config.parallel.strategy}")
 
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # multihost: the workdir may be gs://
   checkpoint.write_run_files(workdir, config)
   tokenizer = tokenizer_lib.load_or_train(config, workdir)
   data_dir = sources.resolve_data_dir(config, workdir)
