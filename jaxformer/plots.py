@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -135,6 +136,12 @@ class Run(NamedTuple):
   step: int | str
 
 
+def absolute(workdir: str) -> str:
+  """A local workdir as an absolute path (orbax restores from absolute paths only); a URL
+  such as gs://bucket/run as it is."""
+  return workdir if "://" in workdir else os.path.abspath(workdir)
+
+
 def inference_sharding() -> jax.sharding.Sharding:
   """Where parameters for drawing go: the first local device (one sentence needs no more)."""
   return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -146,11 +153,11 @@ def load_run(workdir: str, step: int | str | None = None) -> Run:
   Raises CheckpointError when the workdir or the checkpoint is missing, DataError when the
   vocabulary is.
   """
-  if not os.path.isdir(workdir):
+  if not epath.Path(workdir).is_dir():
     raise checkpoint.CheckpointError(
         f"workdir {workdir} does not exist; train first with `jaxformer train --workdir "
         f"{workdir}` (or ./launch.sh EXPERIMENT --workdir {workdir})")
-  workdir = os.path.abspath(workdir)  # orbax restores from absolute paths only.
+  workdir = absolute(workdir)
   params, step, config = checkpoint.load_params(workdir, step=step,
                                                 sharding=inference_sharding())
   tokenizer = Tokenizer.load(os.path.join(workdir, VOCAB_FILENAME))
@@ -378,7 +385,7 @@ def position_tables(config: Any, workdir: str | None = None, step: int | str | N
   if workdir is None:
     raise InputError("model.pos_encoding='learned': the table is learned, so it comes from a "
                      "checkpoint; give --workdir of a trained run")
-  params, step, _ = checkpoint.load_params(os.path.abspath(workdir), step=step,
+  params, step, _ = checkpoint.load_params(absolute(workdir), step=step,
                                            sharding=inference_sharding())
   tables = {}
   for stack in POSITION_STACKS:
@@ -461,8 +468,7 @@ def read_metrics(path: str) -> tuple[list[dict[str, Any]], list[str]]:
   does not exist or cannot be read.
   """
   try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
+    lines = epath.Path(path).read_text(encoding="utf-8").splitlines()  # Local or gs://.
   except FileNotFoundError:
     raise InputError(f"{path} does not exist; train first (jaxformer train --workdir ...), "
                      "which writes it") from None
