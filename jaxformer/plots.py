@@ -31,6 +31,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -198,6 +199,16 @@ def _teacher_forced_intermediates(model: Transformer, params: Any, inputs: jax.A
   return variables["intermediates"]
 
 
+def to_host(tree: Any) -> Any:
+  """NumPy copies of the arrays of `tree`, also of those spread over several processes (the
+  parameters of a multi-host run may be; then every process must call this)."""
+  def copy(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+  return jax.tree.map(copy, tree)
+
+
 def sown_weights(stack: dict, module: str) -> np.ndarray:
   """Stack the weights one attention module of every layer sowed: `[N, H, Q, K]`.
 
@@ -225,10 +236,9 @@ def attention_maps(model: Transformer, params: Any, tokenizer: Tokenizer, text: 
   inputs = encode_source(tokenizer, text, model.config.max_len)
   result = decode.decode_batch(model, params, inputs, beam_size=beam_size, alpha=alpha,
                                max_extra_len=max_extra_len, max_len=model.config.max_len)
-  length = int(result.lengths[0, 0])
-  target_ids = np.asarray(result.tokens[0, 0, :length], np.int32)
-  intermediates = _teacher_forced_intermediates(model, params, inputs, target_ids[None])
-  intermediates = jax.device_get(intermediates)
+  tokens, lengths = to_host((result.tokens, result.lengths))
+  target_ids = tokens[0, 0, :int(lengths[0, 0])].astype(np.int32)
+  intermediates = to_host(_teacher_forced_intermediates(model, params, inputs, target_ids[None]))
   return AttentionMaps(
       source_ids=inputs[0],
       target_ids=target_ids,
