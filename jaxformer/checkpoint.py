@@ -272,6 +272,7 @@ class Checkpointer:
     if keep_best and keep_best not in BEST_MODE:
       raise CheckpointError(f"checkpoint.keep_best={keep_best!r} is not one of "
                             f"{', '.join(repr(m) for m in BEST_MODE)} (or '')")
+    workdir = absolute_workdir(workdir)
     self.workdir = workdir
     self.directory = os.path.join(workdir, CHECKPOINTS_DIR)
     self.keep_best = keep_best
@@ -517,6 +518,11 @@ def averaged_checkpoints(workdir: str) -> list[str]:
                 key=lambda n: tuple(int(g) for g in _AVERAGED_NAME.match(n).groups()))
 
 
+def absolute_workdir(workdir: str) -> str:
+  """A local workdir as an absolute path (orbax refuses relative ones); URLs (gs://) as they are."""
+  return workdir if "://" in str(workdir) else os.path.abspath(workdir)
+
+
 def _checkpoint_dir(workdir: str, step: int | str | None) -> tuple[epath.Path, int | str]:
   """The directory of a step (newest when None) or of an averaged checkpoint, and its label."""
   steps = sorted(ocp.utils.checkpoint_steps(os.path.join(workdir, CHECKPOINTS_DIR)))
@@ -592,6 +598,7 @@ def load_params(workdir: str, step: int | str | None = None, sharding: Any = Non
   pytree of them shaped like the params; whatever devices, strategy or fsdp the run trained
   with. `config` is the run's recorded config.json.
   """
+  workdir = absolute_workdir(workdir)
   if not epath.Path(workdir).is_dir():
     raise CheckpointError(f"workdir {workdir} does not exist")
   ckpt_dir, label = _checkpoint_dir(workdir, step)
@@ -613,6 +620,7 @@ def average_checkpoints(workdir: str, last_k: int) -> str:
   command line). The original checkpoints are only read. Raises CheckpointError when there are
   fewer than `last_k` checkpoints or when that averaged checkpoint already exists.
   """
+  workdir = absolute_workdir(workdir)
   directory = os.path.join(workdir, CHECKPOINTS_DIR)
   steps = sorted(ocp.utils.checkpoint_steps(directory))
   if last_k < 1:

@@ -137,12 +137,6 @@ class Run(NamedTuple):
   step: int | str
 
 
-def absolute(workdir: str) -> str:
-  """A local workdir as an absolute path (orbax restores from absolute paths only); a URL
-  such as gs://bucket/run as it is."""
-  return workdir if "://" in workdir else os.path.abspath(workdir)
-
-
 def inference_sharding() -> jax.sharding.Sharding:
   """Where parameters for drawing go: the first local device (one sentence needs no more)."""
   return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -158,7 +152,7 @@ def load_run(workdir: str, step: int | str | None = None) -> Run:
     raise checkpoint.CheckpointError(
         f"workdir {workdir} does not exist; train first with `jaxformer train --workdir "
         f"{workdir}` (or ./launch.sh EXPERIMENT --workdir {workdir})")
-  workdir = absolute(workdir)
+  workdir = checkpoint.absolute_workdir(workdir)
   params, step, config = checkpoint.load_params(workdir, step=step,
                                                 sharding=inference_sharding())
   tokenizer = Tokenizer.load(os.path.join(workdir, VOCAB_FILENAME))
@@ -395,7 +389,7 @@ def position_tables(config: Any, workdir: str | None = None, step: int | str | N
   if workdir is None:
     raise InputError("model.pos_encoding='learned': the table is learned, so it comes from a "
                      "checkpoint; give --workdir of a trained run")
-  params, step, _ = checkpoint.load_params(absolute(workdir), step=step,
+  params, step, _ = checkpoint.load_params(workdir, step=step,
                                            sharding=inference_sharding())
   tables = {}
   for stack in POSITION_STACKS:
