@@ -8,7 +8,8 @@ test can train on 8 devices and restore on 1. To keep the suite fast:
 - the data (tfds) and the vocabulary are built once per session in the pytest process and
   shared: `data.data_dir` points at them and `vocab.model` is copied into each new workdir;
 - the runs share a persistent JAX compilation cache, so only the first run of each device
-  layout compiles (a cached program is the same program: results do not change);
+  layout compiles (a cached program is the same program: results do not change), and compile
+  with FAST_COMPILE_FLAGS;
 - one reference run (REFERENCE_STEPS steps on one device) is trained once per session and
   copied by the tests that need a trained workdir.
 """
@@ -50,6 +51,9 @@ REFERENCE_STEPS = 2 * HALF
 REFERENCE = {"train.steps": REFERENCE_STEPS, "train.log_every_steps": 10,
              "train.eval_every_steps": HALF, "checkpoint.every_steps": 10}
 RUN_TIMEOUT_S = 600
+# The compiler's backend (LLVM) optimizations off: a third less compile time, and these tests
+# compare runs with each other (all compiled alike), not speed.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 class Runs:
@@ -77,7 +81,7 @@ class Runs:
   def env(self, devices: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}",
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p),
         "JAX_COMPILATION_CACHE_DIR": self.cache_dir,

@@ -12,6 +12,7 @@ import pytest
 import run_testing
 from run_testing import HALF, REFERENCE_STEPS
 
+from jaxformer import cli
 from jaxformer.data import tokenizer as tokenizer_lib
 
 pytestmark = pytest.mark.slow
@@ -120,10 +121,14 @@ def test_evaluate_prints_one_json_object_and_appends_it_as_the_test_split(runs, 
 
 
 @pytest.mark.parametrize("command", ["evaluate", "translate"])
-def test_a_workdir_without_checkpoints_is_one_line(runs, tmp_path, command):
+def test_a_workdir_without_checkpoints_is_one_line(runs, tmp_path, capsys, command):
   workdir = runs.new_workdir(str(tmp_path / "w"))
-  result = runs.run([command, "--workdir", workdir], stdin="one\n")
-  assert_one_error_line(result, f"no checkpoints in {os.path.join(workdir, 'checkpoints')}")
+  status = cli.main([command, "--workdir", workdir])  # In this process: it is only the error.
+  captured = capsys.readouterr()
+  lines = captured.err.strip().splitlines()
+  assert status == 2 and captured.out == ""
+  assert lines == [f"error: no checkpoints in {os.path.join(workdir, 'checkpoints')}; train "
+                   "first (jaxformer train --workdir ...)"]
 
 
 # --- translate. -------------------------------------------------------------------------------
