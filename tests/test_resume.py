@@ -274,3 +274,22 @@ def test_a_changed_model_shape_on_resume_is_refused_naming_the_keys(runs, tmp_pa
   assert "model.d_model (32 -> 64)" in lines[0] and "model.d_ff (64 -> 128)" in lines[0]
   assert "model.num_heads" not in lines[0]
   assert digest(workdir) == before  # Nothing written.
+
+
+def test_restore_step_trains_again_from_an_older_checkpoint_keeping_the_newer(runs, tmp_path):
+  reference = runs.reference()
+  workdir = run_testing.copy_workdir(reference, str(tmp_path / "w"))
+  steps = run_testing.checkpoint_steps(workdir)
+  older, newer = steps[0], steps[1:]
+  result = runs.run(runs.train_args(workdir, **REFERENCE) + ["--restore-step", str(older)])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"resumed from the checkpoint at step {older}" in result.stderr
+  superseded = os.path.join(workdir, "superseded")
+  assert (f"the newer checkpoints ({', '.join(map(str, newer))}) are kept in {superseded}"
+          in result.stderr)
+  for step in newer:  # Kept as they were, out of the way ...
+    assert (digest(os.path.join(superseded, str(step)))
+            == digest(os.path.join(reference, "checkpoints", str(step))))
+  # ... of this run, which saved those steps again: the same bits, as nothing changed.
+  assert run_testing.checkpoint_steps(workdir) == steps
+  assert_same_end(workdir, reference)
