@@ -424,8 +424,9 @@ class Checkpointer:
 
     With `restore_step`, restores exactly that step (CheckpointError listing the available
     steps when it does not exist or is damaged); the newer steps are moved to
-    `<workdir>/superseded/` (kept, and out of the way of this run's saves of those steps). Raises CheckpointError when every
-    checkpoint is damaged (they are all moved aside, so running again starts from scratch).
+    `<workdir>/superseded/` (kept, and out of the way of this run's saves of those steps).
+    Raises CheckpointError when every checkpoint is damaged (they are all moved aside, so
+    running again starts from scratch).
     """
     for unfinished in self.unfinished_saves():
       _report(f"ignoring {unfinished}: a save that never finished (the run stopped while "
@@ -511,7 +512,8 @@ def _silence_closed_event_loop_noise() -> None:
 
 # --- Parameters for inference, and averaging. -------------------------------------------------
 
-def _available(workdir: str) -> str:
+def available(workdir: str) -> str:
+  """'available steps: 20, 30, 40; averaged: last2_30-40', for messages."""
   steps = ocp.utils.checkpoint_steps(os.path.join(workdir, CHECKPOINTS_DIR))
   text = f"available steps: {_steps_text(sorted(steps))}"
   averaged = averaged_checkpoints(workdir)
@@ -546,10 +548,10 @@ def _checkpoint_dir(workdir: str, step: int | str | None) -> tuple[epath.Path, i
     name = step.removeprefix(AVERAGED_DIR + "/").rstrip("/")
     path = epath.Path(workdir) / AVERAGED_DIR / name
     if not _AVERAGED_NAME.match(name) or not path.is_dir():
-      raise CheckpointError(f"no averaged checkpoint {step!r} in {workdir}; {_available(workdir)}")
+      raise CheckpointError(f"no averaged checkpoint {step!r} in {workdir}; {available(workdir)}")
     return path, name
   if step not in steps:
-    raise CheckpointError(f"no checkpoint at step {step} in {workdir}; {_available(workdir)}")
+    raise CheckpointError(f"no checkpoint at step {step} in {workdir}; {available(workdir)}")
   return epath.Path(workdir) / CHECKPOINTS_DIR / str(step), int(step)
 
 

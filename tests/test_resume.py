@@ -248,15 +248,23 @@ def test_truncated_newest_checkpoint_is_reported_and_training_falls_back(runs, t
         os.truncate(path, os.path.getsize(path) // 2)
         truncated += 1
   assert truncated
+  reason = r"is damaged \(truncated file state/.+\)"
+
+  # Evaluation names the damage and the steps to choose from instead.
+  evaluated = runs.run(["evaluate", "--workdir", workdir])
+  assert evaluated.returncode == 2
+  assert re.fullmatch(rf"error: checkpoint at step {newest} in {re.escape(workdir)} {reason}; "
+                      rf"choose another with --step \(available steps: "
+                      rf"{', '.join(map(str, steps))}\)", evaluated.stderr.strip()), \
+      evaluated.stderr[-3000:]
 
   # Resuming to the same last step: back to `previous`, then the lost steps are trained again.
   result = runs.train(workdir, **REFERENCE)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
   moved = os.path.join(workdir, "damaged", str(newest))
-  assert re.search(
-      rf"checkpoint at step {newest} in {re.escape(ckpt_dir)} is damaged \(\w+ file state/.+\); "
-      rf"falling back to step {previous} \(the damaged one is kept in {re.escape(moved)}\)",
-      result.stderr), result.stderr[-3000:]
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  assert re.search(rf"checkpoint at step {newest} in {re.escape(ckpt_dir)} {reason}; falling "
+                   rf"back to step {previous} \(the damaged one is kept in {re.escape(moved)}\)",
+                   result.stderr), result.stderr[-3000:]
   assert f"resumed from the checkpoint at step {previous}" in result.stderr
   assert os.path.isdir(moved)  # Kept, not deleted.
   assert run_testing.checkpoint_steps(workdir)[-1] == newest
