@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 import run_testing
-from run_testing import HALF, REFERENCE, REFERENCE_STEPS
+from run_testing import REFERENCE, REFERENCE_STEPS
 
 from jaxformer import checkpoint
 from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
@@ -24,11 +24,15 @@ from jaxformer.train import parallel
 
 pytestmark = pytest.mark.slow
 
-# Device layouts of the exact-resume test: (simulated devices, overrides).
+# A shorter run for 8 simulated devices (which share the 2 cores of a test machine): 2 * 4
+# steps, checkpoints every 2, evaluated at the end.
+SHORT = {"train.steps": 8, "train.log_every_steps": 2, "train.eval_every_steps": 8,
+         "checkpoint.every_steps": 2}
+# Device layouts of the exact-resume test: (simulated devices, overrides with the schedule).
 LAYOUTS = {
-    "one_device": (1, {}),
-    "pmap": (8, {"parallel.strategy": "pmap"}),
-    "mesh_fsdp": (8, {"parallel.fsdp": 4}),
+    "one_device": (1, REFERENCE),
+    "pmap": (8, {**SHORT, "parallel.strategy": "pmap"}),
+    "mesh_fsdp": (8, {**SHORT, "parallel.fsdp": 4}),
 }
 
 
@@ -46,15 +50,17 @@ def uninterrupted(runs):
     if layout not in workdirs:
       devices, overrides = LAYOUTS[layout]
       workdir = runs.new_workdir(os.path.join(runs.root, f"uninterrupted_{layout}"))
-      runs.train(workdir, devices, **REFERENCE, **overrides)
+      runs.train(workdir, devices, **overrides)
       workdirs[layout] = workdir
     return workdirs[layout]
 
   return get
 
 
-def assert_same_end(workdir, reference, step=REFERENCE_STEPS):
-  """Parameters, optimizer state, step and data iterator state are bit-identical at `step`."""
+def assert_same_end(workdir, reference):
+  """Parameters, optimizer state, step and data iterator state are bit-identical at the last
+  step of `reference`."""
+  step = run_testing.checkpoint_steps(reference)[-1]
   state, data = run_testing.load_state(workdir, step)
   expected_state, expected_data = run_testing.load_state(reference, step)
   assert int(state.step) == step
@@ -69,14 +75,16 @@ def train_log_steps(workdir):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_stopping_halfway_and_resuming_is_bit_identical(runs, uninterrupted, tmp_path, layout):
   devices, overrides = LAYOUTS[layout]
+  steps, every = overrides["train.steps"], overrides["checkpoint.every_steps"]
   workdir = runs.new_workdir(str(tmp_path / "w"))
-  runs.train(workdir, devices, **{**REFERENCE, "train.steps": HALF}, **overrides)
-  assert run_testing.checkpoint_steps(workdir) == [10, HALF]
+  runs.train(workdir, devices, **{**overrides, "train.steps": steps // 2})
+  assert run_testing.checkpoint_steps(workdir) == list(range(every, steps // 2 + 1, every))
 
-  resumed = runs.train(workdir, devices, **REFERENCE, **overrides)  # train.steps raised.
-  assert f"resumed from the checkpoint at step {HALF}" in resumed.stderr
-  # Each step was trained once: a restart from scratch would log steps 10 and 20 again.
-  assert train_log_steps(workdir) == list(range(10, REFERENCE_STEPS + 1, 10))
+  resumed = runs.train(workdir, devices, **overrides)  # train.steps raised.
+  assert f"resumed from the checkpoint at step {steps // 2}" in resumed.stderr
+  # Each step was trained once: a restart from scratch would log the first half again.
+  log_every = overrides["train.log_every_steps"]
+  assert train_log_steps(workdir) == list(range(log_every, steps + 1, log_every))
   assert_same_end(workdir, uninterrupted(layout))
 
 
