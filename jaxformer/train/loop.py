@@ -11,6 +11,7 @@ whose checkpoints the config does not fit, data files) fails before the first st
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -99,18 +100,14 @@ class Throughput:
     self._tokens += tokens
     self._data_wait += data_wait
 
+  @contextlib.contextmanager
   def paused(self):
-    """A context manager: the time spent inside does not count."""
-    meter = self
-
-    class _Paused:
-      def __enter__(self):
-        self.start = meter._clock()
-
-      def __exit__(self, *exc_info):
-        meter._paused += meter._clock() - self.start
-
-    return _Paused()
+    """The time spent inside `with throughput.paused():` does not count."""
+    start = self._clock()
+    try:
+      yield
+    finally:
+      self._paused += self._clock() - start
 
   def report(self, num_processes: int = 1) -> dict[str, float]:
     """step_time (s), tokens_per_second (all processes) and data_wait_fraction of the window,
