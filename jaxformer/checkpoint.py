@@ -367,6 +367,17 @@ class Checkpointer:
         force=force,
     )
 
+  def should_save(self, step: int) -> bool:
+    """Whether `save(step, ...)` without `force` would save now: every `every_steps`, or at a
+    multi-host preemption sync point, unless the step is on disk already.
+
+    Call it at every step on every process (it takes part in the hosts' agreement on
+    preemption); it lets the caller prepare the state to save (e.g. copy it to the host) only
+    when a save is due, then `save(..., force=True)`.
+    """
+    step = int(step)
+    return step not in self._manager.all_steps() and self._manager.should_save(step)
+
   def wait(self) -> None:
     """Blocks until every started save is on disk."""
     self._manager.wait_until_finished()

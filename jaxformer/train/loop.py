@@ -212,8 +212,9 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
           progress.update(1)
 
         last = step == config.train.steps
-        preempted = guard.should_stop(step)  # Every process calls it at every step.
-        saving = last or preempted or step % config.checkpoint.every_steps == 0
+        # Every process calls these at every step (the hosts agree on preemption through them).
+        preempted = guard.should_stop(step)
+        saving = checkpointer.should_save(step) or preempted or last
         logging_now = last or step % config.train.log_every_steps == 0
         if saving or logging_now or len(pending) >= MAX_UNCHECKED_STEPS:
           check_finite(pending)  # Never log or save the state of a diverged run.
@@ -237,9 +238,9 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
             eval_metrics = run_evaluation(step)
           log(f"step {step} validation: {_format(eval_metrics)}")
 
-        # Every process calls save at every step; the checkpointer's policy decides what is due.
-        checkpointer.save(step, strategy.checkpoint_state(state), train_iter,
-                          metrics=eval_metrics, force=preempted or last)
+        if saving:  # (Under pmap, checkpoint_state copies the state to the host: only now.)
+          checkpointer.save(step, strategy.checkpoint_state(state), train_iter,
+                            metrics=eval_metrics, force=True)
         if preempted:
           break
     if progress is not None:
