@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(runs):
-  """layout -> the workdir of an uninterrupted REFERENCE run on it (trained on first use)."""
+  """layout -> the workdir of its full run, uninterrupted (trained on first use)."""
   workdirs = {"one_device": runs.reference()}
 
   def get(layout):
