@@ -10,6 +10,8 @@ A workdir holds one run:
            data/               the grain iterator state, one JSON file per process
 <workdir>/averaged/<name>/     averaged parameters (`average_checkpoints`), e.g. last5_1000-5000
 <workdir>/damaged/<step>/      checkpoints found damaged on resume, moved aside (never deleted)
+<workdir>/superseded/<step>/   checkpoints newer than a `--restore-step`, moved aside (the run
+                               trains those steps again)
 ```
 
 The pieces, in the order a run meets them:
@@ -56,6 +58,7 @@ CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
 AVERAGED_DIR = "averaged"
 DAMAGED_DIR = "damaged"
+SUPERSEDED_DIR = "superseded"
 
 STATE_ITEM = "state"    # the TrainState, saved with orbax's StandardSave.
 DATA_ITEM = "data"      # the grain iterator state, one file per process.
@@ -364,6 +367,17 @@ class Checkpointer:
         force=force,
     )
 
+  def should_save(self, step: int) -> bool:
+    """Whether `save(step, ...)` without `force` would save now: every `every_steps`, or at a
+    multi-host preemption sync point, unless the step is on disk already.
+
+    Call it at every step on every process (it takes part in the hosts' agreement on
+    preemption); it lets the caller prepare the state to save (e.g. copy it to the host) only
+    when a save is due, then `save(..., force=True)`.
+    """
+    step = int(step)
+    return step not in self._manager.all_steps() and self._manager.should_save(step)
+
   def wait(self) -> None:
     """Blocks until every started save is on disk."""
     self._manager.wait_until_finished()
@@ -420,8 +434,10 @@ class Checkpointer:
     reported and left to orbax, which replaces them when that step is saved again.
 
     With `restore_step`, restores exactly that step (CheckpointError listing the available
-    steps when it does not exist or is damaged). Raises CheckpointError when every
-    checkpoint is damaged (they are all moved aside, so running again starts from scratch).
+    steps when it does not exist or is damaged); the newer steps are moved to
+    `<workdir>/superseded/` (kept, and out of the way of this run's saves of those steps).
+    Raises CheckpointError when every checkpoint is damaged (they are all moved aside, so
+    running again starts from scratch).
     """
     for unfinished in self.unfinished_saves():
       _report(f"ignoring {unfinished}: a save that never finished (the run stopped while "
@@ -429,10 +445,16 @@ class Checkpointer:
     steps = self.all_steps()
     if restore_step is not None:
       try:
-        return self.restore(restore_step, abstract_state, data_iterator), int(restore_step)
+        restored = self.restore(restore_step, abstract_state, data_iterator)
       except DamagedCheckpointError as e:
         raise CheckpointError(f"{e}; available steps: {_steps_text(steps)}; choose another "
                               "with --restore-step") from None
+      newer = [s for s in steps if s > int(restore_step)]
+      if newer:  # This run saves those steps again; the old ones must not stand in the way.
+        moved = [self._move_aside(s, SUPERSEDED_DIR) for s in newer]
+        _report(f"restoring step {restore_step}: the newer checkpoints ({_steps_text(newer)}) "
+                f"are kept in {os.path.dirname(moved[0])}, out of this run's way")
+      return restored, int(restore_step)
     while steps:
       step = steps.pop()
       try:
@@ -445,12 +467,13 @@ class Checkpointer:
         _report(f"{e}; falling back to step {steps[-1]} ({kept})")
     return None
 
-  def _move_aside(self, step: int) -> str:
-    """Moves a damaged step out of the manager's directory; returns where (process 0 moves).
+  def _move_aside(self, step: int, folder: str = DAMAGED_DIR) -> str:
+    """Moves a step out of the manager's directory to `<workdir>/<folder>/<step>`; returns
+    where (process 0 moves).
 
     Orbax would otherwise count it among the steps to keep, and a later save of that step
-    would find it in the way."""
-    target_root = epath.Path(self.workdir) / DAMAGED_DIR
+    would find it in the way (and be skipped)."""
+    target_root = epath.Path(self.workdir) / folder
     target = target_root / str(step)
     n = 1
     while target.exists():
@@ -500,7 +523,8 @@ def _silence_closed_event_loop_noise() -> None:
 
 # --- Parameters for inference, and averaging. -------------------------------------------------
 
-def _available(workdir: str) -> str:
+def available(workdir: str) -> str:
+  """'available steps: 20, 30, 40; averaged: last2_30-40', for messages."""
   steps = ocp.utils.checkpoint_steps(os.path.join(workdir, CHECKPOINTS_DIR))
   text = f"available steps: {_steps_text(sorted(steps))}"
   averaged = averaged_checkpoints(workdir)
@@ -540,10 +564,10 @@ def _checkpoint_dir(workdir: str, step: int | str | None) -> tuple[epath.Path, i
     name = step.removeprefix(AVERAGED_DIR + "/").rstrip("/")
     path = epath.Path(workdir) / AVERAGED_DIR / name
     if not _AVERAGED_NAME.match(name) or not path.is_dir():
-      raise CheckpointError(f"no averaged checkpoint {step!r} in {workdir}; {_available(workdir)}")
+      raise CheckpointError(f"no averaged checkpoint {step!r} in {workdir}; {available(workdir)}")
     return path, name
   if step not in steps:
-    raise CheckpointError(f"no checkpoint at step {step} in {workdir}; {_available(workdir)}")
+    raise CheckpointError(f"no checkpoint at step {step} in {workdir}; {available(workdir)}")
   return epath.Path(workdir) / CHECKPOINTS_DIR / str(step), int(step)
 
 

@@ -60,7 +60,11 @@ def _load_for_inference(workdir: str, step):
   if not epath.Path(workdir).is_dir():  # The workdir may be on gs://.
     raise CheckpointError(f"workdir {workdir} does not exist; train first with "
                           f"`./launch.sh EXPERIMENT --workdir {workdir}`")
-  params, step, config = checkpoint.load_params(workdir, step=step)
+  try:
+    params, step, config = checkpoint.load_params(workdir, step=step)
+  except checkpoint.DamagedCheckpointError as e:
+    raise CheckpointError(f"{e}; choose another with --step ({checkpoint.available(workdir)})"
+                          ) from None
   tokenizer = Tokenizer.load(os.path.join(workdir, "vocab.model"))
   return Transformer(config=config.model), params, config, tokenizer, step
 

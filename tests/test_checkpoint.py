@@ -423,3 +423,14 @@ def test_preemption_guard_agrees_through_the_jax_preemption_service(tmp_path):
     line = [l for l in result.stdout.splitlines() if l.startswith("stopped at")]
     assert line and line[0].endswith(f"by {reason}"), result.stdout + result.stderr[-2000:]
     assert int(line[0].split()[2]) > 3
+
+
+def test_should_save_says_when_a_save_is_due_without_saving(tmp_path):
+  state = make_state(0)
+  with checkpoint.Checkpointer(str(tmp_path), every_steps=5, keep=3) as ckpt:
+    assert [s for s in range(1, 11) if ckpt.should_save(s)] == [5, 10]
+    assert ckpt.all_steps() == []
+    assert ckpt.save(5, state, make_iterator(), force=True)
+    ckpt.wait()
+    assert not ckpt.should_save(5)  # On disk already.
+    assert ckpt.should_save(10)
