@@ -198,10 +198,23 @@ def _steps_text(steps: Sequence[int]) -> str:
   return ", ".join(str(s) for s in steps) if steps else "none"
 
 
+def _key_name(entry: Any) -> str:
+  """One step of a jax key path as orbax names it: a dict key, a list index or a field name."""
+  for attribute in ("key", "idx", "name"):
+    if hasattr(entry, attribute):
+      return str(getattr(entry, attribute))
+  return str(entry)
+
+
 def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
-  """{'params.encoder.layer_0.kernel': (D, F), ...} for every array leaf of a pytree."""
-  flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree), sep=".")
-  return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, "shape")}
+  """{'params.encoder.layer_0.kernel': (D, F), ...} for every array leaf of a pytree.
+
+  Works alike for the state (dataclasses, optax's named tuples, including empty ones such as
+  the EmptyState of gradient clipping) and for orbax's metadata tree of a saved one (dicts and
+  lists, with None where an empty node was)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {".".join(_key_name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
 def _describe_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple], limit: int = 3) -> str:

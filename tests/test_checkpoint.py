@@ -36,13 +36,16 @@ class TrainState:
 
 
 def make_state(seed: int, num_updates: int = 2) -> TrainState:
-  """A small state whose params and Adam moments are all different, non-trivial numbers."""
+  """A small state whose params and Adam moments are all different, non-trivial numbers.
+
+  The optimizer clips before Adam, as train.grad_clip_norm > 0 does: its state then holds
+  empty nodes (optax's EmptyState), which the checkpoint code must handle."""
   keys = jax.random.split(jax.random.key(seed), 4)
   params = {
       "embed": {"embedding": jax.random.normal(keys[0], (16, 8))},
       "dense": {"kernel": jax.random.normal(keys[1], (8, 24)), "bias": jnp.zeros(24)},
   }
-  tx = optax.adam(1e-2)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
   opt_state = tx.init(params)
   for i in range(num_updates):
     grads = jax.tree.map(lambda p: jnp.sin(p * (i + 1.5)), params)
