@@ -18,7 +18,7 @@
 #                                       JAXFORMER_NUM_PROCESSES=N JAXFORMER_PROCESS_ID=i (or
 #                                       only JAXFORMER_DISTRIBUTED=auto under SLURM) and run
 #                                       .venv/bin/python -m jaxformer train --config EXPERIMENT
-#                                       --workdir SHARED_DIR (see docs/multihost.md)
+#                                       --workdir SHARED_DIR (see README, "Several hosts")
 #   ./launch.sh test [PYTEST ARGS]      run the test suite
 #   ./launch.sh --help                  this text
 #

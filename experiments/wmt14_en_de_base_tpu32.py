@@ -11,7 +11,7 @@ bfloat16 compute (parameters, optimizer state and the loss stay float32). Runs a
 
   ./launch.sh wmt14_en_de_base_tpu32 --tpu NAME --zone ZONE --workdir gs://BUCKET/wmt14_base
 
-after the tfds data are prepared once (see docs/multihost.md).
+after the tfds data are prepared once (see README, "Several hosts").
 """
 
 from jaxformer.config import load_experiment
