@@ -32,7 +32,7 @@ def cmd_info(args, overrides) -> int:
     return 0
   config = config_lib.load_config(args.config, overrides)
   from jaxformer.train import state as state_lib
-  counts = state_lib.count_parameters_by_module(config)
+  counts = state_lib.count_parameters_by_module(config, depth=args.depth)
   width = max(len(name) for name in counts)
   for name, count in counts.items():
     print(f"{name:<{width}}  {count:>13,}")
@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("info", help="parameter count per module, or every config key")
   _config_args(p)
   p.add_argument("--keys", action="store_true", help="list every config key with its default")
+  p.add_argument("--depth", type=int, default=2,
+                 help="module levels to break the count down into (default 2: layers)")
   p.set_defaults(run=cmd_info, takes_overrides=True)
 
   p = sub.add_parser("train", help="train (or resume) an experiment in a workdir")
@@ -236,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
   except JaxformerError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except BrokenPipeError:  # `jaxformer ... | head`: the reader left; nothing to report.
+    sys.stderr.close()
+    return 0
   except KeyboardInterrupt:
     print("error: interrupted", file=sys.stderr)
     return 130
