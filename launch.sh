@@ -61,7 +61,9 @@ case "${1:-}" in
   test)
     shift
     setup_env
-    exec "$PY" -m pytest "$@"
+    # Two workers (the CI machine has two cores), each test file kept on one worker so that
+    # its module fixtures (data, vocabularies, reference runs) are built once.
+    exec "$PY" -m pytest -n 2 --dist loadfile "$@"
     ;;
 esac
 
