@@ -18,7 +18,7 @@ For each model (random parameters; synthetic rows in which every position is a r
 
 For the default experiment's real data (jaxformer/data/pipeline.py): batches/s of
 `make_train_iterator` alone, packing efficiency (the share of non-pad tokens in the rows), and
-the data wait of the training loop's pattern (next batch, shard, step, without blocking), as a
+the data wait that the training loop (jaxformer.train.loop) logs over a short real run, as a
 share of wall time.
 
 Each model runs in a subprocess of its own, so compile times start cold and peak memory is the
@@ -46,6 +46,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -267,10 +268,11 @@ def measure_decoding(config, params, settings: dict) -> list[dict]:
 
 
 def measure_pipeline(settings: dict) -> dict:
-  """The default experiment's input pipeline: its own speed, packing, and the loop's data wait."""
-  import jax  # pylint: disable=g-import-not-at-top
+  """The default experiment's input pipeline: its own speed and packing, and the data wait that
+  the training loop (jaxformer.train.loop) logs over a short real run."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
   from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from jaxformer.train import parallel  # pylint: disable=g-import-not-at-top
+  from jaxformer.train import loop  # pylint: disable=g-import-not-at-top
   config = make_config("default", settings)
   workdir = settings["workdir"]
   tokenizer = tokenizer_lib.load_or_train(config, workdir)
@@ -291,46 +293,31 @@ def measure_pipeline(settings: dict) -> dict:
       real[key] += int(np.count_nonzero(rows[key]))
     slots += rows["targets"].size
   alone = (time.perf_counter() - start) / batches
-  _close(iterator)
+  iterator.close()
 
-  # 2. The training loop's pattern: next batch, shard, step; no waiting for the step.
-  strategy = parallel.make_strategy(config)
-  state = strategy.init_state(jax.random.key(0))
-  iterator = pipeline.make_train_iterator(config, tokenizer, data_dir)
-  fixed = strategy.shard_batch(next(iterator))
-  state, metrics = strategy.train_step(state, fixed)  # Compiles.
-  jax.block_until_ready(state)
-  time.sleep(settings["settle_seconds"])  # Lets a prefetching pipeline fill its buffer.
-  wait, start = 0.0, time.perf_counter()
-  for _ in range(batches):
-    wait_start = time.perf_counter()
-    rows = next(iterator)
-    wait += time.perf_counter() - wait_start
-    state, metrics = strategy.train_step(state, strategy.shard_batch(rows))
-  jax.block_until_ready((state, metrics))
-  with_data = (time.perf_counter() - start) / batches
-  _close(iterator)
-
-  # 3. The same steps on one batch already on the devices: the step time without data.
-  def one_step():
-    nonlocal state
-    state, step_metrics = strategy.train_step(state, fixed)
-    return state, step_metrics
-  without_data = statistics.median(time_steps(one_step, batches))
+  # 2. The training loop itself, two logging windows of `batches` steps, in a fresh run
+  #    directory beside the data (its vocabulary copied in); the second window is steady.
+  run_dir = tempfile.mkdtemp(prefix="loop-", dir=workdir)
+  shutil.copy(os.path.join(workdir, tokenizer_lib.VOCAB_FILENAME), run_dir)
+  config.data.data_dir = data_dir
+  config.train.steps = 2 * batches
+  config.train.log_every_steps = batches
+  config.train.eval_every_steps = config.checkpoint.every_steps = 10 * batches
+  config.train.peak_flops = 1.0  # MFU is measured above, not here: skip the loop's matmul.
+  loop.train_and_evaluate(ml_collections.FrozenConfigDict(config), run_dir)
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    logged = [json.loads(line) for line in f]
+  steady = [m for m in logged if m["split"] == "train"][-1]
   return dict(batch=config.train.batch_size, length=config.data.max_len,
               batches_timed=batches, startup_seconds=startup,
               seconds_per_batch=alone, batches_per_second=1 / alone,
               packing_efficiency=(real["inputs"] + real["targets"]) / (2 * slots),
               inputs_efficiency=real["inputs"] / slots,
               targets_efficiency=real["targets"] / slots,
-              loop_step_seconds=with_data, synthetic_step_seconds=without_data,
-              data_wait_fraction=wait / (with_data * batches))
-
-
-def _close(iterator) -> None:
-  close = getattr(iterator, "close", None)
-  if close is not None:
-    close()
+              loop_step_seconds=steady["step_time"],
+              loop_tokens_per_second=steady["tokens_per_second"],
+              loop_packing_efficiency=steady["packing_efficiency"],
+              data_wait_fraction=steady["data_wait_fraction"], run_dir=run_dir)
 
 
 # --- Profiles. --------------------------------------------------------------------------------
@@ -469,9 +456,14 @@ def print_tables(report: dict) -> None:
             f"{p['startup_seconds']:.1f} s)")
       print(f"  packing efficiency (non-pad share): {p['packing_efficiency']:.1%} "
             f"(inputs {p['inputs_efficiency']:.1%}, targets {p['targets_efficiency']:.1%})")
-      print(f"  training loop pattern: {p['loop_step_seconds'] * 1e3:.1f} ms/step with data, "
-            f"{p['synthetic_step_seconds'] * 1e3:.1f} ms/step on a batch already on the device; "
-            f"data wait {p['data_wait_fraction']:.1%} of wall time")
+      default = next((r for r in report["train"] if r.get("model") == "default"
+                      and "step_seconds" in r), None)
+      versus = (f" (the benchmark's step on a batch already on the device: "
+                f"{default['median_step_seconds'] * 1e3:.1f} ms median)" if default else "")
+      print(f"  training loop (jaxformer.train.loop, steady window): "
+            f"{p['loop_step_seconds'] * 1e3:.1f} ms/step{versus}; data wait "
+            f"{p['data_wait_fraction']:.1%} of wall time; logged packing efficiency "
+            f"{p['loop_packing_efficiency']:.1%}")
 
   for r in report["train"]:
     if "trace" in r:
@@ -535,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
                   quick=args.quick, decode=args.decode, decode_batch=args.decode_batch,
                   decode_tokens=args.decode_tokens,
                   decode_repeats=1 if args.quick else args.decode_repeats,
-                  workdir=args.workdir, trace=args.trace, settle_seconds=1.0)
+                  workdir=args.workdir, trace=args.trace)
   log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
   # The parent never touches a device (on a GPU it would hold memory the children need).
   report = dict(date=time.strftime("%Y-%m-%d %H:%M"), settings=settings, train=[])

@@ -58,7 +58,8 @@ def measure_peak_flops(dtype: str = "float32", size: int = 2048, repeats: int = 
 
 
 def _format(metrics: dict[str, Any]) -> str:
-  keys = ("loss", "accuracy", "exact_match", "bleu", "learning_rate", "tokens_per_second", "mfu")
+  keys = ("loss", "accuracy", "exact_match", "bleu", "learning_rate", "tokens_per_second", "mfu",
+          "packing_efficiency", "data_wait_fraction")
   return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
 
 
@@ -118,14 +119,27 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
   guard = checkpoint.PreemptionGuard()
   step = start_step
   window_start, window_step, window_tokens, data_wait = time.perf_counter(), step, 0, 0.0
+  window_real, window_slots = 0, 0  # non-pad tokens and all token slots (source + target).
+  previous_metrics = None
   with guard:
     while step < config.train.steps:
       wait_start = time.perf_counter()
       # One update takes grad_accum_steps pipeline batches (its micro-batches).
       host_batch = _concatenate([next(train_iter) for _ in range(config.train.grad_accum_steps)])
       data_wait += time.perf_counter() - wait_start
-      window_tokens += int(np.count_nonzero(host_batch["targets"]))
+      target_tokens = int(np.count_nonzero(host_batch["targets"]))
+      window_tokens += target_tokens
+      window_real += target_tokens + int(np.count_nonzero(host_batch["inputs"]))
+      window_slots += host_batch["inputs"].size + host_batch["targets"].size
       state, metrics = strategy.train_step(state, strategy.shard_batch(host_batch))
+      # At most one step waits behind the running one: before fetching the next batch, wait
+      # for the previous step. Without this the loop (steps are dispatched asynchronously) runs
+      # ahead of the devices, queueing batches on them, and the time it then spends in next()
+      # is pipeline time the devices never waited for. With it, that time (data_wait) is time
+      # the devices may have waited, while the pipeline's prefetch thread fills its buffer.
+      if previous_metrics is not None:
+        jax.block_until_ready(previous_metrics)
+      previous_metrics = metrics
       step += 1
       if progress is not None:
         progress.update(1)
@@ -148,6 +162,7 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
         metrics["step_time"] = elapsed / steps_done
         metrics["tokens_per_second"] = window_tokens * jax.process_count() / elapsed
         metrics["data_wait_fraction"] = data_wait / elapsed
+        metrics["packing_efficiency"] = window_real / window_slots  # share of non-pad tokens
         metrics["mfu"] = step_flops / metrics["step_time"] / (peak_flops * jax.device_count())
         writer.write(step, "train", metrics)
         if progress is not None:
@@ -155,6 +170,7 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
         else:
           log(f"step {step}: {_format(metrics)}")
         window_start, window_step, window_tokens, data_wait = time.perf_counter(), step, 0, 0.0
+        window_real, window_slots = 0, 0
 
       if step % config.train.eval_every_steps == 0 or last:
         eval_metrics = run_evaluation(step, max_examples=config.eval.bleu_examples)
