@@ -23,7 +23,11 @@ share of wall time.
 
 Each model runs in a subprocess of its own, so compile times start cold and peak memory is the
 model's alone. Timings on a shared machine are noisy: the table reports the best step (and the
-median) and the best of the peak matmuls measured before and after that model's steps.
+median) and the best of the peak matmuls measured before and after that model's steps. On CPU
+it adds a "CPU-time MFU": the step's FLOPs per second of this process's CPU time over the same
+ratio for the matmul. Other processes on the machine barely move it, and on an idle machine it
+is an upper bound of the wall-clock MFU (equal when the step keeps every core as busy as the
+matmul does).
 
   python benchmarks/train_throughput.py                     # default, d256, base, big
   python benchmarks/train_throughput.py --quick             # default and d256, fewer steps
@@ -124,8 +128,9 @@ def synthetic_rows(config, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 # --- Measurements (run in the child process). ---------------------------------------------------
 
-def matmul_peak(dtype: str) -> float:
-  """The best FLOP/s of a square matmul in `dtype` on the first device, over PEAK_ROUNDS."""
+def matmul_peak(dtype: str) -> tuple[float, float]:
+  """The best FLOP/s of a square matmul in `dtype` on the first device, over PEAK_ROUNDS: by
+  wall time, and per second of this process's CPU time (see CPU-time MFU in the docstring)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   platform = jax.devices()[0].platform
@@ -134,14 +139,16 @@ def matmul_peak(dtype: str) -> float:
   x = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
   matmul = jax.jit(lambda a: a @ a)
   matmul(x).block_until_ready()
-  best = float("inf")
+  best_wall, best_cpu = float("inf"), float("inf")
   for _ in range(PEAK_ROUNDS):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(calls):
       y = matmul(x)
     y.block_until_ready()
-    best = min(best, (time.perf_counter() - start) / calls)
-  return 2 * size ** 3 / best
+    best_wall = min(best_wall, (time.perf_counter() - start) / calls)
+    best_cpu = min(best_cpu, (time.process_time() - start_cpu) / calls)
+  flop = 2 * size ** 3
+  return flop / best_wall, flop / best_cpu
 
 
 def peak_memory() -> tuple[int, str]:
@@ -161,15 +168,17 @@ def peak_memory() -> tuple[int, str]:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
 
 
-def time_steps(step: Callable[[], Any], steps: int) -> list[float]:
-  """Seconds of each of `steps` calls of `step`, each waited for."""
+def time_steps(step: Callable[[], Any], steps: int) -> tuple[list[float], float]:
+  """Wall seconds of each of `steps` calls of `step` (each waited for), and the process CPU
+  seconds per call over all of them."""
   import jax  # pylint: disable=g-import-not-at-top
   times = []
+  start_cpu = time.process_time()
   for _ in range(steps):
     start = time.perf_counter()
     jax.block_until_ready(step())
     times.append(time.perf_counter() - start)
-  return times
+  return times, (time.process_time() - start_cpu) / steps
 
 
 def measure_training(name: str, settings: dict) -> dict:
@@ -179,7 +188,7 @@ def measure_training(name: str, settings: dict) -> dict:
   config = make_config(name, settings)
   spec = MODELS[name]
   steps = settings["steps"] or (3 if settings["quick"] else spec.steps)
-  peaks = [settings["peak_flops"] or matmul_peak(config.model.dtype)]
+  peaks = [matmul_peak(config.model.dtype)]
 
   strategy = parallel.make_strategy(config)
   state = strategy.init_state(jax.random.key(0))
@@ -201,9 +210,8 @@ def measure_training(name: str, settings: dict) -> dict:
 
   one_step()  # A second untimed step: some runtimes finish setting up on it.
   with jax.transfer_guard("disallow"):  # Any host<->device copy inside the step raises.
-    times = time_steps(one_step, steps)
-  if not settings["peak_flops"]:
-    peaks.append(matmul_peak(config.model.dtype))
+    times, cpu_seconds = time_steps(one_step, steps)
+  peaks.append(matmul_peak(config.model.dtype))
   memory, memory_kind = peak_memory()
   if settings["trace"]:
     trace = trace_steps(one_step, os.path.join(settings["trace"], name))
@@ -213,7 +221,8 @@ def measure_training(name: str, settings: dict) -> dict:
   step_flops = flops.train_step_flops(config)
   target_tokens = config.train.batch_size * config.data.max_len
   best, median = min(times), statistics.median(times)
-  peak = max(peaks)
+  peak = settings["peak_flops"] or max(wall for wall, _ in peaks)
+  cpu_peak = max(cpu for _, cpu in peaks)
   devices = jax.device_count()
   result = dict(
       model=name, about=spec.about, dtype=config.model.dtype, scan=config.model.scan_layers,
@@ -223,9 +232,11 @@ def measure_training(name: str, settings: dict) -> dict:
       step_flops=step_flops, flops_per_token=step_flops / target_tokens,
       compile_seconds=first - median, step_seconds=best, median_step_seconds=median,
       step_times=times, tokens_per_second=target_tokens / best,
-      peak_flops=peak, peak_flops_measured=[p for p in peaks],
+      peak_flops=peak, peak_flops_measured=[wall for wall, _ in peaks],
       mfu=step_flops / best / (peak * devices),
       median_mfu=step_flops / median / (peak * devices),
+      cpu_seconds_per_step=cpu_seconds, cpu_peak_flops=cpu_peak,
+      cpu_time_mfu=step_flops / cpu_seconds / cpu_peak,
       peak_memory_bytes=memory, peak_memory_kind=memory_kind,
       donated=bool(donated), donation_warnings=donation_warnings,
       loss=float(metrics["loss"]), device=device_info())
@@ -256,7 +267,7 @@ def measure_decoding(config, params, settings: dict) -> list[dict]:
     start = time.perf_counter()
     result = jax.block_until_ready(run())
     first = time.perf_counter() - start
-    times = time_steps(run, settings["decode_repeats"])
+    times, _ = time_steps(run, settings["decode_repeats"])
     lengths = np.asarray(result.lengths[:, 0])
     assert (lengths == new_tokens).all(), lengths  # Every sentence decoded in full.
     seconds = statistics.median(times)
@@ -393,6 +404,11 @@ def device_info() -> dict:
               jax_version=jax.__version__)
 
 
+def cpu_mfu(result: dict, device: dict) -> str:
+  """The CPU-time MFU as text, on CPU only (elsewhere the host's CPU time means nothing)."""
+  return f"{result['cpu_time_mfu']:.1%}" if device["platform"] == "cpu" else "-"
+
+
 def gib(n: float) -> str:
   return f"{n / 2 ** 30:.2f} GiB"
 
@@ -406,7 +422,7 @@ def print_tables(report: dict) -> None:
   header = (f"{'model':<8} {'params':>7} {'dtype':<8} {'scan':<5} {'remat':<5} {'batch':>8} "
             f"{'GFLOP/step':>10} {'MFLOP/tok':>9} {'compile s':>9} {'step s':>8} "
             f"{'median s':>8} {'tokens/s':>9} {'peak GFLOP/s':>12} {'MFU':>6} {'med MFU':>7} "
-            f"{'memory':>10}")
+            f"{'CPU MFU':>7} {'memory':>10}")
   print(header)
   print("-" * len(header))
   for r in report["train"]:
@@ -419,7 +435,7 @@ def print_tables(report: dict) -> None:
           f"{r['flops_per_token'] / 1e6:>9.1f} {r['compile_seconds']:>9.1f} "
           f"{r['step_seconds']:>8.3f} {r['median_step_seconds']:>8.3f} "
           f"{r['tokens_per_second']:>9.0f} {r['peak_flops'] / 1e9:>12.1f} {r['mfu']:>6.1%} "
-          f"{r['median_mfu']:>7.1%} {gib(r['peak_memory_bytes']):>10}")
+          f"{r['median_mfu']:>7.1%} {cpu_mfu(r, d):>7} {gib(r['peak_memory_bytes']):>10}")
   notes = []
   for r in report["train"]:
     if "error" in r:
