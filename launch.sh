@@ -5,12 +5,20 @@
 #                                       its test split and print sample translations
 #   ./launch.sh EXPERIMENT [--workdir DIR] [--config.KEY=VALUE ...]
 #                                       train any experiment (experiments/EXPERIMENT.py)
-#   ./launch.sh EXPERIMENT --processes N [--devices-per-process M] [...]
+#   ./launch.sh EXPERIMENT --processes N [--devices-per-process M] [--stop-grace S] [...]
 #                                       a simulated pod: N local processes of M CPU devices
-#                                       each, joined by jax.distributed on 127.0.0.1
+#                                       each, joined by jax.distributed on 127.0.0.1; output
+#                                       prefixed [i]; one fails -> all stop, exit non-zero
 #   ./launch.sh EXPERIMENT --tpu NAME --zone ZONE [--project P] [--revision REV] [--dry-run]
-#                                       run on every worker of a TPU VM pod (gcloud); use a
-#                                       gs:// --workdir; --dry-run prints the commands only
+#                                       run on every worker of an existing TPU VM (gcloud):
+#                                       copy HEAD (or check out REV), set up .venv with the
+#                                       tpu extra, train; use --workdir gs://BUCKET/RUN;
+#                                       --dry-run prints the commands only
+#   GPU cluster, one process per host:  on host i set JAXFORMER_COORDINATOR_ADDRESS=HOST0:PORT
+#                                       JAXFORMER_NUM_PROCESSES=N JAXFORMER_PROCESS_ID=i (or
+#                                       only JAXFORMER_DISTRIBUTED=auto under SLURM) and run
+#                                       .venv/bin/python -m jaxformer train --config EXPERIMENT
+#                                       --workdir SHARED_DIR (see README, "Several hosts")
 #   ./launch.sh test [PYTEST ARGS]      run the test suite
 #   ./launch.sh --help                  this text
 #
@@ -22,7 +30,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 
 setup_env() {
   local stamp want
@@ -69,7 +77,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --workdir) WORKDIR="$2"; shift 2 ;;
     --workdir=*) WORKDIR="${1#*=}"; shift ;;
-    --processes|--devices-per-process|--tpu|--zone|--project|--revision)
+    --processes|--devices-per-process|--stop-grace|--tpu|--zone|--project|--revision)
       LAUNCH+=("$1" "$2"); shift 2 ;;
     --dry-run) LAUNCH+=("$1"); shift ;;
     *) ARGS+=("$1"); shift ;;

@@ -10,6 +10,8 @@ A workdir holds one run:
            data/               the grain iterator state, one JSON file per process
 <workdir>/averaged/<name>/     averaged parameters (`average_checkpoints`), e.g. last5_1000-5000
 <workdir>/damaged/<step>/      checkpoints found damaged on resume, moved aside (never deleted)
+<workdir>/superseded/<step>/   checkpoints newer than a `--restore-step`, moved aside (the run
+                               trains those steps again)
 ```
 
 The pieces, in the order a run meets them:
@@ -56,6 +58,7 @@ CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
 AVERAGED_DIR = "averaged"
 DAMAGED_DIR = "damaged"
+SUPERSEDED_DIR = "superseded"
 
 STATE_ITEM = "state"    # the TrainState, saved with orbax's StandardSave.
 DATA_ITEM = "data"      # the grain iterator state, one file per process.
@@ -133,11 +136,10 @@ def check_compatible(saved_config: ml_collections.ConfigDict,
 
 def read_run_config(workdir: str) -> ml_collections.FrozenConfigDict | None:
   """The config recorded in `<workdir>/config.json`, or None when there is none."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / CONFIG_FILE  # The workdir may be on gs://.
+  if not path.exists():
     return None
-  with open(path) as f:
-    text = f.read()
+  text = path.read_text()
   try:
     return config_lib.from_json(text)
   except ValueError as e:
@@ -159,17 +161,17 @@ def write_run_files(workdir: str, config: ml_collections.ConfigDict) -> list[str
   changed = [] if saved is None else check_compatible(saved, config)
   if jax.process_index() != 0 or (saved is not None and not changed):
     return changed
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
+  directory = epath.Path(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
+  path = directory / CONFIG_FILE
   if saved is not None:
     n = 1
-    while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+    while (directory / f"config.{n}.json").exists():
       n += 1
-    os.rename(path, os.path.join(workdir, f"config.{n}.json"))
-  tmp_path = path + ".tmp"
-  with open(tmp_path, "w") as f:
-    f.write(config_lib.to_json(config) + "\n")
-  os.replace(tmp_path, path)  # Atomic: config.json is never half written.
+    path.rename(directory / f"config.{n}.json")
+  tmp_path = directory / f"{CONFIG_FILE}.tmp"
+  tmp_path.write_text(config_lib.to_json(config) + "\n")
+  tmp_path.replace(path)  # Atomic on a local disk: config.json is never half written.
   return changed
 
 
@@ -196,10 +198,23 @@ def _steps_text(steps: Sequence[int]) -> str:
   return ", ".join(str(s) for s in steps) if steps else "none"
 
 
+def _key_name(entry: Any) -> str:
+  """One step of a jax key path as orbax names it: a dict key, a list index or a field name."""
+  for attribute in ("key", "idx", "name"):
+    if hasattr(entry, attribute):
+      return str(getattr(entry, attribute))
+  return str(entry)
+
+
 def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
-  """{'params.encoder.layer_0.kernel': (D, F), ...} for every array leaf of a pytree."""
-  flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree), sep=".")
-  return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, "shape")}
+  """{'params.encoder.layer_0.kernel': (D, F), ...} for every array leaf of a pytree.
+
+  Works alike for the state (dataclasses, optax's named tuples, including empty ones such as
+  the EmptyState of gradient clipping) and for orbax's metadata tree of a saved one (dicts and
+  lists, with None where an empty node was)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {".".join(_key_name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
 def _describe_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple], limit: int = 3) -> str:
@@ -273,6 +288,7 @@ class Checkpointer:
     if keep_best and keep_best not in BEST_MODE:
       raise CheckpointError(f"checkpoint.keep_best={keep_best!r} is not one of "
                             f"{', '.join(repr(m) for m in BEST_MODE)} (or '')")
+    workdir = absolute_workdir(workdir)
     self.workdir = workdir
     self.directory = os.path.join(workdir, CHECKPOINTS_DIR)
     self.keep_best = keep_best
@@ -364,6 +380,17 @@ class Checkpointer:
         force=force,
     )
 
+  def should_save(self, step: int) -> bool:
+    """Whether `save(step, ...)` without `force` would save now: every `every_steps`, or at a
+    multi-host preemption sync point, unless the step is on disk already.
+
+    Call it at every step on every process (it takes part in the hosts' agreement on
+    preemption); it lets the caller prepare the state to save (e.g. copy it to the host) only
+    when a save is due, then `save(..., force=True)`.
+    """
+    step = int(step)
+    return step not in self._manager.all_steps() and self._manager.should_save(step)
+
   def wait(self) -> None:
     """Blocks until every started save is on disk."""
     self._manager.wait_until_finished()
@@ -420,8 +447,10 @@ class Checkpointer:
     reported and left to orbax, which replaces them when that step is saved again.
 
     With `restore_step`, restores exactly that step (CheckpointError listing the available
-    steps when it does not exist or is damaged). Raises CheckpointError when every
-    checkpoint is damaged (they are all moved aside, so running again starts from scratch).
+    steps when it does not exist or is damaged); the newer steps are moved to
+    `<workdir>/superseded/` (kept, and out of the way of this run's saves of those steps).
+    Raises CheckpointError when every checkpoint is damaged (they are all moved aside, so
+    running again starts from scratch).
     """
     for unfinished in self.unfinished_saves():
       _report(f"ignoring {unfinished}: a save that never finished (the run stopped while "
@@ -429,10 +458,16 @@ class Checkpointer:
     steps = self.all_steps()
     if restore_step is not None:
       try:
-        return self.restore(restore_step, abstract_state, data_iterator), int(restore_step)
+        restored = self.restore(restore_step, abstract_state, data_iterator)
       except DamagedCheckpointError as e:
         raise CheckpointError(f"{e}; available steps: {_steps_text(steps)}; choose another "
                               "with --restore-step") from None
+      newer = [s for s in steps if s > int(restore_step)]
+      if newer:  # This run saves those steps again; the old ones must not stand in the way.
+        moved = [self._move_aside(s, SUPERSEDED_DIR) for s in newer]
+        _report(f"restoring step {restore_step}: the newer checkpoints ({_steps_text(newer)}) "
+                f"are kept in {os.path.dirname(moved[0])}, out of this run's way")
+      return restored, int(restore_step)
     while steps:
       step = steps.pop()
       try:
@@ -445,24 +480,25 @@ class Checkpointer:
         _report(f"{e}; falling back to step {steps[-1]} ({kept})")
     return None
 
-  def _move_aside(self, step: int) -> str:
-    """Moves a damaged step out of the manager's directory; returns where (process 0 moves).
+  def _move_aside(self, step: int, folder: str = DAMAGED_DIR) -> str:
+    """Moves a step out of the manager's directory to `<workdir>/<folder>/<step>`; returns
+    where (process 0 moves).
 
     Orbax would otherwise count it among the steps to keep, and a later save of that step
-    would find it in the way."""
-    target_root = os.path.join(self.workdir, DAMAGED_DIR)
-    target = os.path.join(target_root, str(step))
+    would find it in the way (and be skipped)."""
+    target_root = epath.Path(self.workdir) / folder
+    target = target_root / str(step)
     n = 1
-    while os.path.exists(target):
-      target = os.path.join(target_root, f"{step}.{n}")
+    while target.exists():
+      target = target_root / f"{step}.{n}"
       n += 1
     if jax.process_index() == 0:
-      os.makedirs(target_root, exist_ok=True)
-      os.rename(os.path.join(self.directory, str(step)), target)
+      target_root.mkdir(parents=True, exist_ok=True)
+      (epath.Path(self.directory) / str(step)).rename(target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"jaxformer_checkpoint_moved_{step}")
     self._manager.reload()
-    return target
+    return str(target)
 
 
 def _report(message: str) -> None:
@@ -500,7 +536,8 @@ def _silence_closed_event_loop_noise() -> None:
 
 # --- Parameters for inference, and averaging. -------------------------------------------------
 
-def _available(workdir: str) -> str:
+def available(workdir: str) -> str:
+  """'available steps: 20, 30, 40; averaged: last2_30-40', for messages."""
   steps = ocp.utils.checkpoint_steps(os.path.join(workdir, CHECKPOINTS_DIR))
   text = f"available steps: {_steps_text(sorted(steps))}"
   averaged = averaged_checkpoints(workdir)
@@ -511,11 +548,16 @@ def _available(workdir: str) -> str:
 
 def averaged_checkpoints(workdir: str) -> list[str]:
   """Names of the averaged checkpoints in `<workdir>/averaged`, e.g. ['last5_1000-5000']."""
-  root = os.path.join(workdir, AVERAGED_DIR)
-  if not os.path.isdir(root):
+  root = epath.Path(workdir) / AVERAGED_DIR
+  if not root.is_dir():
     return []
-  return sorted((n for n in os.listdir(root) if _AVERAGED_NAME.match(n)),
+  return sorted((p.name for p in root.iterdir() if _AVERAGED_NAME.match(p.name)),
                 key=lambda n: tuple(int(g) for g in _AVERAGED_NAME.match(n).groups()))
+
+
+def absolute_workdir(workdir: str) -> str:
+  """A local workdir as an absolute path (orbax refuses relative ones); URLs (gs://) as they are."""
+  return workdir if "://" in str(workdir) else os.path.abspath(workdir)
 
 
 def _checkpoint_dir(workdir: str, step: int | str | None) -> tuple[epath.Path, int | str]:
@@ -535,10 +577,10 @@ def _checkpoint_dir(workdir: str, step: int | str | None) -> tuple[epath.Path, i
     name = step.removeprefix(AVERAGED_DIR + "/").rstrip("/")
     path = epath.Path(workdir) / AVERAGED_DIR / name
     if not _AVERAGED_NAME.match(name) or not path.is_dir():
-      raise CheckpointError(f"no averaged checkpoint {step!r} in {workdir}; {_available(workdir)}")
+      raise CheckpointError(f"no averaged checkpoint {step!r} in {workdir}; {available(workdir)}")
     return path, name
   if step not in steps:
-    raise CheckpointError(f"no checkpoint at step {step} in {workdir}; {_available(workdir)}")
+    raise CheckpointError(f"no checkpoint at step {step} in {workdir}; {available(workdir)}")
   return epath.Path(workdir) / CHECKPOINTS_DIR / str(step), int(step)
 
 
@@ -593,7 +635,8 @@ def load_params(workdir: str, step: int | str | None = None, sharding: Any = Non
   pytree of them shaped like the params; whatever devices, strategy or fsdp the run trained
   with. `config` is the run's recorded config.json.
   """
-  if not os.path.isdir(workdir):
+  workdir = absolute_workdir(workdir)
+  if not epath.Path(workdir).is_dir():
     raise CheckpointError(f"workdir {workdir} does not exist")
   ckpt_dir, label = _checkpoint_dir(workdir, step)
   run_config = read_run_config(workdir)
@@ -614,6 +657,7 @@ def average_checkpoints(workdir: str, last_k: int) -> str:
   command line). The original checkpoints are only read. Raises CheckpointError when there are
   fewer than `last_k` checkpoints or when that averaged checkpoint already exists.
   """
+  workdir = absolute_workdir(workdir)
   directory = os.path.join(workdir, CHECKPOINTS_DIR)
   steps = sorted(ocp.utils.checkpoint_steps(directory))
   if last_k < 1:

@@ -32,7 +32,7 @@ def cmd_info(args, overrides) -> int:
     return 0
   config = config_lib.load_config(args.config, overrides)
   from jaxformer.train import state as state_lib
-  counts = state_lib.count_parameters_by_module(config)
+  counts = state_lib.count_parameters_by_module(config, depth=args.depth)
   width = max(len(name) for name in counts)
   for name, count in counts.items():
     print(f"{name:<{width}}  {count:>13,}")
@@ -52,14 +52,19 @@ def cmd_train(args, overrides) -> int:
 def _load_for_inference(workdir: str, step):
   """(model, params, config, tokenizer, step) from a workdir's checkpoint."""
   import os
+  from etils import epath
   from jaxformer import checkpoint
   from jaxformer.data.tokenizer import Tokenizer
   from jaxformer.errors import CheckpointError
   from jaxformer.model.transformer import Transformer
-  if not os.path.isdir(workdir):
+  if not epath.Path(workdir).is_dir():  # The workdir may be on gs://.
     raise CheckpointError(f"workdir {workdir} does not exist; train first with "
                           f"`./launch.sh EXPERIMENT --workdir {workdir}`")
-  params, step, config = checkpoint.load_params(workdir, step=step)
+  try:
+    params, step, config = checkpoint.load_params(workdir, step=step)
+  except checkpoint.DamagedCheckpointError as e:
+    raise CheckpointError(f"{e}; choose another with --step ({checkpoint.available(workdir)})"
+                          ) from None
   tokenizer = Tokenizer.load(os.path.join(workdir, "vocab.model"))
   return Transformer(config=config.model), params, config, tokenizer, step
 
@@ -121,6 +126,27 @@ def cmd_average(args, overrides) -> int:
   return 0
 
 
+def cmd_plot(args, overrides) -> int:
+  from jaxformer import plots
+  if args.plot == "attention":
+    maps = plots.plot_attention(args.workdir, args.text, step=args.step, out=args.out,
+                                layer=args.layer)
+    print(f"translation: {maps.translation}", file=sys.stderr)
+  elif args.plot == "positions":
+    config = None
+    if args.config is not None or args.workdir is None:
+      from jaxformer import config as config_lib
+      config = config_lib.load_config(args.config or "default", overrides)
+    elif overrides:
+      raise JaxformerError("--config.KEY overrides need --config EXPERIMENT; with --workdir "
+                           "alone the run's own config is used")
+    plots.plot_positions(config, args.workdir, out=args.out, step=args.step)
+  else:
+    plots.plot_curves(args.workdir, out=args.out)
+  print(args.out)
+  return 0
+
+
 def _step_arg(text: str):
   """--step takes a number or the name of an averaged checkpoint."""
   return int(text) if text.isdigit() else text
@@ -133,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("info", help="parameter count per module, or every config key")
   _config_args(p)
   p.add_argument("--keys", action="store_true", help="list every config key with its default")
+  p.add_argument("--depth", type=int, default=2,
+                 help="module levels to break the count down into (default 2: layers)")
   p.set_defaults(run=cmd_info, takes_overrides=True)
 
   p = sub.add_parser("train", help="train (or resume) an experiment in a workdir")
@@ -165,6 +193,33 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True)
   p.add_argument("--last", type=int, required=True)
   p.set_defaults(run=cmd_average)
+
+  p = sub.add_parser("plot", help="draw attention maps, positional encodings or training curves")
+  kinds = p.add_subparsers(dest="plot", required=True, parser_class=_Parser,
+                           metavar="{attention,positions,curves}")
+  k = kinds.add_parser("attention", help="translate a sentence and draw its attention weights")
+  k.add_argument("--workdir", required=True)
+  k.add_argument("--text", required=True, help="the source sentence to translate")
+  k.add_argument("--step", type=_step_arg, default=None,
+                 help="checkpoint step or averaged checkpoint name (default: newest)")
+  k.add_argument("--layer", type=int, default=-1,
+                 help="cross-attention layer whose heads are drawn (default: -1, the last)")
+  k.add_argument("--out", default="attention.png", help="image file (.png, .pdf, .svg ...)")
+  k.set_defaults(run=cmd_plot)
+  k = kinds.add_parser("positions", help="the positional encoding table and its similarities")
+  k.add_argument("--config", default=None,
+                 help="experiment name or file (default: the run's config with --workdir, "
+                 "else 'default')")
+  k.add_argument("--workdir", default=None,
+                 help="a trained run: its learned table (model.pos_encoding='learned')")
+  k.add_argument("--step", type=_step_arg, default=None)
+  k.add_argument("--out", default="positions.png")
+  k.set_defaults(run=cmd_plot, takes_overrides=True)
+  k = kinds.add_parser("curves", help="loss, learning rate, tokens/s and BLEU against step")
+  k.add_argument("--workdir", action="append", required=True,
+                 help="a run's workdir; repeat to compare runs on one figure")
+  k.add_argument("--out", default="curves.png")
+  k.set_defaults(run=cmd_plot)
   return parser
 
 
@@ -183,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
   except JaxformerError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except BrokenPipeError:  # `jaxformer ... | head`: the reader left; nothing to report.
+    sys.stderr.close()
+    return 0
   except KeyboardInterrupt:
     print("error: interrupted", file=sys.stderr)
     return 130

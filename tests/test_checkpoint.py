@@ -36,13 +36,16 @@ class TrainState:
 
 
 def make_state(seed: int, num_updates: int = 2) -> TrainState:
-  """A small state whose params and Adam moments are all different, non-trivial numbers."""
+  """A small state whose params and Adam moments are all different, non-trivial numbers.
+
+  The optimizer clips before Adam, as train.grad_clip_norm > 0 does: its state then holds
+  empty nodes (optax's EmptyState), which the checkpoint code must handle."""
   keys = jax.random.split(jax.random.key(seed), 4)
   params = {
       "embed": {"embedding": jax.random.normal(keys[0], (16, 8))},
       "dense": {"kernel": jax.random.normal(keys[1], (8, 24)), "bias": jnp.zeros(24)},
   }
-  tx = optax.adam(1e-2)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
   opt_state = tx.init(params)
   for i in range(num_updates):
     grads = jax.tree.map(lambda p: jnp.sin(p * (i + 1.5)), params)
@@ -423,3 +426,14 @@ def test_preemption_guard_agrees_through_the_jax_preemption_service(tmp_path):
     line = [l for l in result.stdout.splitlines() if l.startswith("stopped at")]
     assert line and line[0].endswith(f"by {reason}"), result.stdout + result.stderr[-2000:]
     assert int(line[0].split()[2]) > 3
+
+
+def test_should_save_says_when_a_save_is_due_without_saving(tmp_path):
+  state = make_state(0)
+  with checkpoint.Checkpointer(str(tmp_path), every_steps=5, keep=3) as ckpt:
+    assert [s for s in range(1, 11) if ckpt.should_save(s)] == [5, 10]
+    assert ckpt.all_steps() == []
+    assert ckpt.save(5, state, make_iterator(), force=True)
+    ckpt.wait()
+    assert not ckpt.should_save(5)  # On disk already.
+    assert ckpt.should_save(10)

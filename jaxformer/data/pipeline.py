@@ -5,7 +5,7 @@ Training, for process p of P:
 
   pairs of the train split                      sources.get_split
   -> global shuffle, a new order every epoch    (same seed on every process)
-  -> every P-th pair, starting at p             this process's shard
+  -> dealt out in blocks of B / P pairs         this process's shard: block p of every P
   -> tokenize, append EOS                       {'inputs': [S], 'targets': [T]}
   -> length policy                              drop or truncate pairs over data.max_len
   -> first-fit packing, or padding              rows of data.max_len tokens
@@ -165,18 +165,40 @@ def only_features(example: dict[str, Any]) -> dict[str, np.ndarray]:
 
 # --- Training. -------------------------------------------------------------------------------
 
-def train_shard(source, seed: int, process_index: int, process_count: int) -> grain.MapDataset:
+def train_shard(source, seed: int, process_index: int, process_count: int,
+                block_size: int = 1) -> grain.MapDataset:
   """This process's endless share of the pairs: {'source', 'target', 'epoch'}.
 
-  All processes shuffle the split the same way (a new order every epoch) and take every
-  `process_count`-th pair of that order, starting at `process_index`: the shards are disjoint
-  and together hold every pair exactly once per epoch.
+  All processes shuffle the split the same way (a new order every epoch) and deal that order
+  out in blocks of `block_size` pairs, in turn: process p takes block p of every
+  `process_count` consecutive blocks. Two processes, blocks of 2:
+
+      global order   a b | c d | e f | g h | ...
+      process 0      a b           e f
+      process 1            c d           g h
+
+  The shards are disjoint and together hold every pair exactly once per epoch.
+
+  Why blocks: the training pipeline deals blocks of one batch (B / P rows), so process p's k-th
+  batch is rows [p * B / P, (p + 1) * B / P) of the k-th batch a single process would read
+  (without packing, when no pair is dropped), and the strategies put process p's rows at
+  exactly those rows of the global batch (see jaxformer/train/parallel.py). A run on P
+  processes then trains on the same global batches, row for row, as a run on one: the same
+  dropout masks meet the same pairs, and the parameters agree to rounding. (Dealing single
+  pairs, every P-th, would give the same pairs in another row order.) With packing each
+  process packs its own pairs, so the rows differ, but each pair is still used once per epoch.
   """
   num_pairs = len(source)
-  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-  ds = ds[process_index::process_count]
-  return ds.map_with_index(lambda i, pair: {
-      **pair, "epoch": (process_index + i * process_count) // num_pairs})
+  order = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+  pairs_per_round = block_size * process_count  # one block for each process.
+
+  def position(i: int) -> int:
+    """Where the i-th pair of this shard is in the global order."""
+    return ((i // block_size) * pairs_per_round + process_index * block_size
+            + i % block_size)
+
+  return grain.MapDataset.range(len(order) // process_count).map(
+      lambda i: {**order[position(i)], "epoch": position(i) // num_pairs})
 
 
 def make_train_iterator(config, tokenizer: Tokenizer, data_dir: str, *,
@@ -195,7 +217,8 @@ def make_train_iterator(config, tokenizer: Tokenizer, data_dir: str, *,
   policy = LengthPolicy(max_len, config.data.length_policy,
                         f"train split on process {index} of {count}")
 
-  ds = train_shard(source, sources.shuffle_seed(config), index, count)
+  ds = train_shard(source, sources.shuffle_seed(config), index, count,
+                   block_size=batch_size)
   ds = ds.map(lambda pair: {**tokenize(tokenizer, pair), "epoch": pair["epoch"]})
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
                                             prefetch_buffer_size=READ_BUFFER))

@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import jax
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 from jaxformer.data import sources
 from jaxformer.errors import ConfigError, DataError
@@ -48,11 +49,12 @@ class Tokenizer:
                       f"{(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}; train a new vocabulary (new workdir)")
 
   @classmethod
-  def load(cls, path: str) -> Tokenizer:
-    """Loads a SentencePiece model file. DataError if it is missing or not a model."""
+  def load(cls, path: str | os.PathLike) -> Tokenizer:
+    """Loads a SentencePiece model file (a local or gs:// path). DataError if it is missing or
+    not a model."""
+    path = str(path)
     try:
-      with open(path, "rb") as f:
-        proto = f.read()
+      proto = epath.Path(path).read_bytes()
     except FileNotFoundError:
       raise DataError(f"{path}: vocabulary not found") from None
     try:
@@ -60,13 +62,14 @@ class Tokenizer:
     except RuntimeError as e:
       raise DataError(f"{path}: not a SentencePiece model ({e})") from None
 
-  def save(self, path: str) -> None:
-    """Writes the model to `path` atomically: readers never see a half-written file."""
-    partial = f"{path}.partial.{os.getpid()}"
-    with open(partial, "wb") as f:
-      f.write(self._model_proto)
-    os.replace(partial, path)
-    self.path = path
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes the model to `path` (local or gs://) atomically: readers never see a
+    half-written file."""
+    path = epath.Path(path)
+    partial = path.with_name(f"{path.name}.partial.{os.getpid()}")
+    partial.write_bytes(self._model_proto)
+    partial.replace(path)
+    self.path = str(path)
 
   @property
   def vocab_size(self) -> int:
@@ -133,20 +136,20 @@ def load_or_train(config, workdir: str) -> Tokenizer:
   On several processes only process 0 trains; the others wait for the file
   (sources.WAIT_TIMEOUT_S) and then load it.
   """
-  path = os.path.join(workdir, VOCAB_FILENAME)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / VOCAB_FILENAME  # The workdir may be on gs://.
+  if not path.exists():
     if jax.process_index() == 0:
       d = config.data
       split = sources.get_split(config, "train", sources.resolve_data_dir(config, workdir))
       sentences = training_sentences(split, d.vocab_sample_size, sources.shuffle_seed(config))
       tokenizer = train(sentences, vocab_size=config.model.vocab_size, model_type=d.vocab_type,
                         character_coverage=d.vocab_character_coverage)
-      os.makedirs(workdir, exist_ok=True)
+      path.parent.mkdir(parents=True, exist_ok=True)
       tokenizer.save(path)
       log.info("trained a %s vocabulary of %d pieces on %d sentences: %s", d.vocab_type,
                tokenizer.vocab_size, len(sentences), path)
     else:
-      sources.wait_until(lambda: os.path.exists(path), path)
+      sources.wait_until(path.exists, str(path))
   tokenizer = Tokenizer.load(path)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(f"{path} has {tokenizer.vocab_size} pieces but model.vocab_size="

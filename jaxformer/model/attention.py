@@ -7,14 +7,17 @@ mask of the model is built by the functions of the first section and nowhere els
 computes softmax(Q K^T / sqrt(K)) V in every head, and projects the H results back to D. While
 decoding it keeps keys and values in the 'cache' collection:
 
-- self-attention appends this step's key and value at `cache_index` to `cached_key` and
-  `cached_value` `[B*n, L, H, K]` (L = the longest decode) and attends to positions <= index;
-- cross-attention projects the encoder output to keys and values once per sentence
-  (`init_cross_cache`) into `cross_key` and `cross_value` `[B, S, H, K]`; every step then only
-  projects its queries. With n hypotheses per sentence (beam search), the n queries of sentence
-  b attend to sentence b's keys and values, which are never copied n times.
+- self-attention writes this step's key and value at position `cache_index` `[B*n]` (one per
+  row) of `cached_key` and `cached_value` `[B*n, L, H, K]` (L = the longest decode) and attends
+  to the positions <= that index;
+- cross-attention projects the encoder output to keys and values once per sentence (mode
+  'init_cache') into `cross_key` and `cross_value` `[B, S, H, K]`; every step then only projects
+  its queries. With n hypotheses per sentence (beam search), the n queries of sentence b attend
+  to sentence b's keys and values, which are never copied n times.
 
-Every cache entry has its batch on axis 0.
+Every cache entry has its batch on axis 0. `init_cache` makes the self-attention entries with
+batch B; a beam search repeats them n times along axis 0 (and reorders them by beam), and leaves
+the cross-attention entries alone.
 """
 
 from __future__ import annotations
@@ -110,7 +113,10 @@ def masked_fill_value(dtype: Any) -> float:
 
 def attention_weights(query: jnp.ndarray, key: jnp.ndarray, mask: jnp.ndarray | None
                       ) -> jnp.ndarray:
-  """softmax(Q K^T / sqrt(K)) per head, in float32: `[B, T, H, K]`, `[B, S, H, K]` -> `[B, H, T, S]`."""
+  """softmax(Q K^T / sqrt(K)) per head, in float32.
+
+  Queries `[B, T, H, K]`, keys `[B, S, H, K]`, mask `[B, 1, T, S]` -> weights `[B, H, T, S]`.
+  """
   depth = query.shape[-1]
   scores = jnp.einsum("bthk,bshk->bhts", query, key, preferred_element_type=jnp.float32)
   scores = scores / np.sqrt(depth).astype(np.float32)
@@ -201,11 +207,15 @@ class MultiHeadAttention(nn.Module):
     cached_key = self.variable("cache", "cached_key")
     cached_value = self.variable("cache", "cached_value")
     cache_index = self.variable("cache", "cache_index")
-    rows, index = jnp.arange(query.shape[0]), cache_index.value
-    cached_key.value = cached_key.value.at[rows, index].set(key[:, 0])
-    cached_value.value = cached_value.value.at[rows, index].set(value[:, 0])
+    index = cache_index.value                                         # [B*n]
+    length = cached_key.value.shape[1]
+    # Write this step's key and value at position `index` of each row (an elementwise select,
+    # cheaper than a scatter on every backend).
+    here = (jnp.arange(length) == index[:, None])[:, :, None, None]  # [B*n, L, 1, 1]
+    cached_key.value = jnp.where(here, key, cached_key.value)
+    cached_value.value = jnp.where(here, value, cached_value.value)
     cache_index.value = index + 1
-    mask = cached_positions_mask(index, cached_key.value.shape[1])
+    mask = cached_positions_mask(index, length)
     return self._attend(query, cached_key.value, cached_value.value, mask, deterministic=True)
 
   def _cross_attend_cached(self, query: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:

@@ -158,7 +158,9 @@ def layer_stack(layer_cls: type[nn.Module], config: Any, name: str, remat: bool 
 
   Must be called inside a compact method. Unrolled, the layers are named `{name}_0` ..
   `{name}_{N-1}`; with `config.scan_layers` they are one scanned module `{name}` whose
-  parameters have a leading axis of N (its cache entries keep the batch on axis 0, layers on 1).
+  parameters and recorded attention weights have a leading axis of N, while its cache entries
+  keep the batch on axis 0 and put the layers on axis 1 (so that a beam search can treat every
+  cache entry alike). `stack_layers` and `unstack_layers` convert parameters between the two.
   """
   if remat and config.remat != "none":
     layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[config.remat],
@@ -293,13 +295,20 @@ class Transformer(nn.Module):
              inputs_segment_ids: jnp.ndarray | None = None,
              targets_segment_ids: jnp.ndarray | None = None,
              deterministic: bool = True) -> jnp.ndarray:
-    """Encoded source `[B, S, D]`, its ids `[B, S]`, shifted decoder inputs `[B, T]` -> `[B, T, V]`."""
+    """Logits `[B, T, V]` (float32) of shifted decoder inputs `[B, T]` given the encoded source
+    `[B, S, D]` and its ids `[B, S]` (for the padding mask)."""
     return self.decoder(encoded, inputs, decoder_inputs, targets_positions, inputs_segment_ids,
                         targets_segment_ids, deterministic, FULL)
 
   def init_cache(self, encoded: jnp.ndarray, inputs: jnp.ndarray, max_decode_len: int) -> None:
-    """Creates the decoding cache (apply with mutable=['cache']) for batch B, up to
-    `max_decode_len` positions; projects the encoder output to cross-attention keys/values."""
+    """Creates the decoding cache; apply with mutable=['cache'].
+
+    `encoded` `[B, S, D]` and `inputs` `[B, S]` as from `encode`; `max_decode_len` (a Python int,
+    <= model.max_len) is the most positions `decode_step` will be called for. Self-attention
+    entries ('cached_key', 'cached_value', 'cache_index', and the decoder's own 'cache_index'
+    for positions) get batch B; the cross-attention keys and values of the encoder output
+    ('cross_key', 'cross_value') are computed here, once.
+    """
     check_length(max_decode_len, self.config.max_len, "max_decode_len")
     dummy = jnp.zeros((inputs.shape[0], max_decode_len), jnp.int32)
     self.decoder(encoded, inputs, dummy, mode=INIT_CACHE)

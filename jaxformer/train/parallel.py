@@ -24,6 +24,15 @@ Batches. Every host feeds its own rows, `[rows, L]` numpy arrays from the data p
 Multi-host. Only `jax.devices()`, `jax.local_devices()` and `jax.process_index()` are used to
 find this host's devices; every host must call the same methods in the same order. Starting the
 distributed runtime (jax.distributed.initialize) is done before any of this, elsewhere.
+
+Where a host's rows go. Both strategies keep the order of `jax.devices()`, which lists the
+devices process by process, and give device d the d-th slice of the global batch; so process p's
+rows become rows [p * b, (p + 1) * b) of every global micro-batch. The data pipeline deals its
+shuffled pairs to the processes in blocks of b (pipeline.train_shard), so process p's rows are
+exactly those rows of what one process alone would read: 2 processes x 2 devices train on the
+same global batches, in the same row order (hence with the same dropout masks), as 1 process x
+4 devices. (On a TPU pod, `jax.make_mesh` may order the chips by their physical layout; the
+global batch then holds the same pairs with the hosts' blocks in another order.)
 """
 
 from __future__ import annotations
@@ -141,6 +150,15 @@ def _check_rows(host_batch: HostBatch, rows: int, what: str) -> None:
                        f"feeds {rows} rows per step")
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The whole array in host memory (a collective when other hosts hold parts of it)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  if x.is_fully_replicated:  # Every host has all of it.
+    return np.asarray(x.addressable_data(0))
+  return multihost_utils.process_allgather(x, tiled=True)
+
+
 def _pad_rows(host_batch: HostBatch, rows: int) -> HostBatch:
   """Appends pad rows (all PAD_ID: no real target token, so they count for nothing)."""
   def pad(x):
@@ -234,7 +252,8 @@ class Strategy(abc.ABC):
 
   @abc.abstractmethod
   def inference_params(self, state: TrainState) -> Params:
-    """Parameters that an ordinary jit-compiled function (decoding) can take."""
+    """Parameters that an ordinary jit-compiled function (decoding) can take, on this host's
+    devices only (a collective when other hosts hold parts of them)."""
 
   def state_shapes(self) -> TrainState:
     """Shapes and dtypes of the (single, unreplicated) state, computed without allocating it."""
@@ -299,11 +318,7 @@ class MeshStrategy(Strategy):
     return self._eval_step(params, batch)
 
   def state_to_host(self, state):
-    def to_host(x):
-      if x.is_fully_addressable:
-        return np.asarray(x)
-      return multihost_utils.process_allgather(x)
-    return jax.tree.map(to_host, state)
+    return jax.tree.map(_to_host, state)
 
   def place_state(self, state):
     def place(x, sharding):
@@ -319,7 +334,13 @@ class MeshStrategy(Strategy):
                         self.state_shapes(), self.state_sharding)
 
   def inference_params(self, state):
-    return state.params
+    if all(x.is_fully_addressable for x in jax.tree.leaves(state.params)):
+      return state.params
+    # Several hosts: each decodes its own sentences, and their decoding loops may run different
+    # numbers of steps, so no collective between hosts may happen inside them. Every host gets
+    # the whole parameters on its own devices.
+    local = NamedSharding(Mesh(np.array(self.local_devices), ("local",)), P())
+    return jax.device_put(jax.tree.map(_to_host, state.params), local)
 
 
 # --- 'pmap': replicated data parallelism. --------------------------------------------------------

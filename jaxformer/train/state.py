@@ -100,14 +100,30 @@ def init_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
 
-def count_parameters_by_module(config: ml_collections.ConfigDict) -> dict[str, int]:
-  """Parameters per top-level module of the model (e.g. encoder, decoder, embeddings) + 'total'.
+def count_parameters_by_module(config: ml_collections.ConfigDict, depth: int = 2
+                               ) -> dict[str, int]:
+  """Parameters per module, to `depth` levels ('encoder', 'encoder/layers_0', ...), + 'total'.
 
   Uses jax.eval_shape: only shapes are computed, no memory is allocated, so it is instant even
-  for the big model.
+  for the big model. Modules come in the model's order, each followed by its sub-modules.
   """
   shapes = jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
-  counts = {name: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(subtree))
-            for name, subtree in shapes.items()}
-  counts["total"] = sum(counts.values())
+  counts: dict[str, int] = {}
+
+  def visit(tree, prefix: str, level: int) -> int:
+    total = 0
+    for name, subtree in tree.items():
+      path = f"{prefix}/{name}" if prefix else name
+      if isinstance(subtree, dict):
+        if level < depth:
+          counts[path] = 0  # Keeps the parent before its children.
+        count = visit(subtree, path, level + 1)
+      else:
+        count = int(np.prod(subtree.shape))
+      if level < depth and isinstance(subtree, dict):
+        counts[path] = count
+      total += count
+    return total
+
+  counts["total"] = visit(shapes, "", 0)
   return counts

@@ -1,7 +1,9 @@
 """Where metrics go: `<workdir>/metrics.jsonl` and TensorBoard event files, from process 0 only.
 
 Each call to `write` appends one JSON object, `{"step": ..., "split": ..., <metric>: ...}`, to
-metrics.jsonl and adds every number to `<workdir>/tensorboard` as `<split>/<metric>`.
+metrics.jsonl and adds every number to `<workdir>/tensorboard` as `<split>/<metric>`. The workdir
+may be a local directory or on gs:// (TensorBoard files there need google-cloud-storage, the
+`tpu` extra).
 """
 
 from __future__ import annotations
@@ -13,9 +15,28 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+
+
+def can_append(path: epath.Path) -> bool:
+  """Local files can be appended to; objects in gs:// (or another object store) cannot."""
+  return "://" not in str(path)
+
+
+def append_text(path: epath.Path, text: str) -> None:
+  """Appends `text` to the file at `path`, creating it if needed.
+
+  Where files cannot be appended to (gs://), the file is read and written back whole: cheap for
+  metrics.jsonl, one line per logged step and per evaluation.
+  """
+  if can_append(path):
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(text)
+  else:
+    path.write_text((path.read_text() if path.exists() else "") + text)
 
 
 def _plain(value: Any) -> Any:
@@ -32,7 +53,7 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.path = epath.Path(workdir) / METRICS_FILE
     self._tensorboard = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # Imported lazily: slow, and only process 0 needs it.
@@ -43,8 +64,7 @@ class MetricsWriter:
       return
     record = {"step": int(step), "split": split}
     record.update({k: _plain(v) for k, v in metrics.items() if k not in ("step", "split")})
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+    append_text(self.path, json.dumps(record) + "\n")
     for key, value in record.items():
       if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
         self._tensorboard.add_scalar(f"{split}/{key}", value, step)

@@ -119,24 +119,23 @@ def test_train_batches_have_the_configured_shape_and_a_prefix_of_the_stream(
 # --- Host shards. ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("num_pairs", [48, 50])
-@pytest.mark.parametrize("count", [1, 2, 4])
-def test_shards_are_disjoint_and_cover_the_data_once_per_epoch(num_pairs, count):
+@pytest.mark.parametrize("count,block_size", [(1, 1), (2, 1), (4, 1), (2, 3), (4, 4)])
+def test_shards_are_disjoint_and_cover_the_data_once_per_epoch(num_pairs, count, block_size):
   source = [{"source": str(i), "target": str(i)} for i in range(num_pairs)]
-  shards = []
-  for index in range(count):
-    shard = pipeline.train_shard(source, seed=7, process_index=index, process_count=count)
-    first_epoch = len(range(index, num_pairs, count))
-    shards.append([shard[i]["source"] for i in range(first_epoch)])
-    assert {shard[i]["epoch"] for i in range(first_epoch)} == {0}
-    assert shard[first_epoch]["epoch"] == 1
-  everything = [pair for shard in shards for pair in shard]
-  assert sorted(everything, key=int) == [str(i) for i in range(num_pairs)]
-  # The same order on every process count: a global shuffle, then dealt out.
-  dealt = [None] * num_pairs
-  for index, shard in enumerate(shards):
-    dealt[index::count] = shard
+  # The global order, two epochs of it, as one process sees it.
   reference = pipeline.train_shard(source, seed=7, process_index=0, process_count=1)
-  assert dealt == [reference[i]["source"] for i in range(num_pairs)]
+  order = [reference[i]["source"] for i in range(2 * num_pairs)]
+  assert sorted(order[:num_pairs], key=int) == [str(i) for i in range(num_pairs)]
+  everything = []
+  for index in range(count):
+    shard = pipeline.train_shard(source, seed=7, process_index=index, process_count=count,
+                                 block_size=block_size)
+    # Brute force: position g of the global order goes to process (g // block_size) % count.
+    mine = [g for g in range(2 * num_pairs) if (g // block_size) % count == index]
+    assert [shard[i]["source"] for i in range(len(mine))] == [order[g] for g in mine]
+    assert [shard[i]["epoch"] for i in range(len(mine))] == [g // num_pairs for g in mine]
+    everything += [order[g] for g in mine if g < num_pairs]
+  assert sorted(everything, key=int) == [str(i) for i in range(num_pairs)]
 
 
 @pytest.mark.parametrize("count", [1, 2, 4])
@@ -158,6 +157,22 @@ def test_train_iterators_of_all_processes_cover_the_split_once(count, small_conf
       for row, length in zip(batch["inputs"], batch["inputs_segment_ids"].sum(1)):
         seen.append(index_of[row[:length].tobytes()])
   assert sorted(seen) == list(range(96))
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_process_batches_stacked_in_process_order_are_the_one_process_batches(
+    count, small_config, numbers_tokenizer, numbers_data_dir):
+  # What makes a P-process run train on the same global batches as a one-process run.
+  config = small_config(packing=False, length_policy="truncate")
+  one = take(pipeline.make_train_iterator(config, numbers_tokenizer, numbers_data_dir,
+                                          process_index=0, process_count=1), 3)
+  each = [take(pipeline.make_train_iterator(config, numbers_tokenizer, numbers_data_dir,
+                                            process_index=index, process_count=count), 3)
+          for index in range(count)]
+  for step, want in enumerate(one):
+    for key in want:
+      np.testing.assert_array_equal(
+          np.concatenate([batches[step][key] for batches in each]), want[key])
 
 
 def test_batch_size_must_divide_by_processes(small_config, numbers_tokenizer, numbers_data_dir):

@@ -1,4 +1,9 @@
-"""Tiny model configs and batches shared by the model tests."""
+"""Tiny model configs, batches and parameters shared by the model tests.
+
+Speed matters here (two shared CPU cores): parameters are drawn with NumPy into the shapes that
+`jax.eval_shape(model.init)` reports, which compiles nothing, and tests use the same few batch
+shapes so that JAX's per-operation compilations are reused from test to test.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from jaxformer.model.transformer import Transformer
 
 TINY = dict(vocab_size=40, num_layers=2, d_model=32, num_heads=4, d_ff=48, max_len=16,
             dropout_rate=0.0)
+SOURCE_SHAPE = (2, 6)   # [B, S] of most test batches
+TARGET_SHAPE = (2, 5)   # [B, T]
 
 
 def tiny_config(**overrides) -> ml_collections.FrozenConfigDict:
@@ -30,6 +37,34 @@ def random_ids(rng: np.random.RandomState, shape, vocab_size: int, lengths=None)
   return jnp.asarray(ids, jnp.int32)
 
 
-def init_params(config, inputs, targets, seed: int = 0):
-  model = Transformer(config)
-  return model, model.init(jax.random.PRNGKey(seed), inputs, targets)["params"]
+def random_params(config, seed: int = 0) -> dict:
+  """Random float32 parameters of the right tree and shapes, drawn with NumPy.
+
+  Kernels ~ N(0, 1/fan_in); embeddings ~ N(0, 1/D); LayerNorm gains 1 + N(0, 0.1^2); biases and
+  offsets N(0, 0.1^2) (non-zero, so that a test also sees a misplaced bias).
+  """
+  ids = jnp.zeros((1, 2), jnp.int32)
+  shapes = jax.eval_shape(Transformer(config).init, jax.random.PRNGKey(0), ids, ids)["params"]
+  rng = np.random.RandomState(seed)
+
+  def draw(path, leaf):
+    names = [getattr(key, "key", "") for key in path]
+    shape, noise = leaf.shape, rng.standard_normal(leaf.shape)
+    stacked = "layers" in names  # nn.scan: a leading layer axis
+    core = shape[1:] if stacked else shape
+    if names[-1] == "kernel":
+      fan_in = int(np.prod(core[:-1])) if names[-2] == "out" else core[0]
+      value = noise / np.sqrt(fan_in)
+    elif names[-1] in ("embedding", "pos_embedding"):
+      value = noise / np.sqrt(core[-1])
+    elif names[-1] == "scale":
+      value = 1.0 + 0.1 * noise
+    else:
+      value = 0.1 * noise
+    return jnp.asarray(value, jnp.float32)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def init_params(config, seed: int = 0):
+  """The model of `config` and random parameters for it."""
+  return Transformer(config), random_params(config, seed)

@@ -7,7 +7,7 @@ import pytest
 
 from jaxformer.model import attention
 from jaxformer.model.transformer import Transformer
-from model_testing import init_params, random_ids, tiny_config
+from model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
 
 
 # --- Masks against brute force. ----------------------------------------------------------------
@@ -78,9 +78,9 @@ def test_fully_masked_row_gives_finite_weights():
 def test_fully_padded_source_row_is_finite(dtype, record):
   cfg = tiny_config(dtype=dtype)
   rng = np.random.RandomState(0)
-  source = random_ids(rng, (2, 6), cfg.vocab_size, lengths=[6, 0])   # row 1: all padding
-  target = random_ids(rng, (2, 5), cfg.vocab_size, lengths=[5, 0])
-  model, params = init_params(cfg, source, target)
+  source = random_ids(rng, SOURCE_SHAPE, cfg.vocab_size, lengths=[6, 0])  # row 1: all padding
+  target = random_ids(rng, TARGET_SHAPE, cfg.vocab_size, lengths=[5, 0])
+  model, params = init_params(cfg)
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
   if record:
     logits, _ = model.apply({"params": params}, source, target, mutable=["intermediates"])
@@ -92,9 +92,9 @@ def test_fully_padded_source_row_is_finite(dtype, record):
 
 def test_bfloat16_compute_is_close_to_float32():
   rng = np.random.RandomState(0)
-  source = random_ids(rng, (2, 6), 40, lengths=[6, 3])
-  target = random_ids(rng, (2, 5), 40, lengths=[5, 2])
-  model32, params = init_params(tiny_config(), source, target)
+  source = random_ids(rng, SOURCE_SHAPE, 40, lengths=[6, 3])
+  target = random_ids(rng, TARGET_SHAPE, 40, lengths=[5, 2])
+  model32, params = init_params(tiny_config())
   logits32 = model32.apply({"params": params}, source, target)
   logits16 = Transformer(tiny_config(dtype="bfloat16")).apply({"params": params}, source, target)
   assert logits16.dtype == jnp.float32
@@ -105,9 +105,9 @@ def test_bfloat16_compute_is_close_to_float32():
 def test_recorded_attention_weights_are_masked_distributions():
   cfg = tiny_config()
   rng = np.random.RandomState(0)
-  source = random_ids(rng, (2, 6), cfg.vocab_size, lengths=[6, 4])
-  target = random_ids(rng, (2, 5), cfg.vocab_size, lengths=[5, 3])
-  model, params = init_params(cfg, source, target)
+  source = random_ids(rng, SOURCE_SHAPE, cfg.vocab_size, lengths=[6, 4])
+  target = random_ids(rng, TARGET_SHAPE, cfg.vocab_size, lengths=[5, 3])
+  model, params = init_params(cfg)
   fused = model.apply({"params": params}, source, target)
   logits, state = model.apply({"params": params}, source, target, mutable=["intermediates"])
   # The einsum path (which records weights) and the fused path give the same logits.
@@ -129,8 +129,8 @@ def test_recorded_attention_weights_are_masked_distributions():
 def test_nothing_is_recorded_unless_intermediates_is_mutable():
   cfg = tiny_config()
   rng = np.random.RandomState(0)
-  source, target = random_ids(rng, (1, 4), 40), random_ids(rng, (1, 3), 40)
-  model, params = init_params(cfg, source, target)
+  source, target = random_ids(rng, SOURCE_SHAPE, 40), random_ids(rng, TARGET_SHAPE, 40)
+  model, params = init_params(cfg)
   _, state = model.apply({"params": params}, source, target, mutable=["cache"])
   assert not state  # nothing went into any collection
   _, state = model.apply({"params": params}, source, target, mutable=["intermediates"])
@@ -139,14 +139,15 @@ def test_nothing_is_recorded_unless_intermediates_is_mutable():
 
 def test_attention_dropout_acts_only_in_training():
   rng = np.random.RandomState(0)
-  source = random_ids(rng, (2, 6), 40, lengths=[6, 4])
-  target = random_ids(rng, (2, 5), 40, lengths=[5, 3])
-  model, params = init_params(tiny_config(attention_dropout_rate=0.5), source, target)
+  source = random_ids(rng, SOURCE_SHAPE, 40, lengths=[6, 4])
+  target = random_ids(rng, TARGET_SHAPE, 40, lengths=[5, 3])
+  model, params = init_params(tiny_config(attention_dropout_rate=0.5))
   plain = Transformer(tiny_config()).apply({"params": params}, source, target)
   det = model.apply({"params": params}, source, target, deterministic=True)
   np.testing.assert_array_equal(det, plain)
-  drop = lambda seed: model.apply({"params": params}, source, target, deterministic=False,
-                                  rngs={"dropout": jax.random.PRNGKey(seed)})
+  drop = jax.jit(lambda seed: model.apply({"params": params}, source, target,
+                                          deterministic=False,
+                                          rngs={"dropout": jax.random.PRNGKey(seed)}))
   assert not np.allclose(drop(0), plain, atol=1e-3)
   np.testing.assert_array_equal(drop(0), drop(0))
   assert not np.allclose(drop(0), drop(1), atol=1e-3)
@@ -154,14 +155,12 @@ def test_attention_dropout_acts_only_in_training():
 
 def test_kernel_shapes_per_head():
   cfg = tiny_config()
-  rng = np.random.RandomState(0)
-  _, params = init_params(cfg, random_ids(rng, (1, 4), 40), random_ids(rng, (1, 3), 40))
+  _, params = init_params(cfg)
   mha = params["decoder"]["layers_0"]["cross_attention"]
   heads, depth = cfg.num_heads, cfg.d_model // cfg.num_heads
   for name in ("query", "key", "value"):
     assert mha[name]["kernel"].shape == (cfg.d_model, heads, depth)
     assert mha[name]["bias"].shape == (heads, depth)
   assert mha["out"]["kernel"].shape == (heads, depth, cfg.d_model)
-  _, no_bias = init_params(tiny_config(attention_bias=False), random_ids(rng, (1, 4), 40),
-                           random_ids(rng, (1, 3), 40))
+  _, no_bias = init_params(tiny_config(attention_bias=False))
   assert set(no_bias["encoder"]["layers_0"]["self_attention"]["query"]) == {"kernel"}

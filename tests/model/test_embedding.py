@@ -10,7 +10,7 @@ import pytest
 from jaxformer.errors import JaxformerError
 from jaxformer.model.embedding import PositionalEncoding, TokenEmbedding, sinusoidal_table
 from jaxformer.model.transformer import Transformer
-from model_testing import init_params, random_ids, tiny_config
+from model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
 
 
 def paper_pe(pos: int, dim: int, d_model: int) -> float:
@@ -76,14 +76,11 @@ def test_token_embedding_is_scaled_by_sqrt_d_and_attend_is_its_transpose():
 
 
 def test_shared_embeddings_use_one_table_and_separate_use_two():
-  rng = np.random.RandomState(0)
-  source = random_ids(rng, (1, 4), 40)
-  target = random_ids(rng, (1, 3), 40)
-  _, shared = init_params(tiny_config(share_embeddings=True), source, target)
+  _, shared = init_params(tiny_config(share_embeddings=True))
   assert "shared_embedding" in shared and "source_embedding" not in shared
-  _, separate = init_params(tiny_config(share_embeddings=False), source, target)
+  _, separate = init_params(tiny_config(share_embeddings=False))
   assert "source_embedding" in separate and "target_embedding" in separate
-  _, untied = init_params(tiny_config(tie_output=False), source, target)
+  _, untied = init_params(tiny_config(tie_output=False))
   assert untied["decoder"]["logits"]["kernel"].shape == (32, 40)
   assert "logits" not in shared["decoder"]
 
@@ -91,20 +88,19 @@ def test_shared_embeddings_use_one_table_and_separate_use_two():
 @pytest.mark.parametrize("pos_encoding", ["sinusoidal", "learned"])
 def test_sequences_longer_than_max_len_are_an_error(pos_encoding):
   cfg = tiny_config(pos_encoding=pos_encoding, max_len=8)
-  model = Transformer(cfg)
+  model, params = init_params(cfg)
   rng = np.random.RandomState(0)
-  ok_source, ok_target = random_ids(rng, (1, 8), 40), random_ids(rng, (1, 8), 40)
-  params = model.init(jax.random.PRNGKey(0), ok_source, ok_target)["params"]
-  long = random_ids(rng, (1, 9), 40)
+  ok_source, ok_target = random_ids(rng, SOURCE_SHAPE, 40), random_ids(rng, TARGET_SHAPE, 40)
+  long = random_ids(rng, (2, 9), 40)
   for source, target, kwargs in [
       (long, ok_target, {}),
       (ok_source, long, {}),
-      (ok_source, long, {"targets_positions": jnp.zeros((1, 9), jnp.int32)}),
+      (ok_source, long, {"targets_positions": jnp.zeros((2, 9), jnp.int32)}),
   ]:
     with pytest.raises(JaxformerError, match="model.max_len"):
       model.apply({"params": params}, source, target, **kwargs)
   with pytest.raises(JaxformerError, match="model.max_len"):
-    PositionalEncoding(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 9), jnp.int32))
+    PositionalEncoding(cfg).init(jax.random.PRNGKey(0), jnp.zeros((2, 9), jnp.int32))
   encoded = model.apply({"params": params}, ok_source, method=Transformer.encode)
   with pytest.raises(JaxformerError, match="model.max_len"):
     model.apply({"params": params}, encoded, ok_source, 9, method=Transformer.init_cache,

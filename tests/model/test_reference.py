@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from model_testing import init_params, random_ids, tiny_config
+from model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
 
 BOS = 2          # the start token of the decoder (jaxformer.data.tokenizer.BOS_ID)
 PAD = 0
@@ -45,7 +45,8 @@ def softmax(x):
 
 
 def multi_head_attention(xq, xkv, may_attend, p, bias):
-  """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = softmax(Q W_i^Q (K W_i^K)^T / sqrt(d_k)) V W_i^V."""
+  """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, where
+  head_i = softmax(Q W_i^Q (K W_i^K)^T / sqrt(d_k)) V W_i^V."""
   heads = []
   num_heads = p["query"]["kernel"].shape[1]
   for h in range(num_heads):
@@ -140,13 +141,11 @@ CONFIGS = {
 def test_model_equals_numpy_reference(name):
   cfg = tiny_config(**CONFIGS[name])
   rng = np.random.RandomState(1)
-  source = random_ids(rng, (3, 7), cfg.vocab_size, lengths=[7, 3, 5])
-  target = random_ids(rng, (3, 6), cfg.vocab_size, lengths=[6, 4, 2])
-  model, params = init_params(cfg, source, target)
-  # Perturb every parameter so that biases, LayerNorm gains and offsets all matter.
-  leaves, tree = jax.tree_util.tree_flatten(params)
-  leaves = [leaf + 0.1 * rng.standard_normal(leaf.shape).astype(np.float32) for leaf in leaves]
-  params = jax.tree_util.tree_unflatten(tree, leaves)
+  # Row 0: full source, padded target; row 1: padded source, full target.
+  source = random_ids(rng, SOURCE_SHAPE, cfg.vocab_size, lengths=[6, 3])
+  target = random_ids(rng, TARGET_SHAPE, cfg.vocab_size, lengths=[3, 5])
+  # Random parameters: non-zero biases and offsets, gains away from 1, so that all matter.
+  model, params = init_params(cfg)
 
   logits = np.asarray(model.apply({"params": params}, source, target))
   assert logits.dtype == np.float32

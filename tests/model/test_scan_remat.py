@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxformer.model.transformer import Transformer, stack_layers, unstack_layers
-from model_testing import init_params, random_ids, tiny_config
+from model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
 
 STEPS = 2
 LEARNING_RATE = 0.5
@@ -51,34 +51,28 @@ def assert_trees_close(got, expected):
 def baseline():
   """A batch, initial parameters, and STEPS of training with neither scan nor remat."""
   rng = np.random.RandomState(0)
-  batch = (random_ids(rng, (3, 6), 40, lengths=[6, 4, 2]),
-           random_ids(rng, (3, 5), 40, lengths=[5, 3, 4]))
-  _, params = init_params(tiny_config(), *batch)
+  batch = (random_ids(rng, SOURCE_SHAPE, 40, lengths=[6, 3]),
+           random_ids(rng, TARGET_SHAPE, 40, lengths=[3, 5]))
+  _, params = init_params(tiny_config())
   return batch, params, train(tiny_config(), params, batch)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_keeps_loss_and_gradients(baseline, remat):
+@pytest.mark.parametrize("scan_layers,remat", [(False, "full"), (True, "dots")])
+def test_same_losses_gradients_and_parameters(baseline, scan_layers, remat):
   batch, params, expected = baseline
-  losses, grads, final = train(tiny_config(remat=remat), params, batch)
+  config = tiny_config(scan_layers=scan_layers, remat=remat)
+  layers = config.num_layers
+  if scan_layers:
+    # The scanned model's own layout: one 'layers' module, weights stacked on a leading axis.
+    own = jax.eval_shape(Transformer(config).init, jax.random.PRNGKey(0), *batch)["params"]
+    params = stack_layers(params, layers)
+    assert jax.tree_util.tree_structure(own) == jax.tree_util.tree_structure(params)
+    assert own["encoder"]["layers"]["self_attention"]["query"]["kernel"].shape == (
+        layers, config.d_model, config.num_heads, config.d_model // config.num_heads)
+  losses, grads, final = train(config, params, batch)
+  if scan_layers:
+    grads = [unstack_layers(g, layers) for g in grads]
+    final = unstack_layers(final, layers)
   np.testing.assert_allclose(losses, expected[0], rtol=1e-5)
   assert_trees_close(grads, expected[1])
   assert_trees_close(final, expected[2])
-
-
-@pytest.mark.parametrize("remat", ["none", "dots"])
-def test_scan_keeps_loss_and_gradients(baseline, remat):
-  batch, params, expected = baseline
-  layers = tiny_config().num_layers
-  scanned = stack_layers(params, layers)
-  leaf = scanned["encoder"]["layers"]["self_attention"]["query"]["kernel"]
-  assert leaf.shape == (layers,) + params["encoder"]["layers_0"]["self_attention"]["query"][
-      "kernel"].shape
-  config = tiny_config(scan_layers=True, remat=remat)
-  # The scanned model initialises to the stacked layout itself.
-  own = jax.eval_shape(Transformer(config).init, jax.random.PRNGKey(0), *batch)["params"]
-  assert jax.tree_util.tree_structure(own) == jax.tree_util.tree_structure(scanned)
-  losses, grads, final = train(config, scanned, batch)
-  np.testing.assert_allclose(losses, expected[0], rtol=1e-5)
-  assert_trees_close([unstack_layers(g, layers) for g in grads], expected[1])
-  assert_trees_close(unstack_layers(final, layers), expected[2])

@@ -8,7 +8,7 @@ import pytest
 from jaxformer.data.tokenizer import BOS_ID, PAD_ID
 from jaxformer.errors import ConfigError
 from jaxformer.model.transformer import Transformer, shift_right
-from model_testing import init_params, random_ids, tiny_config
+from model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
 
 
 def test_shift_right_plain_and_packed():
@@ -22,26 +22,12 @@ def test_shift_right_plain_and_packed():
                                 [[BOS_ID, 5, BOS_ID, 7, 8, PAD_ID, PAD_ID]])
 
 
-def test_more_source_padding_changes_nothing():
-  cfg = tiny_config()
-  rng = np.random.RandomState(0)
-  source = random_ids(rng, (2, 5), cfg.vocab_size, lengths=[5, 3])
-  target = random_ids(rng, (2, 4), cfg.vocab_size, lengths=[4, 2])
-  model, params = init_params(cfg, source, target)
-  logits = model.apply({"params": params}, source, target)
-  longer = jnp.pad(source, ((0, 0), (0, 3)))   # three more padded source positions
-  other = model.apply({"params": params}, longer, target)
-  real = np.asarray(target != PAD_ID)
-  np.testing.assert_allclose(np.asarray(other)[real], np.asarray(logits)[real],
-                             rtol=1e-5, atol=1e-5)
-
-
 def test_what_sits_at_padded_source_positions_changes_no_real_logit():
   cfg = tiny_config(share_embeddings=False, tie_output=False)
   rng = np.random.RandomState(0)
-  source = random_ids(rng, (2, 6), cfg.vocab_size, lengths=[6, 2])
-  target = random_ids(rng, (2, 5), cfg.vocab_size, lengths=[5, 3])
-  model, params = init_params(cfg, source, target)
+  source = random_ids(rng, SOURCE_SHAPE, cfg.vocab_size, lengths=[6, 2])
+  target = random_ids(rng, TARGET_SHAPE, cfg.vocab_size, lengths=[5, 3])
+  model, params = init_params(cfg)
   logits = np.asarray(model.apply({"params": params}, source, target))
   # The vector the encoder sees at padded positions: the pad token's embedding row.
   table = params["source_embedding"]["embed"]["embedding"]
@@ -64,13 +50,15 @@ def test_what_sits_at_padded_source_positions_changes_no_real_logit():
 def test_future_targets_do_not_change_earlier_logits():
   cfg = tiny_config(norm="pre")
   rng = np.random.RandomState(0)
-  source = random_ids(rng, (2, 5), cfg.vocab_size, lengths=[5, 4])
-  target = random_ids(rng, (2, 6), cfg.vocab_size)
-  model, params = init_params(cfg, source, target)
-  apply = jax.jit(lambda tgt: model.apply({"params": params}, source, tgt))
+  source = random_ids(rng, SOURCE_SHAPE, cfg.vocab_size, lengths=[6, 4])
+  target = random_ids(rng, TARGET_SHAPE, cfg.vocab_size)
+  model, params = init_params(cfg)
+  apply = lambda tgt: model.apply({"params": params}, source, tgt)
   logits = np.asarray(apply(target))
-  for t in (0, 1, 3):
-    changed = target.at[:, t + 1:].set(random_ids(rng, (2, 5 - t), cfg.vocab_size))
+  length = target.shape[1]
+  for t in (0, 1, 2):
+    future = random_ids(rng, (2, length - t - 1), cfg.vocab_size)
+    changed = target.at[:, t + 1:].set(jnp.where(future == target[:, t + 1:], 4, future))
     other = np.asarray(apply(changed))
     # Logits at t+1 see targets <= t only (shift right), so the first change shows at t+2.
     np.testing.assert_allclose(other[:, :t + 2], logits[:, :t + 2], rtol=1e-5, atol=1e-5)
@@ -78,25 +66,29 @@ def test_future_targets_do_not_change_earlier_logits():
 
 
 @pytest.mark.parametrize("pos_encoding", ["sinusoidal", "learned"])
-def test_packed_row_equals_sequences_run_separately(pos_encoding):
+def test_packed_rows_equal_the_sequences_run_separately(pos_encoding):
+  """Sequences a (source 3, target 3) and b (source 2, target 2), packed as [a|b] and [b|a]."""
   cfg = tiny_config(pos_encoding=pos_encoding)
   rng = np.random.RandomState(0)
-  src_a, tgt_a = random_ids(rng, (1, 3), cfg.vocab_size), random_ids(rng, (1, 4), cfg.vocab_size)
-  src_b, tgt_b = random_ids(rng, (1, 2), cfg.vocab_size), random_ids(rng, (1, 3), cfg.vocab_size)
-  pad = lambda n: jnp.zeros((1, n), jnp.int32)
-  inputs = jnp.concatenate([src_a, src_b, pad(2)], axis=1)                     # S = 7
-  inputs_segments = jnp.array([[1, 1, 1, 2, 2, 0, 0]])
-  inputs_positions = jnp.array([[0, 1, 2, 0, 1, 0, 0]])
-  targets = jnp.concatenate([tgt_a, tgt_b, pad(1)], axis=1)                    # T = 8
-  targets_segments = jnp.array([[1, 1, 1, 1, 2, 2, 2, 0]])
-  targets_positions = jnp.array([[0, 1, 2, 3, 0, 1, 2, 0]])
-  model, params = init_params(cfg, inputs, targets)
+  src = random_ids(rng, SOURCE_SHAPE, cfg.vocab_size, lengths=[3, 2])   # rows: a, b
+  tgt = random_ids(rng, TARGET_SHAPE, cfg.vocab_size, lengths=[3, 2])
+  model, params = init_params(cfg)
+  alone = model.apply({"params": params}, src, tgt)                      # [2, 5, V]
+  a_src, b_src, a_tgt, b_tgt = src[0, :3], src[1, :2], tgt[0, :3], tgt[1, :2]
+  pad = jnp.zeros((1,), jnp.int32)
+  inputs = jnp.stack([jnp.concatenate([a_src, b_src, pad]), jnp.concatenate([b_src, a_src, pad])])
+  targets = jnp.stack([jnp.concatenate([a_tgt, b_tgt]), jnp.concatenate([b_tgt, a_tgt])])
+  inputs_segments = jnp.array([[1, 1, 1, 2, 2, 0], [1, 1, 2, 2, 2, 0]])
+  inputs_positions = jnp.array([[0, 1, 2, 0, 1, 0], [0, 1, 0, 1, 2, 0]])
+  targets_segments = jnp.array([[1, 1, 1, 2, 2], [1, 1, 2, 2, 2]])
+  targets_positions = jnp.array([[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]])
   packed = model.apply({"params": params}, inputs, targets, inputs_positions, targets_positions,
                        inputs_segments, targets_segments)
-  alone_a = model.apply({"params": params}, src_a, tgt_a)
-  alone_b = model.apply({"params": params}, src_b, tgt_b)
-  np.testing.assert_allclose(packed[:, :4], alone_a, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(packed[:, 4:7], alone_b, rtol=1e-5, atol=1e-5)
+  check = lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  check(packed[0, :3], alone[0, :3])
+  check(packed[0, 3:], alone[1, :2])
+  check(packed[1, :2], alone[1, :2])
+  check(packed[1, 2:], alone[0, :3])
 
 
 BAD_SETTINGS = [

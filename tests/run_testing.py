@@ -1,0 +1,217 @@
+"""Runs of the `jaxformer` command in subprocesses, as a user runs it, on a tiny model.
+
+(A plain module, not conftest.py, so that tests import it by a name no other test uses.)
+
+Each run is `python -m jaxformer ...` with its own simulated device count (XLA_FLAGS), so a
+test can train on 8 devices and restore on 1. To keep the suite fast:
+- every run trains the default experiment shrunk by TINY (one layer, d_model 32, 2000 pairs);
+- the data (tfds) and the vocabulary are built once per session in the pytest process and
+  shared: `data.data_dir` points at them and `vocab.model` is copied into each new workdir;
+- the runs share a persistent JAX compilation cache, so only the first run of each device
+  layout compiles (a cached program is the same program: results do not change), and compile
+  with FAST_COMPILE_FLAGS;
+- one reference run (REFERENCE_STEPS steps on one device) is trained once per session and
+  copied by the tests that need a trained workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxformer import checkpoint
+from jaxformer import config as config_lib
+from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
+from jaxformer.train import parallel
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENT = "default"
+# The default experiment, small enough that a run takes seconds on a CPU.
+TINY = {
+    "model.num_layers": 1, "model.d_model": 32, "model.num_heads": 2, "model.d_ff": 64,
+    "model.vocab_size": 64, "data.num_train": 2000, "data.num_validation": 64,
+    "data.num_test": 64, "data.max_len": 24, "train.batch_size": 8, "eval.batch_size": 8,
+    "eval.bleu_examples": 16,
+    "train.peak_flops": 1e10,  # Any value: MFU is reported, and measuring the peak takes time.
+}
+# The reference run: 2 * HALF steps, logged every 10, evaluated at HALF and at the end,
+# checkpoints every 10 steps (the experiment keeps the newest 3).
+HALF = 20
+REFERENCE_STEPS = 2 * HALF
+REFERENCE = {"train.steps": REFERENCE_STEPS, "train.log_every_steps": 10,
+             "train.eval_every_steps": HALF, "checkpoint.every_steps": 10}
+RUN_TIMEOUT_S = 600
+# The compiler's backend (LLVM) optimizations off: a third less compile time, and these tests
+# compare runs with each other (all compiled alike), not speed.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+class Runs:
+  """Where the shared pieces of a session live, and how to run the command."""
+
+  def __init__(self, root: str):
+    self.root = root
+    self.data_dir = os.path.join(root, "tfds")
+    self.vocab = os.path.join(root, "vocab", tokenizer_lib.VOCAB_FILENAME)
+    self.cache_dir = os.path.join(root, "jax_cache")
+    if not os.path.exists(self.vocab):  # Builds the data and trains the vocabulary.
+      tokenizer_lib.load_or_train(self.config(), os.path.dirname(self.vocab))
+
+  def overrides(self, **extra) -> dict[str, Any]:
+    """TINY, the shared data dir, and `extra` ('train__steps' or 'train.steps' keys)."""
+    values = {**TINY, "data.data_dir": self.data_dir}
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return values
+
+  def config(self, **extra) -> ml_collections.FrozenConfigDict:
+    """The config a run with these overrides trains."""
+    return config_lib.load_config(EXPERIMENT, {k: str(v) for k, v in
+                                               self.overrides(**extra).items()})
+
+  def env(self, devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p),
+        "JAX_COMPILATION_CACHE_DIR": self.cache_dir,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    })
+    return env
+
+  def new_workdir(self, path: str) -> str:
+    """An empty workdir holding the shared vocabulary."""
+    os.makedirs(path)
+    shutil.copy(self.vocab, path)
+    return path
+
+  def train_args(self, workdir: str, **extra) -> list[str]:
+    args = ["train", "--config", EXPERIMENT, "--workdir", workdir]
+    return args + [f"--config.{k}={v}" for k, v in self.overrides(**extra).items()]
+
+  def run(self, args: list[str], devices: int = 1, stdin: str | None = None
+          ) -> subprocess.CompletedProcess:
+    """`python -m jaxformer ARGS`, waited for; stdout and stderr as text."""
+    return subprocess.run([sys.executable, "-m", "jaxformer", *args], cwd=REPO,
+                          env=self.env(devices), input=stdin, capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S)
+
+  def python(self, code: str, args: list[str], devices: int = 1) -> subprocess.CompletedProcess:
+    """`python -c CODE ARGS` in the environment of the runs."""
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=self.env(devices),
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+
+  def start(self, args: list[str], devices: int = 1) -> subprocess.Popen:
+    """`python -m jaxformer ARGS` in the background; stderr to a pipe, stdout discarded."""
+    return subprocess.Popen([sys.executable, "-m", "jaxformer", *args], cwd=REPO,
+                            env=self.env(devices), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+  def train(self, workdir: str, devices: int = 1, **extra) -> subprocess.CompletedProcess:
+    """Trains (or resumes) in `workdir`; fails the test unless the run exits with status 0."""
+    result = self.run(self.train_args(workdir, **extra), devices)
+    assert result.returncode == 0, f"training failed:\n{result.stderr[-3000:]}"
+    return result
+
+  def reference(self) -> str:
+    """The reference workdir (trained once per session). Copy it before changing it."""
+    workdir = os.path.join(self.root, "reference")
+    done = os.path.join(self.root, "reference.done")
+    if not os.path.exists(done):
+      shutil.rmtree(workdir, ignore_errors=True)
+      self.train(self.new_workdir(workdir), **REFERENCE)
+      open(done, "w").close()
+    return workdir
+
+
+def session_runs(tmp_path_factory) -> Runs:
+  """The Runs of this pytest session (the same directory for every test module)."""
+  return Runs(str(tmp_path_factory.getbasetemp() / "jaxformer_runs"))
+
+
+def copy_workdir(source: str, target: str) -> str:
+  shutil.copytree(source, target)
+  return target
+
+
+def wait_for(condition, what: str, process: subprocess.Popen | None = None,
+             timeout_s: float = RUN_TIMEOUT_S, poll_s: float = 0.02) -> None:
+  """Polls `condition()` until true; fails if `process` ends first or after `timeout_s`."""
+  deadline = time.monotonic() + timeout_s
+  while not condition():
+    if process is not None and process.poll() is not None:
+      raise AssertionError(f"the run ended (status {process.returncode}) before {what}:\n"
+                           f"{process.stderr.read()[-3000:]}")
+    if time.monotonic() > deadline:
+      raise AssertionError(f"timed out waiting for {what}")
+    time.sleep(poll_s)
+
+
+def stop(process: subprocess.Popen, signum: int = signal.SIGKILL) -> tuple[int, str]:
+  """Sends `signum` to a started run and waits for it: (exit status, stderr)."""
+  process.send_signal(signum)
+  _, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+  return process.returncode, stderr
+
+
+# --- Reading a workdir. -----------------------------------------------------------------------
+
+def metrics(workdir: str, split: str | None = None) -> list[dict[str, Any]]:
+  """The entries of `<workdir>/metrics.jsonl` (of one split), in order."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    entries = [json.loads(line) for line in f if line.strip()]
+  return [e for e in entries if split is None or e["split"] == split]
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  directory = os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def load_state(workdir: str, step: int) -> tuple[Any, dict]:
+  """(train state as numpy arrays, data iterator state) saved at `step`, through jaxformer's
+  Checkpointer, restored onto one device of this process whatever the run trained on."""
+  run_config = checkpoint.read_run_config(workdir)
+  one_device = run_config.to_dict()
+  one_device["parallel"].update(strategy="mesh", fsdp=1)
+  config = ml_collections.FrozenConfigDict(one_device)
+  strategy = parallel.make_strategy(config, jax.devices()[:1])
+  tokenizer = tokenizer_lib.Tokenizer.load(os.path.join(workdir, tokenizer_lib.VOCAB_FILENAME))
+  iterator = pipeline.make_train_iterator(config, tokenizer,
+                                          sources.resolve_data_dir(config, workdir))
+  with checkpoint.Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
+                               keep=config.checkpoint.keep) as checkpointer:
+    state = checkpointer.restore(step, strategy.abstract_state(), iterator)
+  return jax.device_get(state), iterator.get_state()
+
+
+def assert_trees_identical(a: Any, b: Any) -> None:
+  """Same structure, and every leaf bit-identical (np.array_equal, same dtype and shape)."""
+  leaves_a, tree_a = jax.tree.flatten_with_path(a)[0], jax.tree.structure(a)
+  leaves_b, tree_b = jax.tree.flatten_with_path(b)[0], jax.tree.structure(b)
+  assert tree_a == tree_b
+  for (path, x), (_, y) in zip(leaves_a, leaves_b):
+    x, y = np.asarray(x), np.asarray(y)
+    where = jax.tree_util.keystr(path)
+    assert x.dtype == y.dtype and x.shape == y.shape, where
+    assert np.array_equal(x, y), f"{where} differs (max |a - b| = {np.max(np.abs(x - y))})"
+
+
+def error_lines(stderr: str) -> list[str]:
+  return [line for line in stderr.splitlines() if line.startswith("error:")]

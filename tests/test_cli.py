@@ -1,0 +1,159 @@
+"""`jaxformer train|evaluate|translate` as a user runs them (subprocesses): training lowers the
+validation loss and logs the documented metrics; bad input ends with one line and status 2."""
+
+import json
+import math
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+import run_testing
+from run_testing import HALF, REFERENCE_STEPS
+
+from jaxformer import cli
+from jaxformer.data import tokenizer as tokenizer_lib
+
+pytestmark = pytest.mark.slow
+
+TRAIN_KEYS = {"step", "split", "loss", "accuracy", "learning_rate", "tokens_per_second",
+              "step_time", "mfu", "grad_norm"}
+VALIDATION_KEYS = {"step", "split", "loss", "accuracy", "exact_match", "bleu"}
+EVALUATE_KEYS = {"loss", "accuracy", "exact_match", "bleu", "bleu_signature"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  return run_testing.session_runs(tmp_path_factory)
+
+
+def assert_one_error_line(result, *fragments):
+  """Status 2 and exactly one line on stderr, 'error: ...', holding every fragment."""
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in lines[0]
+  return lines[0]
+
+
+# --- train. -----------------------------------------------------------------------------------
+
+def test_default_experiment_lowers_the_validation_loss_and_logs_the_documented_keys(runs):
+  workdir = runs.reference()  # The default experiment, shrunk, REFERENCE_STEPS steps.
+  train = run_testing.metrics(workdir, "train")
+  validation = run_testing.metrics(workdir, "validation")
+  assert [e["step"] for e in train] == list(range(10, REFERENCE_STEPS + 1, 10))
+  assert [e["step"] for e in validation] == [HALF, REFERENCE_STEPS]
+  for entry in train:
+    assert TRAIN_KEYS <= set(entry), TRAIN_KEYS - set(entry)
+    assert all(math.isfinite(entry[k]) and entry[k] > 0 for k in TRAIN_KEYS - {"split"})
+  for entry in validation:
+    assert VALIDATION_KEYS <= set(entry), VALIDATION_KEYS - set(entry)
+
+  # A model that guesses uniformly over the V pieces has a (smoothed) loss of ln V.
+  vocab = tokenizer_lib.Tokenizer.load(os.path.join(workdir, "vocab.model")).vocab_size
+  first, last = validation[0]["loss"], validation[-1]["loss"]
+  assert last < first - 0.3, (first, last)
+  assert last < math.log(vocab) - 1.0, (last, math.log(vocab))
+  assert validation[-1]["accuracy"] > validation[0]["accuracy"]
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("train.stepz=5", ["unknown config key train.stepz", "did you mean train.steps?"]),
+    ("train.steps=many", ["train.steps='many' is not a valid int"]),
+    ("train.batch_size=7", ["train.batch_size=7 is not divisible by the 8 devices"]),
+])
+def test_a_bad_config_stops_before_any_work_with_one_line(runs, tmp_path, override, fragments):
+  workdir = str(tmp_path / "never_created")
+  result = runs.run(["train", "--config", "default", "--workdir", workdir,
+                     f"--config.{override}"], devices=8)
+  assert_one_error_line(result, *fragments)
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(workdir)
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    runs, tmp_path):
+  workdir = runs.new_workdir(str(tmp_path / "w"))
+  result = runs.run(runs.train_args(workdir, **{
+      "train.learning_rate": 1e30, "train.steps": 50, "checkpoint.every_steps": 1,
+      "train.log_every_steps": 1}))
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  # The log of the steps before it, then one error line, the last.
+  line = result.stderr.strip().splitlines()[-1]
+  assert run_testing.error_lines(result.stderr) == [line]
+  found = re.search(r"the training (loss|gradient norm) is (nan|inf|-inf) at step (\d+); the "
+                    r"last good checkpoint is step (\d+) in ", line)
+  assert found, line
+  bad_step, good_step = int(found.group(3)), int(found.group(4))
+  # Every step before the bad one was saved (every_steps=1), and none from it on.
+  saved = run_testing.checkpoint_steps(workdir)
+  assert saved == list(range(1, bad_step)) and good_step == bad_step - 1, (saved, line)
+  state, _ = run_testing.load_state(workdir, good_step)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state.params))
+  # Nothing of the diverged step was logged.
+  assert [e["step"] for e in run_testing.metrics(workdir, "train")] == saved
+
+
+# --- evaluate. --------------------------------------------------------------------------------
+
+def test_evaluate_prints_one_json_object_and_appends_it_as_the_test_split(runs, tmp_path):
+  workdir = run_testing.copy_workdir(runs.reference(), str(tmp_path / "w"))
+  before = run_testing.metrics(workdir)
+  result = runs.run(["evaluate", "--workdir", workdir])
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 1
+  printed = json.loads(lines[0])
+  assert EVALUATE_KEYS <= set(printed), EVALUATE_KEYS - set(printed)
+  assert printed["checkpoint"] == REFERENCE_STEPS
+  assert printed["bleu_signature"].startswith("nrefs:1|")
+  assert 0.0 <= printed["exact_match"] <= 1.0 and 0.0 <= printed["accuracy"] <= 1.0
+
+  after = run_testing.metrics(workdir)
+  assert after[:len(before)] == before and len(after) == len(before) + 1
+  appended = after[-1]
+  assert appended["split"] == "test" and appended["step"] == REFERENCE_STEPS
+  assert {k: appended[k] for k in EVALUATE_KEYS} == {k: printed[k] for k in EVALUATE_KEYS}
+
+
+@pytest.mark.parametrize("command", ["evaluate", "translate"])
+def test_a_workdir_without_checkpoints_is_one_line(runs, tmp_path, capsys, command):
+  workdir = runs.new_workdir(str(tmp_path / "w"))
+  status = cli.main([command, "--workdir", workdir])  # In this process: it is only the error.
+  captured = capsys.readouterr()
+  lines = captured.err.strip().splitlines()
+  assert status == 2 and captured.out == ""
+  assert lines == [f"error: no checkpoints in {os.path.join(workdir, 'checkpoints')}; train "
+                   "first (jaxformer train --workdir ...)"]
+
+
+# --- translate. -------------------------------------------------------------------------------
+
+# Sources of different lengths, so that sorting by length (as translate does to batch them)
+# changes their order; blank lines in between.
+LINES = ["three hundred twelve", "", "one", "nine thousand nine hundred ninety-nine", "   ",
+         "forty-two", "eight million", "", "seventy"]
+
+
+def translate(runs, workdir, lines, tmp_path, name):
+  path = tmp_path / name
+  path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+  result = runs.run(["translate", "--workdir", workdir, "--input", str(path)])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout.splitlines()
+
+
+def test_translate_keeps_the_line_count_the_order_and_the_empty_lines(runs, tmp_path):
+  workdir = runs.reference()
+  forward = translate(runs, workdir, LINES, tmp_path, "forward.txt")
+  backward = translate(runs, workdir, LINES[::-1], tmp_path, "backward.txt")
+  assert len(forward) == len(LINES)
+  assert [out for line, out in zip(LINES, forward) if not line.strip()] == ["", "", ""]
+  # Each line's translation does not depend on where the line is in the file.
+  assert backward == forward[::-1]
+  # (Which the two lists can only show when the translations differ from each other.)
+  assert len({out for line, out in zip(LINES, forward) if line.strip()}) >= 3, forward

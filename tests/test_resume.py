@@ -1,0 +1,311 @@
+"""Resume, preemption, restore and averaging through the `jaxformer` command (subprocesses).
+
+The expectation of every resume test is an uninterrupted run of the same config: a run that
+stops (by itself, by SIGKILL, by SIGTERM) and resumes must end with the very same bits in every
+parameter and in the optimizer state, with dropout on (the default experiment's 0.1).
+"""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+import run_testing
+from run_testing import REFERENCE, REFERENCE_STEPS
+
+from jaxformer import checkpoint
+from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
+from jaxformer.train import parallel
+
+pytestmark = pytest.mark.slow
+
+# A shorter run for 8 simulated devices (which share the 2 cores of a test machine): 2 * 4
+# steps, checkpoints every 2, evaluated at the end.
+SHORT = {"train.steps": 8, "train.log_every_steps": 2, "train.eval_every_steps": 8,
+         "checkpoint.every_steps": 2}
+# Device layouts of the exact-resume test: (simulated devices, overrides with the schedule).
+LAYOUTS = {
+    "one_device": (1, REFERENCE),
+    "pmap": (8, {**SHORT, "parallel.strategy": "pmap"}),
+    "mesh_fsdp": (8, {**SHORT, "parallel.fsdp": 4}),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  return run_testing.session_runs(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(runs):
+  """layout -> the workdir of its full run, uninterrupted (trained on first use)."""
+  workdirs = {"one_device": runs.reference()}
+
+  def get(layout):
+    if layout not in workdirs:
+      devices, overrides = LAYOUTS[layout]
+      workdir = runs.new_workdir(os.path.join(runs.root, f"uninterrupted_{layout}"))
+      runs.train(workdir, devices, **overrides)
+      workdirs[layout] = workdir
+    return workdirs[layout]
+
+  return get
+
+
+def assert_same_end(workdir, reference):
+  """Parameters, optimizer state, step and data iterator state are bit-identical at the last
+  step of `reference`."""
+  step = run_testing.checkpoint_steps(reference)[-1]
+  state, data = run_testing.load_state(workdir, step)
+  expected_state, expected_data = run_testing.load_state(reference, step)
+  assert int(state.step) == step
+  run_testing.assert_trees_identical(state, expected_state)
+  assert data == expected_data
+
+
+def train_log_steps(workdir):
+  return [entry["step"] for entry in run_testing.metrics(workdir, "train")]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_stopping_halfway_and_resuming_is_bit_identical(runs, uninterrupted, tmp_path, layout):
+  devices, overrides = LAYOUTS[layout]
+  steps, every = overrides["train.steps"], overrides["checkpoint.every_steps"]
+  workdir = runs.new_workdir(str(tmp_path / "w"))
+  runs.train(workdir, devices, **{**overrides, "train.steps": steps // 2})
+  assert run_testing.checkpoint_steps(workdir) == list(range(every, steps // 2 + 1, every))
+
+  resumed = runs.train(workdir, devices, **overrides)  # train.steps raised.
+  assert f"resumed from the checkpoint at step {steps // 2}" in resumed.stderr
+  # Each step was trained once: a restart from scratch would log the first half again.
+  log_every = overrides["train.log_every_steps"]
+  assert train_log_steps(workdir) == list(range(log_every, steps + 1, log_every))
+  assert_same_end(workdir, uninterrupted(layout))
+
+
+def test_sigkill_in_the_middle_then_resume_reaches_the_same_parameters(runs, uninterrupted,
+                                                                       tmp_path):
+  workdir = runs.new_workdir(str(tmp_path / "w"))
+  # Evaluating at every step (a harmless change: it reads no training data) makes the run slow
+  # enough to be killed in the middle; checkpoints every 2 steps.
+  process = runs.start(runs.train_args(workdir, **{
+      **REFERENCE, "train.eval_every_steps": 1, "checkpoint.every_steps": 2}))
+  run_testing.wait_for(lambda: run_testing.checkpoint_steps(workdir), "a first checkpoint",
+                       process)
+  status, _ = run_testing.stop(process, signal.SIGKILL)
+  assert status == -signal.SIGKILL
+  saved = run_testing.checkpoint_steps(workdir)
+  assert saved and saved[-1] < REFERENCE_STEPS
+
+  resumed = runs.train(workdir, **REFERENCE)
+  assert f"resumed from the checkpoint at step {saved[-1]}" in resumed.stderr
+  assert_same_end(workdir, uninterrupted("one_device"))
+
+
+def test_sigterm_saves_the_current_step_and_exits_0(runs, tmp_path):
+  workdir = runs.new_workdir(str(tmp_path / "w"))
+  every_steps = 1000  # Never due: the only checkpoint is the one SIGTERM asks for.
+  process = runs.start(runs.train_args(workdir, **{
+      "train.steps": every_steps, "checkpoint.every_steps": every_steps,
+      "train.log_every_steps": 1, "train.eval_every_steps": every_steps}))
+  run_testing.wait_for(lambda: run_testing.metrics(workdir, "train"), "a first logged step",
+                       process)
+  status, stderr = run_testing.stop(process, signal.SIGTERM)
+
+  assert status == 0, stderr[-3000:]
+  stopped = [line for line in stderr.splitlines() if "stopped by SIGTERM" in line]
+  assert len(stopped) == 1, stderr[-3000:]
+  step = int(re.search(r"stopped by SIGTERM at step (\d+);", stopped[0]).group(1))
+  assert 0 < step < every_steps
+  assert os.path.join(workdir, "checkpoints") in stopped[0]
+  assert run_testing.checkpoint_steps(workdir) == [step]
+  assert max(train_log_steps(workdir)) == step  # The step was finished, and it was the last.
+  assert "Traceback" not in stderr
+
+  resumed = runs.train(workdir, **{"train.steps": step + 2, "train.log_every_steps": 1})
+  assert f"resumed from the checkpoint at step {step}" in resumed.stderr
+  assert train_log_steps(workdir) == list(range(1, step + 3))
+  assert run_testing.checkpoint_steps(workdir) == [step, step + 2]
+
+
+# Run in a 1-device process: the parameters of the newest checkpoint through load_params, and
+# the logits of the model on the batch in BATCH_FILE, saved to OUT_FILE.
+ONE_DEVICE_LOGITS = textwrap.dedent("""
+    import sys
+    import jax
+    import numpy as np
+    from jaxformer import checkpoint
+    from jaxformer.model.transformer import Transformer
+    workdir, batch_file, out_file = sys.argv[1:]
+    assert jax.device_count() == 1, jax.devices()
+    params, step, config = checkpoint.load_params(workdir)
+    batch = dict(np.load(batch_file))
+    logits = Transformer(config=config.model).apply(
+        {"params": params}, batch["inputs"], batch["targets"], deterministic=True)
+    flat = {jax.tree_util.keystr(path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    np.savez(out_file, logits=np.asarray(logits), step=step, **flat)
+""")
+
+
+def test_fsdp_checkpoint_from_8_devices_gives_the_same_logits_on_1(runs, uninterrupted,
+                                                                  tmp_path):
+  workdir = uninterrupted("mesh_fsdp")
+  run_config = checkpoint.read_run_config(workdir)
+  assert run_config.parallel.fsdp == 4
+
+  # The state as the training run holds it: sharded over the fsdp axis of 8 devices.
+  strategy = parallel.make_strategy(run_config)
+  with checkpoint.Checkpointer(workdir, every_steps=10, keep=3) as checkpointer:
+    step = checkpointer.latest_step()
+    tokenizer = tokenizer_lib.Tokenizer.load(os.path.join(workdir, "vocab.model"))
+    iterator = pipeline.make_train_iterator(run_config, tokenizer,
+                                            sources.resolve_data_dir(run_config, workdir))
+    state = checkpointer.restore(step, strategy.abstract_state(), iterator)
+  sharded = [leaf for leaf in jax.tree.leaves(state.params)
+             if len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated]
+  assert sharded, "no parameter is sharded: the test would not cross layouts"
+
+  rng = np.random.RandomState(0)
+  batch = {"inputs": rng.randint(4, tokenizer.vocab_size, (8, 12)).astype(np.int32),
+           "targets": rng.randint(4, tokenizer.vocab_size, (8, 10)).astype(np.int32)}
+  batch_file, out_file = str(tmp_path / "batch.npz"), str(tmp_path / "out.npz")
+  np.savez(batch_file, **batch)
+  expected = jax.jit(lambda params, inputs, targets: strategy.model.apply(
+      {"params": params}, inputs, targets, deterministic=True))(
+          state.params, *jax.device_put((batch["inputs"], batch["targets"]),
+                                        strategy.replicated))
+
+  process = runs.python(ONE_DEVICE_LOGITS, [workdir, batch_file, out_file], devices=1)
+  assert process.returncode == 0, process.stderr[-3000:]
+  out = np.load(out_file)
+  assert int(out["step"]) == step
+  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]:
+    np.testing.assert_array_equal(out[jax.tree_util.keystr(path)], leaf)
+  np.testing.assert_allclose(out["logits"], np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def digest(directory):
+  """A hash of every file's path and bytes under `directory`."""
+  h = hashlib.sha256()
+  for root, dirs, files in os.walk(directory):
+    dirs.sort()
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      h.update(os.path.relpath(path, directory).encode())
+      with open(path, "rb") as f:
+        h.update(f.read())
+  return h.hexdigest()
+
+
+def test_average_last_two_through_the_cli_and_use_it(runs, tmp_path):
+  workdir = run_testing.copy_workdir(runs.reference(), str(tmp_path / "w"))
+  steps = run_testing.checkpoint_steps(workdir)
+  first, last = steps[-2], steps[-1]
+  before = {s: digest(os.path.join(workdir, "checkpoints", str(s))) for s in steps}
+
+  result = runs.run(["average", "--workdir", workdir, "--last", "2"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  name = f"last2_{first}-{last}"
+  assert result.stdout.strip() == os.path.join(workdir, "averaged", name)
+
+  # The element-wise mean, computed here in float64 from the two checkpoints' parameters.
+  averaged, label, _ = checkpoint.load_params(workdir, step=name)
+  a, _, _ = checkpoint.load_params(workdir, step=first)
+  b, _, _ = checkpoint.load_params(workdir, step=last)
+  expected = jax.tree.map(
+      lambda x, y: ((np.float64(x) + np.float64(y)) / 2).astype(np.asarray(x).dtype), a, b)
+  assert label == name
+  run_testing.assert_trees_identical(jax.device_get(averaged), expected)
+  assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(jax.device_get(a)),
+                                                       jax.tree.leaves(jax.device_get(b))))
+  assert {s: digest(os.path.join(workdir, "checkpoints", str(s))) for s in steps} == before
+
+  evaluated = runs.run(["evaluate", "--workdir", workdir, "--step", name])
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert json.loads(evaluated.stdout)["checkpoint"] == name
+  translated = runs.run(["translate", "--workdir", workdir, "--step", name],
+                        stdin="one\n\nforty-two\n")
+  assert translated.returncode == 0, translated.stderr[-3000:]
+  assert len(translated.stdout.splitlines()) == 3 and translated.stdout.splitlines()[1] == ""
+
+  averaged_dir = os.path.join(workdir, "averaged", name)
+  kept = digest(averaged_dir)
+  again = runs.run(["average", "--workdir", workdir, "--last", "2"])
+  assert again.returncode == 2
+  assert run_testing.error_lines(again.stderr) == again.stderr.strip().splitlines()
+  assert len(again.stderr.strip().splitlines()) == 1
+  assert "already exists; it is never overwritten" in again.stderr
+  assert digest(averaged_dir) == kept
+
+
+def test_truncated_newest_checkpoint_is_reported_and_training_falls_back(runs, tmp_path):
+  workdir = run_testing.copy_workdir(runs.reference(), str(tmp_path / "w"))
+  steps = run_testing.checkpoint_steps(workdir)
+  newest, previous = steps[-1], steps[-2]
+  truncated = 0
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints", str(newest), "state")):
+    if os.path.basename(root) == "d":  # The OCDBT data files of the arrays.
+      for name in files:
+        path = os.path.join(root, name)
+        os.truncate(path, os.path.getsize(path) // 2)
+        truncated += 1
+  assert truncated
+  reason = r"is damaged \(truncated file state/.+\)"
+
+  # Evaluation names the damage and the steps to choose from instead.
+  evaluated = runs.run(["evaluate", "--workdir", workdir])
+  assert evaluated.returncode == 2
+  assert re.fullmatch(rf"error: checkpoint at step {newest} in {re.escape(workdir)} {reason}; "
+                      rf"choose another with --step \(available steps: "
+                      rf"{', '.join(map(str, steps))}\)", evaluated.stderr.strip()), \
+      evaluated.stderr[-3000:]
+
+  # Resuming to the same last step: back to `previous`, then the lost steps are trained again.
+  result = runs.train(workdir, **REFERENCE)
+  moved = os.path.join(workdir, "damaged", str(newest))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  assert re.search(rf"checkpoint at step {newest} in {re.escape(ckpt_dir)} {reason}; falling "
+                   rf"back to step {previous} \(the damaged one is kept in {re.escape(moved)}\)",
+                   result.stderr), result.stderr[-3000:]
+  assert f"resumed from the checkpoint at step {previous}" in result.stderr
+  assert os.path.isdir(moved)  # Kept, not deleted.
+  assert run_testing.checkpoint_steps(workdir)[-1] == newest
+  assert_same_end(workdir, runs.reference())
+
+
+def test_a_changed_model_shape_on_resume_is_refused_naming_the_keys(runs, tmp_path):
+  workdir = run_testing.copy_workdir(runs.reference(), str(tmp_path / "w"))
+  before = digest(workdir)
+  result = runs.run(runs.train_args(workdir, **{**REFERENCE, "model.d_model": 64,
+                                                             "model.d_ff": 128}))
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+  assert "model.d_model (32 -> 64)" in lines[0] and "model.d_ff (64 -> 128)" in lines[0]
+  assert "model.num_heads" not in lines[0]
+  assert digest(workdir) == before  # Nothing written.
+
+
+def test_restore_step_trains_again_from_an_older_checkpoint_keeping_the_newer(runs, tmp_path):
+  reference = runs.reference()
+  workdir = run_testing.copy_workdir(reference, str(tmp_path / "w"))
+  steps = run_testing.checkpoint_steps(workdir)
+  older, newer = steps[0], steps[1:]
+  result = runs.run(runs.train_args(workdir, **REFERENCE) + ["--restore-step", str(older)])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"resumed from the checkpoint at step {older}" in result.stderr
+  superseded = os.path.join(workdir, "superseded")
+  assert (f"the newer checkpoints ({', '.join(map(str, newer))}) are kept in {superseded}"
+          in result.stderr)
+  for step in newer:  # Kept as they were, out of the way ...
+    assert (digest(os.path.join(superseded, str(step)))
+            == digest(os.path.join(reference, "checkpoints", str(step))))
+  # ... of this run, which saved those steps again: the same bits, as nothing changed.
+  assert run_testing.checkpoint_steps(workdir) == steps
+  assert_same_end(workdir, reference)
