@@ -2,6 +2,8 @@
 
 - `model.scan_layers` and `model.remat` give the same losses, gradients and parameters, step by
   step, through the real compiled train step (jaxformer.train.parallel's strategy);
+- the attention kernel: the einsum path matches `jax.nn.dot_product_attention`, and 'auto'
+  picks cuDNN's fused kernel only where it can run;
 - the unrolled threefry lowering (jaxformer/train/threefry.py) draws the same random bits as the
   reference Threefry-2x32 (Salmon et al. 2011, the Random123 known-answer vectors).
 
@@ -18,7 +20,8 @@ import pytest
 
 from jaxformer.config import get_default_config
 from jaxformer.data.tokenizer import EOS_ID
-from jaxformer.model.transformer import stack_layers, unstack_layers
+from jaxformer.model import attention
+from jaxformer.model.transformer import Transformer, stack_layers, unstack_layers
 from jaxformer.train import parallel, state as state_lib, step as step_lib, threefry
 
 STEPS = 3
@@ -162,3 +165,58 @@ def test_unrolled_threefry_is_in_effect_and_draws_the_reference_bits():
     np.testing.assert_array_equal(np.asarray(hash_fn(key, count)), expected)
     if jax.devices()[0].platform == "cpu":  # JAX's own CPU lowering is a 5-iteration loop.
       assert " while(" not in hash_fn.lower(key, count).compile().as_text()
+
+
+# --- Attention kernels. -----------------------------------------------------------------------
+
+def test_einsum_attention_matches_jax_dot_product_attention():
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(3, 6, 2, 8)), jnp.float32) for _ in range(3))
+  ids = jnp.asarray([[5, 6, 7, 3, 0, 0], [5, 3, 0, 0, 0, 0], [5, 6, 7, 8, 9, 3]])
+  segments = jnp.asarray([[1, 1, 2, 2, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 2, 2, 2]])
+  mask = attention.decoder_self_mask(ids, segments)  # padding, causal and packing.
+  weights = attention.attention_weights(q, k, mask)
+  ours = jnp.einsum("bhts,bshk->bthk", weights, v)
+  theirs = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+  real = np.asarray(ids != 0)  # Queries with something to attend to.
+  np.testing.assert_allclose(np.asarray(ours)[real], np.asarray(theirs)[real], rtol=1e-5,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel,backend,dtype,depth,fused", [
+    ("auto", "cpu", jnp.bfloat16, 64, False),
+    ("auto", "gpu", jnp.float32, 64, False),     # cuDNN's kernel takes 16-bit floats only.
+    ("auto", "gpu", jnp.bfloat16, 64, True),
+    ("auto", "gpu", jnp.float16, 128, True),
+    ("auto", "gpu", jnp.bfloat16, 60, False),    # head size not a multiple of 8.
+    ("auto", "gpu", jnp.bfloat16, 256, False),   # head size over 128.
+    ("xla", "gpu", jnp.bfloat16, 64, False),
+    ("cudnn", "cpu", jnp.float32, 64, True),     # asked for: cuDNN itself then refuses.
+])
+def test_auto_uses_the_fused_kernel_only_where_it_runs(monkeypatch, kernel, backend, dtype,
+                                                       depth, fused):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  model = ml_collections.ConfigDict({"attention_kernel": kernel})
+  query = jax.ShapeDtypeStruct((2, 4, 2, depth), dtype)
+  assert attention.use_fused_kernel(model, query) == fused
+
+
+def test_the_model_runs_the_chosen_kernel(monkeypatch):
+  """With 'cudnn' the model calls jax.nn.dot_product_attention(implementation='cudnn') for
+  its teacher-forced attention; with 'xla' (or 'auto' on CPU), never."""
+  calls = []
+  original = jax.nn.dot_product_attention
+
+  def recording(*args, implementation=None, **kwargs):
+    calls.append(implementation)
+    return original(*args, implementation="xla", **kwargs)  # (No cuDNN here.)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+  ids = jnp.asarray([[5, 6, 3, 0]])
+  for kernel, expected in (("auto", 0), ("xla", 0), ("cudnn", 6)):  # N=2: 6 attentions.
+    cfg = config(0.0, attention_kernel=kernel).model
+    model = Transformer(cfg)
+    params = jax.eval_shape(model.init, jax.random.key(0), ids, ids)["params"]
+    calls.clear()
+    jax.eval_shape(lambda p: model.apply({"params": p}, ids, ids), params)
+    assert calls == ["cudnn"] * expected
