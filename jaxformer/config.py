@@ -47,6 +47,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"         # compute dtype: 'float32' | 'bfloat16'. Params stay float32.
   c.model.scan_layers = False       # nn.scan over layers (compile time independent of depth).
   c.model.remat = "none"            # rematerialisation per layer: 'none' | 'full' | 'dots'.
+  c.model.attention_kernel = "auto"  # 'auto' (cuDNN's fused kernel on GPU in bfloat16/float16,
+                                    # else 'xla') | 'xla' (einsums compiled by XLA) | 'cudnn'.
 
   # Input data (jaxformer/data).
   c.data = ml_collections.ConfigDict()
@@ -125,6 +127,7 @@ CHOICES = {
     "model.activation": ("relu", "gelu"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
+    "model.attention_kernel": ("auto", "xla", "cudnn"),
     "data.task": ("numbers", "copy", "reverse", "sort", "addition", "text", "tfds"),
     "data.vocab_type": ("unigram", "bpe"),
     "data.length_policy": ("drop", "truncate"),

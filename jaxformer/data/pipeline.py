@@ -20,13 +20,17 @@ Each batch is a dict of int32 arrays `[B, L]` (L = data.max_len):
 
 Without packing each row holds one pair (segment id 1). The iterator is a grain
 `DatasetIterator`: `get_state()` / `set_state()` make a resumed run see exactly the batches it
-would have seen.
+would have seen. A background thread prepares the next PREFETCH_BATCHES batches while the
+devices compute; `get_state()` still describes the position after the last batch handed out by
+`next()`, not after the last one prepared.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import weakref
 from typing import Any, Iterator
 
 import grain
@@ -40,6 +44,7 @@ from jaxformer.errors import ConfigError, DataError
 FEATURES = ("inputs", "targets")  # source and target token ids, in that order.
 READ_THREADS = 4          # threads that read and tokenize pairs ahead of the packer.
 READ_BUFFER = 64          # pairs read ahead (grain scans this buffer per element: keep small).
+PREFETCH_BATCHES = 2      # finished training batches prepared ahead by a background thread.
 
 Batch = dict[str, np.ndarray]
 log = logging.getLogger(__name__)
@@ -219,9 +224,10 @@ def make_train_iterator(config, tokenizer: Tokenizer, data_dir: str, *,
                                             prefetch_buffer_size=READ_BUFFER))
   ds = ds.map(policy).filter(lambda example: example["keep"]).map(only_features)
   ds = to_rows(ds, max_len, packing=config.data.packing, num_packing_bins=batch_size)
-  # No extra prefetch thread: JAX runs a train step asynchronously, so the loop's next call to
-  # next() already prepares the next batch while the devices compute.
-  return iter(ds.batch(batch_size, drop_remainder=True))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  # Batches are made in a background thread, so the loop's next() returns at once instead of
+  # running the whole pipeline (the measured wait: benchmarks/RESULTS.md).
+  return PrefetchIterator(iter(ds), PREFETCH_BATCHES)
 
 
 def to_rows(ds: grain.IterDataset, max_len: int, *, packing: bool, num_packing_bins: int
@@ -237,6 +243,34 @@ def to_rows(ds: grain.IterDataset, max_len: int, *, packing: bool, num_packing_b
   return grain.experimental.FirstFitPackIterDataset(
       ds, length_struct={f: max_len for f in FEATURES}, num_packing_bins=num_packing_bins,
       shuffle_bins=False)
+
+
+class PrefetchIterator(grain.experimental.ThreadPrefetchDatasetIterator):
+  """grain's thread prefetcher: a background thread keeps `buffer_size` batches ready.
+
+  With each batch it keeps the parent's state after that batch, and `get_state()` returns the
+  state of the last batch `next()` handed out, so a checkpoint never skips the batches still
+  waiting in the buffer. Two additions: the iterator is closed by an atexit hook (a grain
+  iterator alive at exit would otherwise close itself while Python tears its modules down, and
+  print an error), and closing it twice is harmless.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, buffer_size: int):
+    super().__init__(parent, buffer_size)
+    _OPEN_ITERATORS.add(self)
+
+  def close(self) -> None:
+    if not self._closed:  # grain's close() is not idempotent; __del__ calls it again.
+      super().close()
+
+
+_OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()  # PrefetchIterators not yet collected.
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+  for iterator in list(_OPEN_ITERATORS):
+    iterator.close()
 
 
 # --- Evaluation. -----------------------------------------------------------------------------

@@ -125,6 +125,26 @@ def attention_weights(query: jnp.ndarray, key: jnp.ndarray, mask: jnp.ndarray | 
   return jax.nn.softmax(scores, axis=-1)
 
 
+# cuDNN's fused attention takes these compute dtypes and head sizes (multiples of 8, up to 128).
+FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
+FUSED_MAX_HEAD_DIM, FUSED_HEAD_DIM_MULTIPLE = 128, 8
+
+
+def use_fused_kernel(config: Any, query: jnp.ndarray) -> bool:
+  """Whether attention runs cuDNN's fused kernel (`model.attention_kernel`).
+
+  'cudnn' always (an error where cuDNN cannot run it); 'xla' never; 'auto' on a GPU when the
+  compute dtype is bfloat16 or float16 and the head size suits the kernel. Any mask is
+  allowed: cuDNN adds it as a bias.
+  """
+  kernel = config.attention_kernel
+  if kernel != "auto":
+    return kernel == "cudnn"
+  depth = query.shape[-1]
+  return (jax.default_backend() == "gpu" and query.dtype in FUSED_DTYPES
+          and depth <= FUSED_MAX_HEAD_DIM and depth % FUSED_HEAD_DIM_MULTIPLE == 0)
+
+
 # Decoding modes of an attention module (see the module docstring).
 FULL, INIT_CACHE, STEP = "full", "init_cache", "step"
 
@@ -179,21 +199,25 @@ class MultiHeadAttention(nn.Module):
       out = self._self_attend_cached(query, project_key(inputs_q), project_value(inputs_q))
     else:
       key, value = project_key(inputs_kv), project_value(inputs_kv)  # [B, S, H, K]
-      out = self._attend(query, key, value, mask, deterministic)
+      out = self._attend(query, key, value, mask, deterministic, fused_ok=True)
     return project_out(out)                                          # [B, T, D]
 
   def _attend(self, query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray,
-              mask: jnp.ndarray | None, deterministic: bool) -> jnp.ndarray:
+              mask: jnp.ndarray | None, deterministic: bool, fused_ok: bool = False
+              ) -> jnp.ndarray:
     """The per-head core: `[B, T, H, K]`, `[B, S, H, K]` x2, mask `[B, 1, T, S]` -> `[B, T, H, K]`.
 
-    Uses `jax.nn.dot_product_attention` (a fused kernel where the platform has one) unless the
-    weights themselves are needed: for attention dropout in training, or to record them in the
-    'intermediates' collection (under 'attention_weights', `[B, H, T, S]`) when it is mutable.
+    With `fused_ok` (all positions at once, not a decoding step), runs cuDNN's fused kernel
+    when `use_fused_kernel` says so and the weights themselves are not needed: for attention
+    dropout in training, or to record them in the 'intermediates' collection (under
+    'attention_weights', `[B, H, T, S]`) when it is mutable. Otherwise the einsums below, which
+    XLA compiles at least as fast as `jax.nn.dot_product_attention`'s own XLA path on CPU
+    (benchmarks/RESULTS.md).
     """
     record = self.is_mutable_collection("intermediates")
     dropout = not deterministic and self.config.attention_dropout_rate > 0.0
-    if not (record or dropout):
-      return jax.nn.dot_product_attention(query, key, value, mask=mask)
+    if fused_ok and not (record or dropout) and use_fused_kernel(self.config, query):
+      return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
     weights = attention_weights(query, key, mask)
     if record:
       self.sow("intermediates", "attention_weights", weights)

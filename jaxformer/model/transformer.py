@@ -47,7 +47,7 @@ REMAT_POLICIES = {
 
 def check_model_config(config: Any) -> None:
   """Raises ConfigError for a setting the model cannot be built with."""
-  for key in ("pos_encoding", "norm", "activation", "dtype", "remat"):
+  for key in ("pos_encoding", "norm", "activation", "dtype", "remat", "attention_kernel"):
     check_choice(f"model.{key}", config[key])
   if config.d_model % config.num_heads:
     raise ConfigError(f"model.d_model={config.d_model} is not divisible by model.num_heads="

@@ -65,7 +65,8 @@ def measure_peak_flops(dtype: str = "float32", size: int = 2048, repeats: int = 
 
 
 def _format(metrics: dict[str, Any]) -> str:
-  keys = ("loss", "accuracy", "exact_match", "bleu", "learning_rate", "tokens_per_second", "mfu")
+  keys = ("loss", "accuracy", "exact_match", "bleu", "learning_rate", "tokens_per_second", "mfu",
+          "packing_efficiency", "data_wait_fraction")
   return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
 
 
@@ -76,7 +77,8 @@ def _concatenate(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 class Throughput:
-  """Training speed over a window of steps: step time, tokens per second, data wait.
+  """Training speed over a window of steps: step time, tokens per second, data wait, and the
+  packing efficiency of the batches (the share of their token slots that hold real tokens).
 
   Only training counts: `paused()` wraps work that is not training (evaluation), and
   `restart()` after the first step of a run drops its compilation from the window.
@@ -93,12 +95,17 @@ class Throughput:
     self.steps = 0
     self._tokens = 0
     self._data_wait = 0.0
+    self._non_pad = 0
+    self._slots = 0
 
-  def add_step(self, tokens: int, data_wait: float) -> None:
-    """One step of `tokens` real target tokens, which waited `data_wait` s for its batch."""
+  def add_step(self, tokens: int, data_wait: float, non_pad: int = 0, slots: int = 0) -> None:
+    """One step of `tokens` real target tokens, which waited `data_wait` s for its batch, whose
+    rows hold `non_pad` real tokens (source and target) in `slots` token slots."""
     self.steps += 1
     self._tokens += tokens
     self._data_wait += data_wait
+    self._non_pad += non_pad
+    self._slots += slots
 
   @contextlib.contextmanager
   def paused(self):
@@ -110,12 +117,15 @@ class Throughput:
       self._paused += self._clock() - start
 
   def report(self, num_processes: int = 1) -> dict[str, float]:
-    """step_time (s), tokens_per_second (all processes) and data_wait_fraction of the window,
-    then starts a new window. Call it after the devices finished the window's steps."""
+    """step_time (s), tokens_per_second (all processes), data_wait_fraction and (when slots
+    were counted) packing_efficiency of the window, then starts a new window. Call it after the
+    devices finished the window's steps."""
     elapsed = max(self._clock() - self._start - self._paused, 1e-9)
     metrics = {"step_time": elapsed / max(self.steps, 1),
                "tokens_per_second": self._tokens * num_processes / elapsed,
                "data_wait_fraction": self._data_wait / elapsed}
+    if self._slots:
+      metrics["packing_efficiency"] = self._non_pad / self._slots
     self.restart()
     return metrics
 
@@ -200,15 +210,28 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
     eval_metrics: dict[str, Any] = {}
     pending: list[tuple[int, dict[str, Any]]] = []  # (step, metrics) not yet checked for NaN.
     step = start_step
+    previous_metrics = None
     with checkpoint.PreemptionGuard() as guard:
       while step < config.train.steps:
         wait_start = time.perf_counter()
         # One update takes grad_accum_steps pipeline batches (its micro-batches).
         host_batch = _concatenate([next(train_iter)
                                    for _ in range(config.train.grad_accum_steps)])
-        throughput.add_step(int(np.count_nonzero(host_batch["targets"])),
-                            time.perf_counter() - wait_start)
+        data_wait = time.perf_counter() - wait_start
+        target_tokens = int(np.count_nonzero(host_batch["targets"]))
+        throughput.add_step(target_tokens, data_wait,
+                            non_pad=target_tokens + int(np.count_nonzero(host_batch["inputs"])),
+                            slots=host_batch["inputs"].size + host_batch["targets"].size)
         state, metrics = strategy.train_step(state, strategy.shard_batch(host_batch))
+        # At most one step waits behind the running one: wait for the previous step before
+        # fetching the next batch. Without this the loop (steps are dispatched asynchronously)
+        # runs ahead of the devices, queueing batches on them, and the time it then spends in
+        # next() is pipeline time the devices never waited for. With it, data_wait_fraction is
+        # time the devices may have waited, while the pipeline's prefetch thread fills its
+        # buffer (benchmarks/RESULTS.md).
+        if previous_metrics is not None:
+          jax.block_until_ready(previous_metrics)
+        previous_metrics = metrics
         step += 1
         pending.append((step, metrics))
         if progress is not None:

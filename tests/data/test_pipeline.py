@@ -5,6 +5,7 @@ import itertools
 import json
 import logging
 import math
+import time
 
 import grain
 import numpy as np
@@ -203,6 +204,26 @@ def test_restored_iterator_continues_with_the_same_batches(packing, small_config
   fresh = take(pipeline.make_train_iterator(config, numbers_tokenizer, data_dir,
                                             process_index=1, process_count=2), 1)[0]
   assert not np.array_equal(fresh["inputs"], expected[0]["inputs"]), "state was ignored"
+
+
+def test_state_is_that_of_the_last_batch_handed_out_not_of_the_prefetched_ones(
+    small_config, numbers_tokenizer, numbers_data_dir):
+  config = small_config()
+  first = pipeline.make_train_iterator(config, numbers_tokenizer, numbers_data_dir)
+  take(first, 2)
+  deadline = time.monotonic() + 30
+  while not first._buffer.full() and time.monotonic() < deadline:  # pylint: disable=protected-access
+    time.sleep(0.01)  # The thread has made PREFETCH_BATCHES batches past the two handed out.
+  assert first._buffer.full()  # pylint: disable=protected-access
+  state = json.loads(json.dumps(first.get_state()))
+  expected = take(first, 2)
+  second = pipeline.make_train_iterator(config, numbers_tokenizer, numbers_data_dir)
+  second.set_state(state)
+  for want, got in zip(expected, take(second, 2)):
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key])
+  first.close()
+  first.close()  # Closing twice (explicitly, then at exit or collection) is harmless.
 
 
 # --- Length policy. --------------------------------------------------------------------------

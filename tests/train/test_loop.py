@@ -46,6 +46,16 @@ def test_throughput_counts_training_time_only():
   assert report["tokens_per_second"] == pytest.approx(4.0)
 
 
+def test_packing_efficiency_is_the_real_share_of_the_window_s_token_slots():
+  clock = FakeClock()
+  meter = loop.Throughput(clock)
+  assert "packing_efficiency" not in meter.report()  # Nothing counted: not reported.
+  for non_pad, slots in ((30, 40), (10, 40)):
+    clock.now += 1.0
+    meter.add_step(5, 0.0, non_pad=non_pad, slots=slots)
+  assert meter.report()["packing_efficiency"] == pytest.approx(40 / 80)
+
+
 def test_restart_drops_what_came_before():
   clock = FakeClock()
   meter = loop.Throughput(clock)

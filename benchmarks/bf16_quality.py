@@ -1,0 +1,103 @@
+"""Does bfloat16 compute train the default task as well as float32? Two real runs, compared.
+
+Trains the default experiment (experiments/default.py) twice with the training loop itself
+(`jaxformer.train.loop.train_and_evaluate`): once with `model.dtype=float32`, once with
+`model.dtype=bfloat16` (parameters, optimizer and loss stay float32 either way), from the same
+seed, on the same data in the same order. Then it compares their validation exact match, over
+every validation sentence, decoded as the experiment decodes (beam 4). bfloat16 passes when its
+exact match is within `--tolerance` points (1) of float32's.
+
+  python benchmarks/bf16_quality.py            # the default experiment as it is (600 steps)
+  python benchmarks/bf16_quality.py --quick    # a smaller model (D=64, F=256), 200 steps
+  python benchmarks/bf16_quality.py --json
+
+Exits 0 when bfloat16 is within the tolerance, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+DTYPES = ("float32", "bfloat16")
+QUICK = dict(d_model=64, d_ff=256, num_heads=4, steps=200, warmup=100)
+
+
+def make_config(dtype: str, quick: bool):
+  from jaxformer import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_experiment("default")
+  config.model.dtype = dtype
+  if quick:
+    config.model.update(d_model=QUICK["d_model"], d_ff=QUICK["d_ff"],
+                        num_heads=QUICK["num_heads"])
+    config.train.steps = QUICK["steps"]
+    config.train.warmup_steps = QUICK["warmup"]
+  # Evaluate once, at the end, decoding every validation sentence.
+  config.train.eval_every_steps = config.train.steps
+  config.checkpoint.every_steps = config.train.steps
+  config.eval.bleu_examples = config.data.num_validation
+  config.train.peak_flops = 1.0  # No matmul measurement: MFU is not what this is about.
+  config_lib.validate(config)
+  return config
+
+
+def train(dtype: str, quick: bool, workdir: str) -> dict:
+  """One run in a fresh directory under `workdir` (vocabulary and data shared); its result."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from jaxformer.data import sources, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from jaxformer.train import loop  # pylint: disable=g-import-not-at-top
+  config = make_config(dtype, quick)
+  tokenizer_lib.load_or_train(config, workdir)  # Made once, shared by both runs.
+  config.data.data_dir = sources.resolve_data_dir(config, workdir)
+  run_dir = tempfile.mkdtemp(prefix=f"{dtype}-", dir=workdir)
+  shutil.copy(os.path.join(workdir, tokenizer_lib.VOCAB_FILENAME), run_dir)
+  start = time.perf_counter()
+  validation = loop.train_and_evaluate(ml_collections.FrozenConfigDict(config), run_dir)
+  seconds = time.perf_counter() - start
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    train_lines = [m for m in map(json.loads, f) if m["split"] == "train"]
+  return dict(dtype=dtype, steps=config.train.steps, seconds=seconds,
+              exact_match=validation["exact_match"], bleu=validation["bleu"],
+              validation_loss=validation["loss"], decoded=validation["decoded_examples"],
+              final_train_loss=train_lines[-1]["loss"],
+              step_time=train_lines[-1]["step_time"], run_dir=run_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help=f"D={QUICK['d_model']}, F={QUICK['d_ff']}, {QUICK['steps']} steps")
+  parser.add_argument("--tolerance", type=float, default=1.0,
+                      help="exact match points bfloat16 may lose (default 1)")
+  parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(),
+                                                        "jaxformer_bf16_quality"))
+  parser.add_argument("--json", action="store_true")
+  args = parser.parse_args(argv)
+  runs = {dtype: train(dtype, args.quick, args.workdir) for dtype in DTYPES}
+  gap = 100 * (runs["float32"]["exact_match"] - runs["bfloat16"]["exact_match"])
+  report = dict(date=time.strftime("%Y-%m-%d %H:%M"), quick=args.quick, runs=runs,
+                exact_match_gap_points=gap, tolerance_points=args.tolerance,
+                passed=gap <= args.tolerance)
+  if args.json:
+    print(json.dumps(report, indent=2))
+  else:
+    print(f"default experiment{' (--quick)' if args.quick else ''}: exact match over "
+          f"{runs['float32']['decoded']} validation sentences")
+    print(f"{'dtype':<9} {'steps':>5} {'exact match':>11} {'BLEU':>6} {'val loss':>8} "
+          f"{'train loss':>10} {'step s':>7} {'run s':>6}")
+    for r in runs.values():
+      print(f"{r['dtype']:<9} {r['steps']:>5} {r['exact_match']:>11.1%} {r['bleu']:>6.1f} "
+            f"{r['validation_loss']:>8.4f} {r['final_train_loss']:>10.4f} "
+            f"{r['step_time']:>7.3f} {r['seconds']:>6.0f}")
+    print(f"bfloat16 is {gap:+.1f} points behind float32 (tolerance {args.tolerance:g}): "
+          f"{'PASS' if report['passed'] else 'FAIL'}")
+  return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

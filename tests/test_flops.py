@@ -1,0 +1,187 @@
+"""The model FLOP count behind MFU (jaxformer/train/flops.py), checked three independent ways.
+
+1. A hand count from the layer's own parameters: every kernel of a Dense layer costs
+   2 x tokens x kernel size FLOPs, where the tokens are those the layer is applied to, and
+   attention adds its two [L, L'] products per head.
+2. The matrix products JAX actually traces: every `dot_general` of the program's jaxpr (into
+   nested jaxprs, scan bodies times their length), 2 x batch x M x N x K each.
+3. XLA's own count of the compiled layer (`cost_analysis()['flops']`), which also counts the
+   element-wise work that model FLOPs leave out, bounded below.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxformer.config import get_default_config
+from jaxformer.model import attention
+from jaxformer.model.transformer import DecoderLayer, EncoderLayer, Transformer
+from jaxformer.train import flops
+
+D, H, F, V = 64, 4, 128, 40
+S, T, B = 24, 16, 2   # source and target lengths differ, so swapping them cannot pass.
+
+
+def model_config(**overrides) -> ml_collections.FrozenConfigDict:
+  config = get_default_config().model
+  config.update(vocab_size=V, num_layers=2, d_model=D, num_heads=H, d_ff=F, max_len=64,
+                dropout_rate=0.0)
+  config.update(overrides)
+  return ml_collections.FrozenConfigDict(config)
+
+
+def kernel_sizes(params) -> dict[str, int]:
+  """{'module/path': kernel size} of every Dense kernel in a layer's parameters."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {"/".join(str(k.key) for k in path[:-1]): int(np.prod(leaf.shape))
+          for path, leaf in flat if path[-1].key == "kernel"}
+
+
+def ids(length: int) -> jnp.ndarray:
+  return jnp.full((B, length), 5, jnp.int32)
+
+
+def encoder_layer(config):
+  """(layer, parameter shapes, call arguments) of one encoder layer on B sources of S tokens."""
+  x, mask = jnp.ones((B, S, D)), attention.encoder_self_mask(ids(S))
+  layer = EncoderLayer(config)
+  return layer, jax.eval_shape(layer.init, jax.random.key(0), x, mask)["params"], (x, mask)
+
+
+def decoder_layer(config):
+  """(layer, parameter shapes, call arguments) of one decoder layer: B targets of T tokens
+  over B sources of S tokens."""
+  x, encoded = jnp.ones((B, T, D)), jnp.ones((B, S, D))
+  self_mask = attention.decoder_self_mask(ids(T))
+  cross_mask = attention.cross_mask(ids(T), ids(S))
+  layer = DecoderLayer(config)
+  args = (x, encoded, self_mask, cross_mask)
+  return layer, jax.eval_shape(layer.init, jax.random.key(0), *args)["params"], args
+
+
+# --- 1. Hand counts. ------------------------------------------------------------------------
+
+def test_encoder_layer_matches_a_hand_count():
+  _, params, _ = encoder_layer(model_config())
+  kernels = kernel_sizes(params)
+  assert len(kernels) == 6  # query, key, value, out; feed-forward inner and outer.
+  dense = sum(2 * S * size for size in kernels.values())   # every kernel sees the S tokens.
+  scores_and_sum = 2 * (2 * S * S * D)                     # Q K^T and weights x V, all heads.
+  assert flops.encoder_layer_flops(D, F, S) == dense + scores_and_sum
+
+
+def test_decoder_layer_matches_a_hand_count():
+  _, params, _ = decoder_layer(model_config())
+  kernels = kernel_sizes(params)
+  assert len(kernels) == 10
+  # The cross-attention keys and values project the S encoder outputs; the rest the T targets.
+  on_source = {name for name in kernels if name in ("cross_attention/key", "cross_attention/value")}
+  assert len(on_source) == 2
+  dense = sum(2 * (S if name in on_source else T) * size for name, size in kernels.items())
+  self_attention = 2 * (2 * T * T * D)
+  cross_attention = 2 * (2 * T * S * D)
+  assert flops.decoder_layer_flops(D, F, S, T) == dense + self_attention + cross_attention
+
+
+# --- 2. The matrix products of the traced program. ------------------------------------------
+
+def _sub_jaxprs(params):
+  for value in params.values():
+    for item in value if isinstance(value, (list, tuple)) else (value,):
+      if hasattr(item, "eqns"):
+        yield item
+      elif hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
+        yield item.jaxpr
+
+
+def dot_flops(jaxpr) -> int:
+  """2 x batch x M x N x K summed over every dot_general of `jaxpr` and the jaxprs inside it."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs, out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape  # out: batch x M x N.
+      total += 2 * math.prod(out) * math.prod(lhs[i] for i in lhs_contract)
+    times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+    total += times * sum(dot_flops(sub) for sub in _sub_jaxprs(eqn.params))
+  return total
+
+
+def traced_dot_flops(fn, *args) -> int:
+  return dot_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def test_layer_counts_equal_the_traced_matrix_products():
+  layer, params, args = encoder_layer(model_config())
+  traced = traced_dot_flops(lambda p: layer.apply({"params": p}, *args), params)
+  assert traced == B * flops.encoder_layer_flops(D, F, S)
+  layer, params, args = decoder_layer(model_config())
+  traced = traced_dot_flops(lambda p: layer.apply({"params": p}, *args), params)
+  assert traced == B * flops.decoder_layer_flops(D, F, S, T)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_whole_model_forward_and_train_step_equal_the_traced_matrix_products(scan_layers):
+  config = model_config(scan_layers=scan_layers)
+  model = Transformer(config)
+  inputs, targets = ids(S), ids(T)
+  params = jax.eval_shape(model.init, jax.random.key(0), inputs, targets)["params"]
+
+  def loss(p):
+    return model.apply({"params": p}, inputs, targets).sum()
+
+  forward = traced_dot_flops(loss, params)
+  assert forward == B * flops.forward_flops(config, S, T)
+  # Backward: the gradient of every product with respect to both of its operands, 2x forward.
+  assert traced_dot_flops(jax.grad(loss), params) == flops.TRAIN_FACTOR * forward
+
+
+def test_train_step_flops_scale_with_the_batch_and_rows():
+  config = get_default_config()
+  config.model.update(model_config().to_dict())
+  config.data.max_len = S
+  config.train.batch_size = 8
+  expected = flops.TRAIN_FACTOR * 8 * flops.forward_flops(config.model, S, S)
+  assert flops.train_step_flops(config) == expected
+  assert flops.train_step_flops(config, batch_size=16) == 2 * expected
+
+
+# --- 3. XLA's count. --------------------------------------------------------------------------
+
+# Element-wise FLOPs per token per layer, generous upper bounds on what XLA counts beyond the
+# matrix products: per attention score (scale, mask select, max, subtract, exp, sum, divide)
+# at most ELEMENTWISE_PER_SCORE; per model dimension (biases, two or three LayerNorms, residual
+# adds, dropout-free activations) ELEMENTWISE_PER_D; per feed-forward unit (bias, ReLU)
+# ELEMENTWISE_PER_F. With these sizes the bound is about 8% of the layer's model FLOPs, while
+# leaving out attention (about 25%) or the feed-forward network (over 30%) would exceed it.
+ELEMENTWISE_PER_SCORE = 10
+ELEMENTWISE_PER_D = 40
+ELEMENTWISE_PER_F = 4
+
+
+def xla_flops(fn, *args) -> float:
+  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(analysis, list):  # Older jax returned one dict per device program.
+    analysis = analysis[0]
+  return analysis["flops"]
+
+
+def elementwise_bound(tokens: int, scores_per_token: int) -> int:
+  return tokens * (ELEMENTWISE_PER_SCORE * scores_per_token + ELEMENTWISE_PER_D * D
+                   + ELEMENTWISE_PER_F * F)
+
+
+def test_layer_counts_agree_with_xla_cost_analysis():
+  layer, params, args = encoder_layer(model_config())
+  counted = B * flops.encoder_layer_flops(D, F, S)
+  xla = xla_flops(lambda p: layer.apply({"params": p}, *args), params)
+  assert counted <= xla <= counted + elementwise_bound(B * S, H * S)
+
+  layer, params, args = decoder_layer(model_config())
+  counted = B * flops.decoder_layer_flops(D, F, S, T)
+  xla = xla_flops(lambda p: layer.apply({"params": p}, *args), params)
+  assert counted <= xla <= counted + elementwise_bound(B * T, H * (T + S))
