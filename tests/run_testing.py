@@ -43,7 +43,7 @@ TINY = {
     "data.num_test": 64, "data.max_len": 24, "train.batch_size": 8, "eval.batch_size": 8,
     "eval.bleu_examples": 16,
     # Fast learning for a 40-step run, whatever the default experiment's own schedule is.
-    "train.learning_rate": 2.0, "train.warmup_steps": 200,
+    "train.learning_rate": 2.0, "train.warmup_steps": 200, "train.grad_clip_norm": 0.0,
     "train.peak_flops": 1e10,  # Any value: MFU is reported, and measuring the peak takes time.
 }
 # The reference run: 2 * HALF steps, logged every 10, evaluated at HALF and at the end,
