@@ -327,7 +327,7 @@ def measure_pipeline(settings: dict) -> dict:
               targets_efficiency=real["targets"] / slots,
               loop_step_seconds=steady["step_time"],
               loop_tokens_per_second=steady["tokens_per_second"],
-              loop_packing_efficiency=steady["packing_efficiency"],
+              loop_packing_efficiency=steady.get("packing_efficiency", float("nan")),
               data_wait_fraction=steady["data_wait_fraction"], run_dir=run_dir)
 
 
