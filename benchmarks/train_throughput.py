@@ -7,7 +7,7 @@ For each model (random parameters; synthetic rows in which every position is a r
 - the device's peak: the best FLOP/s of a large square matmul in the compute dtype;
 - the train step run through the strategy that training uses
   (`jaxformer.train.parallel.make_strategy`: state donated, batch sharded over every device):
-  compile time (first call minus a steady step), step time (best and median of the timed
+  compile time (the first call minus the best step), step time (best and median of the timed
   steps), target tokens/s, MFU = model FLOP/s / (peak x devices), and peak memory (the
   device's allocator statistics where the platform keeps them, else the process's max RSS);
   the timed steps run under `jax.transfer_guard("disallow")` (a host-device copy inside the
@@ -33,6 +33,7 @@ matmul does).
   python benchmarks/train_throughput.py --quick             # default and d256, fewer steps
   python benchmarks/train_throughput.py --models base --scan --remat dots --dtype bfloat16
   python benchmarks/train_throughput.py --models base --batch 8 --no-decode --no-pipeline
+  python benchmarks/train_throughput.py --models base --scan --layers 12 --steps 1 --no-decode
   python benchmarks/train_throughput.py --json              # one JSON object instead
   python benchmarks/train_throughput.py --models d256 --trace /tmp/trace   # + top ops
 
@@ -105,6 +106,8 @@ def make_config(name: str, settings: dict):
   config.model.dtype = settings["dtype"]
   config.model.scan_layers = settings["scan"]
   config.model.remat = settings["remat"]
+  if settings["layers"]:
+    config.model.num_layers = settings["layers"]
   config.train.batch_size = settings["batch"] or spec.batch
   config.data.max_len = spec.length
   config.parallel.strategy = settings["strategy"]
@@ -226,11 +229,12 @@ def measure_training(name: str, settings: dict) -> dict:
   devices = jax.device_count()
   result = dict(
       model=name, about=spec.about, dtype=config.model.dtype, scan=config.model.scan_layers,
-      remat=config.model.remat, strategy=config.parallel.strategy, devices=devices,
+      remat=config.model.remat, layers=config.model.num_layers,
+      strategy=config.parallel.strategy, devices=devices,
       batch=config.train.batch_size, length=config.data.max_len,
       parameters=state_lib.count_parameters_by_module(config)["total"],
       step_flops=step_flops, flops_per_token=step_flops / target_tokens,
-      compile_seconds=first - median, step_seconds=best, median_step_seconds=median,
+      compile_seconds=first - best, step_seconds=best, median_step_seconds=median,
       step_times=times, tokens_per_second=target_tokens / best,
       peak_flops=peak, peak_flops_measured=[wall for wall, _ in peaks],
       mfu=step_flops / best / (peak * devices),
@@ -419,7 +423,7 @@ def print_tables(report: dict) -> None:
   print(f"Device: {d['device_count']} x {d['device_kind']} ({d['platform']}), "
         f"{d['cpu_count']} CPU cores, jax {d['jax_version']}; {report['date']}")
   print("Train step (best of the timed steps; MFU = model FLOP/s / (best matmul peak x devices))")
-  header = (f"{'model':<8} {'params':>7} {'dtype':<8} {'scan':<5} {'remat':<5} {'batch':>8} "
+  header = (f"{'model':<8} {'N':>2} {'params':>7} {'dtype':<8} {'scan':<5} {'remat':<5} {'batch':>8} "
             f"{'GFLOP/step':>10} {'MFLOP/tok':>9} {'compile s':>9} {'step s':>8} "
             f"{'median s':>8} {'tokens/s':>9} {'peak GFLOP/s':>12} {'MFU':>6} {'med MFU':>7} "
             f"{'CPU MFU':>7} {'memory':>10}")
@@ -429,7 +433,7 @@ def print_tables(report: dict) -> None:
     if "error" in r:
       print(f"{r['model']:<8} failed: {r['error']}")
       continue
-    print(f"{r['model']:<8} {r['parameters'] / 1e6:>6.1f}M {r['dtype']:<8} "
+    print(f"{r['model']:<8} {r['layers']:>2} {r['parameters'] / 1e6:>6.1f}M {r['dtype']:<8} "
           f"{'on' if r['scan'] else 'off':<5} {r['remat']:<5} "
           f"{str(r['batch']) + 'x' + str(r['length']):>8} {r['step_flops'] / 1e9:>10.1f} "
           f"{r['flops_per_token'] / 1e6:>9.1f} {r['compile_seconds']:>9.1f} "
@@ -503,6 +507,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--scan", action="store_true", help="model.scan_layers=True")
   parser.add_argument("--remat", default="none", choices=("none", "full", "dots"),
                       help="model.remat")
+  parser.add_argument("--layers", type=int, default=0,
+                      help="model.num_layers for every model (default: the model's own), e.g. "
+                           "to see that --scan compiles in the same time at any depth")
   parser.add_argument("--batch", type=int, default=0,
                       help="rows per step for every model (default: the model's own)")
   parser.add_argument("--steps", type=int, default=0, help="timed steps (default per model)")
@@ -538,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     raise SystemExit(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
   if args.decode_tokens <= SOURCE_LEN:
     raise SystemExit(f"--decode-tokens must exceed the {SOURCE_LEN} source tokens")
-  settings = dict(dtype=args.dtype, scan=args.scan, remat=args.remat, batch=args.batch,
+  settings = dict(dtype=args.dtype, scan=args.scan, remat=args.remat, layers=args.layers,
+                  batch=args.batch,
                   steps=args.steps, strategy=args.strategy, peak_flops=args.peak_flops,
                   quick=args.quick, decode=args.decode, decode_batch=args.decode_batch,
                   decode_tokens=args.decode_tokens,
