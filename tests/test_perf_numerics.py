@@ -20,6 +20,7 @@ import pytest
 
 from jaxformer.config import get_default_config
 from jaxformer.data.tokenizer import EOS_ID
+from jaxformer.errors import ConfigError
 from jaxformer.model import attention
 from jaxformer.model.transformer import Transformer, stack_layers, unstack_layers
 from jaxformer.train import parallel, state as state_lib, step as step_lib, threefry
@@ -220,3 +221,17 @@ def test_the_model_runs_the_chosen_kernel(monkeypatch):
     calls.clear()
     jax.eval_shape(lambda p: model.apply({"params": p}, ids, ids), params)
     assert calls == ["cudnn"] * expected
+
+
+def test_cudnn_refusal_is_a_config_error_for_cudnn_and_a_fallback_for_auto(monkeypatch):
+  def refusing(*args, implementation=None, **kwargs):
+    raise RuntimeError("cuDNN is not available")  # What jax raises without a usable cuDNN.
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", refusing)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  ids = jnp.asarray([[5, 6, 3, 0]])
+  model = Transformer(config(0.0, attention_kernel="cudnn").model)
+  with pytest.raises(ConfigError, match="attention_kernel"):
+    jax.eval_shape(model.init, jax.random.key(0), ids, ids)
+  model = Transformer(config(0.0, attention_kernel="auto", dtype="bfloat16").model)
+  jax.eval_shape(model.init, jax.random.key(0), ids, ids)  # The einsums instead.

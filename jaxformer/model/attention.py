@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.data.tokenizer import PAD_ID
+from jaxformer.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # Masks: boolean, True = may attend, [B, 1, T, S].
@@ -133,9 +134,10 @@ FUSED_MAX_HEAD_DIM, FUSED_HEAD_DIM_MULTIPLE = 128, 8
 def use_fused_kernel(config: Any, query: jnp.ndarray) -> bool:
   """Whether attention runs cuDNN's fused kernel (`model.attention_kernel`).
 
-  'cudnn' always (an error where cuDNN cannot run it); 'xla' never; 'auto' on a GPU when the
-  compute dtype is bfloat16 or float16 and the head size suits the kernel. Any mask is
-  allowed: cuDNN adds it as a bias.
+  'cudnn' always (a ConfigError where cuDNN refuses it); 'xla' never; 'auto' on a GPU when
+  the compute dtype is bfloat16 or float16 and the head size suits the kernel (and falls back
+  to the einsums if cuDNN still refuses while tracing). Any mask is allowed: cuDNN adds it as
+  a bias.
   """
   kernel = config.attention_kernel
   if kernel != "auto":
@@ -217,7 +219,14 @@ class MultiHeadAttention(nn.Module):
     record = self.is_mutable_collection("intermediates")
     dropout = not deterministic and self.config.attention_dropout_rate > 0.0
     if fused_ok and not (record or dropout) and use_fused_kernel(self.config, query):
-      return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
+      try:
+        return jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                            implementation="cudnn")
+      except (RuntimeError, ValueError, NotImplementedError) as e:  # cuDNN refused (tracing).
+        if self.config.attention_kernel == "cudnn":
+          raise ConfigError(f"model.attention_kernel='cudnn' cannot run here ({e}); use "
+                            "'auto' or 'xla'") from e
+        # 'auto': the einsums below.
     weights = attention_weights(query, key, mask)
     if record:
       self.sow("intermediates", "attention_weights", weights)

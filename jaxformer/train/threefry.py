@@ -21,8 +21,9 @@ import math
 
 log = logging.getLogger(__name__)
 
-# Hashes of fewer elements than this (key derivations) keep the loop: unrolled, each would add
-# about a hundred operations to compile for no measurable speed.
+# Hashes of fewer elements than this (key derivations) keep the loop: unrolled, each adds about a
+# hundred operations to compile (a tiny model's train step took 11.5 s of CPU to compile with
+# all of them unrolled, 6.0 s with this threshold, 6.8 s with none), for little speed.
 UNROLL_MIN_ELEMENTS = 1024
 
 _done = False
