@@ -24,12 +24,17 @@ import sys
 import tempfile
 import time
 
+import ml_collections
+
+from jaxformer import config as config_lib
+from jaxformer.data import sources, tokenizer as tokenizer_lib
+from jaxformer.train import loop
+
 DTYPES = ("float32", "bfloat16")
 QUICK = dict(d_model=64, d_ff=256, num_heads=4, steps=200, warmup=100)
 
 
 def make_config(dtype: str, quick: bool):
-  from jaxformer import config as config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.load_experiment("default")
   config.model.dtype = dtype
   if quick:
@@ -48,9 +53,6 @@ def make_config(dtype: str, quick: bool):
 
 def train(dtype: str, quick: bool, workdir: str) -> dict:
   """One run in a fresh directory under `workdir` (vocabulary and data shared); its result."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from jaxformer.data import sources, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from jaxformer.train import loop  # pylint: disable=g-import-not-at-top
   config = make_config(dtype, quick)
   tokenizer_lib.load_or_train(config, workdir)  # Made once, shared by both runs.
   config.data.data_dir = sources.resolve_data_dir(config, workdir)

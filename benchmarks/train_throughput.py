@@ -60,7 +60,17 @@ import time
 import warnings
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from jax.profiler import ProfileData
+
+from jaxformer import config as config_lib
+from jaxformer import decode
+from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
+from jaxformer.data.tokenizer import EOS_ID
+from jaxformer.train import flops, loop, parallel, state as state_lib
 
 SOURCE_LEN = 16          # source tokens of a decoded sentence, EOS included.
 ALPHA = 0.6              # length penalty of beam search (the paper's).
@@ -99,7 +109,6 @@ QUICK_MODELS = ("default", "d256")
 
 def make_config(name: str, settings: dict):
   """The run config of model `name` with the benchmark's overrides (dtype, scan, remat, batch)."""
-  from jaxformer import config as config_lib  # pylint: disable=g-import-not-at-top
   spec = MODELS[name]
   config = config_lib.load_experiment(spec.experiment)
   config.model.update(spec.model)
@@ -134,8 +143,6 @@ def synthetic_rows(config, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
 def matmul_peak(dtype: str) -> tuple[float, float]:
   """The best FLOP/s of a square matmul in `dtype` on the first device, over PEAK_ROUNDS: by
   wall time, and per second of this process's CPU time (see CPU-time MFU in the docstring)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   platform = jax.devices()[0].platform
   size = PEAK_MATMUL_SIZE.get(platform, ACCELERATOR_MATMUL_SIZE)
   calls = 1 if platform == "cpu" else 10  # several calls per round amortise the launch.
@@ -156,7 +163,6 @@ def matmul_peak(dtype: str) -> tuple[float, float]:
 
 def peak_memory() -> tuple[int, str]:
   """(bytes, what): the device allocator's peak where it has one, else the process's max RSS."""
-  import jax  # pylint: disable=g-import-not-at-top
   stats = jax.local_devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     return int(stats["peak_bytes_in_use"]), "device peak"
@@ -167,14 +173,12 @@ def peak_memory() -> tuple[int, str]:
           return int(line.split()[1]) * 1024, "process max RSS"
   except OSError:
     pass
-  import resource  # pylint: disable=g-import-not-at-top
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
 
 
 def time_steps(step: Callable[[], Any], steps: int) -> tuple[list[float], float]:
   """Wall seconds of each of `steps` calls of `step` (each waited for), and the process CPU
   seconds per call over all of them."""
-  import jax  # pylint: disable=g-import-not-at-top
   times = []
   start_cpu = time.process_time()
   for _ in range(steps):
@@ -186,8 +190,6 @@ def time_steps(step: Callable[[], Any], steps: int) -> tuple[list[float], float]
 
 def measure_training(name: str, settings: dict) -> dict:
   """Compile time, step times, tokens/s, MFU and peak memory of model `name`'s train step."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jaxformer.train import flops, parallel, state as state_lib  # pylint: disable=g-import-not-at-top
   config = make_config(name, settings)
   spec = MODELS[name]
   steps = settings["steps"] or (3 if settings["quick"] else spec.steps)
@@ -253,10 +255,6 @@ def measure_training(name: str, settings: dict) -> dict:
 
 def measure_decoding(config, params, settings: dict) -> list[dict]:
   """Sentences/s of greedy search and beam 4 over `settings['decode_batch']` sentences."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jaxformer import decode  # pylint: disable=g-import-not-at-top
-  from jaxformer.data.tokenizer import EOS_ID  # pylint: disable=g-import-not-at-top
-  from jaxformer.train import state as state_lib  # pylint: disable=g-import-not-at-top
   model = state_lib.make_model(config)
   batch, new_tokens = settings["decode_batch"], settings["decode_tokens"]
   rng = np.random.default_rng(0)
@@ -285,9 +283,6 @@ def measure_decoding(config, params, settings: dict) -> list[dict]:
 def measure_pipeline(settings: dict) -> dict:
   """The default experiment's input pipeline: its own speed and packing, and the data wait that
   the training loop (jaxformer.train.loop) logs over a short real run."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from jaxformer.train import loop  # pylint: disable=g-import-not-at-top
   config = make_config("default", settings)
   workdir = settings["workdir"]
   tokenizer = tokenizer_lib.load_or_train(config, workdir)
@@ -344,7 +339,6 @@ CONTAINER_EVENT = re.compile(r"ThunkExecutor|Await|PjitFunction|block_until_read
 
 def trace_steps(step: Callable[[], Any], log_dir: str) -> dict:
   """Records TRACE_STEPS steps with jax.profiler and summarises the time per op (per step)."""
-  import jax  # pylint: disable=g-import-not-at-top
   with jax.profiler.trace(log_dir):
     for _ in range(TRACE_STEPS):
       jax.block_until_ready(step())
@@ -357,7 +351,6 @@ def summarize_trace(log_dir: str, steps: int) -> dict:
   Device planes ('/device:...') when the trace has them (GPU, TPU); else the host's XLA
   compute threads (CPU), whose op events are summed over threads (busy time, not wall time).
   """
-  from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
   path = sorted(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True))[-1]
   data = ProfileData.from_file(path)
   planes = [p for p in data.planes if p.name.startswith("/device:")]
@@ -401,7 +394,6 @@ def run_task(task: str, settings: dict) -> dict:
 
 
 def device_info() -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
   return dict(platform=device.platform, device_kind=device.device_kind,
               device_count=jax.device_count(), cpu_count=os.cpu_count(),
@@ -423,7 +415,8 @@ def print_tables(report: dict) -> None:
   print(f"Device: {d['device_count']} x {d['device_kind']} ({d['platform']}), "
         f"{d['cpu_count']} CPU cores, jax {d['jax_version']}; {report['date']}")
   print("Train step (best of the timed steps; MFU = model FLOP/s / (best matmul peak x devices))")
-  header = (f"{'model':<8} {'N':>2} {'params':>7} {'dtype':<8} {'scan':<5} {'remat':<5} {'batch':>8} "
+  header = (f"{'model':<8} {'N':>2} {'params':>7} {'dtype':<8} {'scan':<5} {'remat':<5} "
+            f"{'batch':>8} "
             f"{'GFLOP/step':>10} {'MFLOP/tok':>9} {'compile s':>9} {'step s':>8} "
             f"{'median s':>8} {'tokens/s':>9} {'peak GFLOP/s':>12} {'MFU':>6} {'med MFU':>7} "
             f"{'CPU MFU':>7} {'memory':>10}")

@@ -87,7 +87,8 @@ def train(cfg, params) -> tuple[list[dict], list]:
 
 
 def assert_close(got, want):
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want)):
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got),
+                          jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(a, b, rtol=TOLERANCE, atol=TOLERANCE,
                                err_msg=jax.tree_util.keystr(path))
 
