@@ -185,7 +185,11 @@ def _first_line(error: BaseException) -> str:
 
 def _damage_reason(error: BaseException, ckpt_dir: epath.Path) -> str:
   """'missing file state/d/1f3a...' from a tensorstore error, else the error's first line."""
-  text = str(error)
+  chain, seen = [], error
+  while seen is not None and len(chain) < 8:  # The error and the errors it was raised from.
+    chain.append(str(seen))
+    seen = seen.__cause__ or seen.__context__
+  text = "\n".join(chain)
   code = re.search(r"\b(" + "|".join(_TENSORSTORE_PROBLEMS) + r")\b", text)
   files = re.findall(r'local file "([^"]+)"', text)
   if code and files:
