@@ -43,6 +43,38 @@ def test_matches_optax_smooth_labels_cross_entropy():
                              rtol=1e-5)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_written_out_gradient_matches_autodiff_of_optax(eps):
+  """The custom backward pass (p - q) against autodiff of optax's cross entropy, for any mix
+  of the loss's and the nll's cotangents."""
+  rng = np.random.RandomState(1)
+  logits = (rng.randn(2, 5, V) * 3).astype(np.float32)
+  targets = rng.randint(1, V, size=(2, 5)).astype(np.int32)
+  g_loss, g_nll = rng.rand(2, 5).astype(np.float32), rng.rand(2, 5).astype(np.float32)
+
+  def ours(x):
+    loss, nll = objective.smoothed_cross_entropy(x, targets, eps)
+    return (g_loss * loss).sum() + (g_nll * nll).sum()
+
+  def reference(x):
+    one_hot = jax.nn.one_hot(targets, V)
+    loss = optax.softmax_cross_entropy(x, optax.smooth_labels(one_hot, eps))
+    nll = optax.softmax_cross_entropy(x, one_hot)
+    return (g_loss * loss).sum() + (g_nll * nll).sum()
+
+  np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(reference)(logits), atol=1e-6)
+
+
+def test_gradient_keeps_the_logits_dtype():
+  logits = jax.numpy.asarray(np.random.RandomState(2).randn(1, 3, V), jax.numpy.bfloat16)
+  targets = np.array([[1, 2, 3]], np.int32)
+  grad = jax.grad(lambda x: objective.smoothed_cross_entropy(x, targets, 0.1)[0].sum())(logits)
+  assert grad.dtype == jax.numpy.bfloat16
+  # Each row of p - q sums to zero (both are distributions).
+  np.testing.assert_allclose(np.asarray(grad, np.float32).sum(-1), 0.0, atol=2e-2)
+
+
 def test_pad_tokens_contribute_nothing():
   rng = np.random.RandomState(0)
   logits = rng.randn(2, 6, V).astype(np.float32)
