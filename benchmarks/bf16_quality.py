@@ -11,6 +11,9 @@ exact match is within `--tolerance` points (1) of float32's.
   python benchmarks/bf16_quality.py --quick    # a smaller model (D=64, F=256), 200 steps
   python benchmarks/bf16_quality.py --json
 
+tests/test_bf16_quality.py runs the same comparison at the size SIZES['test'] (less data, 150
+steps: under a minute for both runs).
+
 Exits 0 when bfloat16 is within the tolerance, 1 otherwise.
 """
 
@@ -31,17 +34,24 @@ from jaxformer.data import sources, tokenizer as tokenizer_lib
 from jaxformer.train import loop
 
 DTYPES = ("float32", "bfloat16")
-QUICK = dict(d_model=64, d_ff=256, num_heads=4, steps=200, warmup=100)
+# Overrides of the default experiment per size; 'full' is the experiment as it is.
+SIZES = {
+    "full": {},
+    "quick": {"model.d_model": 64, "model.d_ff": 256, "model.num_heads": 4,
+              "train.steps": 200, "train.warmup_steps": 100},
+    "test": {"model.d_model": 64, "model.d_ff": 256, "model.num_heads": 4,
+             "train.steps": 150, "train.warmup_steps": 100, "data.num_train": 6000,
+             "data.num_validation": 400, "data.num_test": 16},
+}
 
 
-def make_config(dtype: str, quick: bool):
+def make_config(dtype: str, size: str = "full"):
+  """The default experiment at `size` (SIZES) with `model.dtype=dtype`, evaluated once."""
   config = config_lib.load_experiment("default")
   config.model.dtype = dtype
-  if quick:
-    config.model.update(d_model=QUICK["d_model"], d_ff=QUICK["d_ff"],
-                        num_heads=QUICK["num_heads"])
-    config.train.steps = QUICK["steps"]
-    config.train.warmup_steps = QUICK["warmup"]
+  for key, value in SIZES[size].items():
+    section, name = key.split(".")
+    config[section][name] = value
   # Evaluate once, at the end, decoding every validation sentence.
   config.train.eval_every_steps = config.train.steps
   config.checkpoint.every_steps = config.train.steps
@@ -51,9 +61,9 @@ def make_config(dtype: str, quick: bool):
   return config
 
 
-def train(dtype: str, quick: bool, workdir: str) -> dict:
+def train(dtype: str, size: str, workdir: str) -> dict:
   """One run in a fresh directory under `workdir` (vocabulary and data shared); its result."""
-  config = make_config(dtype, quick)
+  config = make_config(dtype, size)
   tokenizer_lib.load_or_train(config, workdir)  # Made once, shared by both runs.
   config.data.data_dir = sources.resolve_data_dir(config, workdir)
   run_dir = tempfile.mkdtemp(prefix=f"{dtype}-", dir=workdir)
@@ -72,23 +82,28 @@ def train(dtype: str, quick: bool, workdir: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  quick = SIZES["quick"]
   parser.add_argument("--quick", action="store_true",
-                      help=f"D={QUICK['d_model']}, F={QUICK['d_ff']}, {QUICK['steps']} steps")
+                      help=f"--size quick: D={quick['model.d_model']}, F={quick['model.d_ff']}, "
+                           f"{quick['train.steps']} steps")
+  parser.add_argument("--size", choices=sorted(SIZES), default="full",
+                      help="overrides of the default experiment (SIZES); 'full': none")
   parser.add_argument("--tolerance", type=float, default=1.0,
                       help="exact match points bfloat16 may lose (default 1)")
   parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(),
                                                         "jaxformer_bf16_quality"))
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
-  runs = {dtype: train(dtype, args.quick, args.workdir) for dtype in DTYPES}
+  size = "quick" if args.quick else args.size
+  runs = {dtype: train(dtype, size, args.workdir) for dtype in DTYPES}
   gap = 100 * (runs["float32"]["exact_match"] - runs["bfloat16"]["exact_match"])
-  report = dict(date=time.strftime("%Y-%m-%d %H:%M"), quick=args.quick, runs=runs,
+  report = dict(date=time.strftime("%Y-%m-%d %H:%M"), size=size, runs=runs,
                 exact_match_gap_points=gap, tolerance_points=args.tolerance,
                 passed=gap <= args.tolerance)
   if args.json:
     print(json.dumps(report, indent=2))
   else:
-    print(f"default experiment{' (--quick)' if args.quick else ''}: exact match over "
+    print(f"default experiment{'' if size == 'full' else f' ({size} size)'}: exact match over "
           f"{runs['float32']['decoded']} validation sentences")
     print(f"{'dtype':<9} {'steps':>5} {'exact match':>11} {'BLEU':>6} {'val loss':>8} "
           f"{'train loss':>10} {'step s':>7} {'run s':>6}")

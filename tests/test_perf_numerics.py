@@ -7,8 +7,7 @@
 - the unrolled threefry lowering (jaxformer/train/threefry.py) draws the same random bits as the
   reference Threefry-2x32 (Salmon et al. 2011, the Random123 known-answer vectors).
 
-bfloat16 training quality is checked by benchmarks/bf16_quality.py (see benchmarks/RESULTS.md):
-two real training runs of the default task do not fit the test suite's time.
+bfloat16 training quality is tested by tests/test_bf16_quality.py (two real training runs).
 """
 
 import jax
