@@ -332,9 +332,10 @@ def measure_pipeline(settings: dict) -> dict:
 
 # --- Profiles. --------------------------------------------------------------------------------
 
-# Events that contain other events (whole executions, waits), not ops.
+# Events that contain other events (whole executions, waits) or mark points, not ops.
 CONTAINER_EVENT = re.compile(r"ThunkExecutor|Await|PjitFunction|block_until_ready|Execute|"
-                             r"^\$|XLA Ops|Steps|TraceContext")
+                             r"^\$|XLA Ops|Steps|TraceContext|ThreadpoolListener|^end: |"
+                             r"^Wait for")
 
 
 def trace_steps(step: Callable[[], Any], log_dir: str) -> dict:
@@ -346,33 +347,64 @@ def trace_steps(step: Callable[[], Any], log_dir: str) -> dict:
 
 
 def summarize_trace(log_dir: str, steps: int) -> dict:
-  """The ops of a jax.profiler trace by total time per step, and by kind (name sans number).
+  """The ops of a jax.profiler trace by time per step, and by kind (name sans number).
 
   Device planes ('/device:...') when the trace has them (GPU, TPU); else the host's XLA
-  compute threads (CPU), whose op events are summed over threads (busy time, not wall time).
+  compute threads (CPU). Two accounts of each op:
+  - busy: its events' durations, summed over threads (what the op costs);
+  - wall: each instant of the trace split evenly between the ops running at that instant, so
+    the ops' wall times add up to the time the step spent running any op (what the step waits
+    for; XLA:CPU runs independent ops concurrently, which the busy account counts twice).
   """
   path = sorted(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True))[-1]
   data = ProfileData.from_file(path)
   planes = [p for p in data.planes if p.name.startswith("/device:")]
   if not planes:
     planes = [p for p in data.planes if p.name.startswith("/host:")]
-  by_op: dict[str, float] = {}
+  events = []  # (start ns, end ns, op name)
   for plane in planes:
     for line in plane.lines:
       if line.name == "python" or "PjRtCpuClient" in line.name:
         continue
-      for event in line.events:
-        if CONTAINER_EVENT.search(event.name):
-          continue
-        by_op[event.name] = by_op.get(event.name, 0.0) + event.duration_ns / 1e6 / steps
-  by_kind: dict[str, float] = {}
-  for op, ms in by_op.items():
-    kind = re.sub(r"\.\d+$", "", op)
-    by_kind[kind] = by_kind.get(kind, 0.0) + ms
-  total = sum(by_op.values())
-  top = lambda d: [dict(name=k, ms_per_step=v, share=v / total)  # noqa: E731
-                   for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:TOP_OPS]]
-  return dict(path=path, busy_ms_per_step=total, top_ops=top(by_op), top_kinds=top(by_kind))
+      events += [(e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events
+                 if not CONTAINER_EVENT.search(e.name)]
+  busy: dict[str, float] = {}
+  for start, end, name in events:
+    busy[name] = busy.get(name, 0.0) + (end - start) / 1e6 / steps
+  wall = wall_time_by_op(events, steps)
+  kind = lambda op: re.sub(r"\.\d+$", "", op)  # noqa: E731
+  busy_by_kind: dict[str, float] = {}
+  wall_by_kind: dict[str, float] = {}
+  for op in busy:
+    busy_by_kind[kind(op)] = busy_by_kind.get(kind(op), 0.0) + busy[op]
+    wall_by_kind[kind(op)] = wall_by_kind.get(kind(op), 0.0) + wall.get(op, 0.0)
+  busy_total, wall_total = sum(busy.values()), sum(wall.values())
+  top_kinds = [dict(name=k, ms_per_step=v, share=v / busy_total,
+                    wall_ms_per_step=wall_by_kind[k], wall_share=wall_by_kind[k] / wall_total)
+               for k, v in sorted(busy_by_kind.items(), key=lambda kv: -kv[1])[:TOP_OPS]]
+  top_ops = [dict(name=k, ms_per_step=v, share=v / busy_total, wall_ms_per_step=wall[k])
+             for k, v in sorted(busy.items(), key=lambda kv: -kv[1])[:TOP_OPS]]
+  return dict(path=path, busy_ms_per_step=busy_total, wall_ms_per_step=wall_total,
+              top_ops=top_ops, top_kinds=top_kinds)
+
+
+def wall_time_by_op(events: list[tuple[int, int, str]], steps: int) -> dict[str, float]:
+  """Ms per step of wall time of each op: every instant shared evenly by the ops running then."""
+  edges = sorted([(start, 1, i) for i, (start, _, _) in enumerate(events)]
+                 + [(end, -1, i) for i, (_, end, _) in enumerate(events)])
+  wall: dict[str, float] = {}
+  running: set[int] = set()
+  last = edges[0][0] if edges else 0
+  for time_ns, change, i in edges:
+    for j in running:
+      name = events[j][2]
+      wall[name] = wall.get(name, 0.0) + (time_ns - last) / len(running) / 1e6 / steps
+    last = time_ns
+    if change > 0:
+      running.add(i)
+    else:
+      running.discard(i)
+  return wall
 
 
 # --- The parent: one subprocess per model, then the tables. ----------------------------------
@@ -482,10 +514,13 @@ def print_tables(report: dict) -> None:
     if "trace" in r:
       print()
       t = r["trace"]
-      print(f"Top ops of {r['model']} ({t['busy_ms_per_step']:.0f} busy ms per step, summed "
-            f"over compute threads; {t['path']})")
+      print(f"Top ops of {r['model']}: busy = summed over compute threads "
+            f"({t['busy_ms_per_step']:.0f} ms per step), wall = each instant split between the "
+            f"ops running then ({t['wall_ms_per_step']:.0f} ms per step); {t['path']}")
+      print(f"  {'busy ms':>9} {'share':>6} {'wall ms':>9} {'share':>6}  op kind")
       for row in t["top_kinds"]:
-        print(f"  {row['ms_per_step']:9.1f} ms {row['share']:6.1%}  {row['name']}")
+        print(f"  {row['ms_per_step']:9.1f} {row['share']:6.1%} {row['wall_ms_per_step']:9.1f} "
+              f"{row['wall_share']:6.1%}  {row['name']}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
