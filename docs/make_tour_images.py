@@ -70,7 +70,7 @@ def padded_batch(tokenizer, texts) -> np.ndarray:
 
 # --- The pictures that are not `jaxformer plot` commands. -------------------------------------
 
-def embeddings_figure(run: plots.Run) -> Figure:
+def embeddings_figure(run: checkpoint.InferenceRun) -> Figure:
   """Cosine similarity of the learned embeddings of English and Spanish number words."""
   ids = [run.tokenizer.encode(w) for w in WORDS]
   keep = [(w, i[0]) for w, i in zip(WORDS, ids) if len(i) == 1]  # words that are one piece.
@@ -88,7 +88,7 @@ def embeddings_figure(run: plots.Run) -> Figure:
   return figure
 
 
-def normalization_figure(run: plots.Run) -> Figure:
+def normalization_figure(run: checkpoint.InferenceRun) -> Figure:
   """LayerNorm and BatchNorm of the same sentence in two batches (embeddings + positions)."""
   cfg = run.config.model
 
@@ -136,7 +136,7 @@ def normalization_figure(run: plots.Run) -> Figure:
   return figure
 
 
-def masks_figure(run: plots.Run) -> Figure:
+def masks_figure(run: checkpoint.InferenceRun) -> Figure:
   """The boolean masks of a padded batch, for its shortest sentence (True = may attend)."""
   source = padded_batch(run.tokenizer, BATCH_A)
   target = padded_batch(run.tokenizer, ("setecientos", "doce", "nueve mil ochenta y uno"))
@@ -161,7 +161,7 @@ def masks_figure(run: plots.Run) -> Figure:
   return figure
 
 
-def teacher_forcing_figure(run: plots.Run) -> Figure:
+def teacher_forcing_figure(run: checkpoint.InferenceRun) -> Figure:
   """Teacher forcing: at every position the decoder reads the reference so far (shifted right)
   and predicts the next reference token; the bars are the probability it gives that token."""
   source = padded_batch(run.tokenizer, [SENTENCE])
@@ -184,7 +184,7 @@ def teacher_forcing_figure(run: plots.Run) -> Figure:
   return figure
 
 
-def beam_figure(run: plots.Run) -> Figure:
+def beam_figure(run: checkpoint.InferenceRun) -> Figure:
   """The beam's hypotheses and their length-normalized scores, beside greedy search."""
   d = run.config.decode
   source = padded_batch(run.tokenizer, [SENTENCE])
@@ -220,7 +220,7 @@ def main() -> None:
   args = parser.parse_args()
   os.makedirs(IMAGES, exist_ok=True)
   ensure_trained(args.workdir)
-  run = plots.load_run(args.workdir)
+  run = checkpoint.load_for_inference(args.workdir, sharding=plots.inference_sharding())
   plots.plot_curves([args.workdir], out=os.path.join(IMAGES, "curves.png"))
   plots.plot_positions(run.config, out=os.path.join(IMAGES, "positions.png"))
   plots.plot_attention(args.workdir, SENTENCE, out=os.path.join(IMAGES, "attention.png"))

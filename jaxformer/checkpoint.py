@@ -39,7 +39,7 @@ import os
 import re
 import signal
 import sys
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import grain
 import jax
@@ -50,7 +50,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxformer import config as config_lib
+from jaxformer.data.tokenizer import VOCAB_FILENAME, Tokenizer
 from jaxformer.errors import CheckpointError
+from jaxformer.model.transformer import Transformer
 
 PyTree = Any
 
@@ -648,6 +650,36 @@ def load_params(workdir: str, step: int | str | None = None, sharding: Any = Non
     raise CheckpointError(f"{os.path.join(workdir, CONFIG_FILE)} is missing; the model cannot "
                           "be rebuilt without the config the run was trained with")
   return _restore_params(ckpt_dir, label, workdir, sharding=sharding), label, run_config
+
+
+class InferenceRun(NamedTuple):
+  """What translating, evaluating or drawing with a checkpoint needs."""
+  model: Transformer
+  params: PyTree
+  config: ml_collections.FrozenConfigDict
+  tokenizer: Tokenizer
+  step: int | str
+
+
+def load_for_inference(workdir: str, step: int | str | None = None, sharding: Any = None
+                       ) -> InferenceRun:
+  """The model, parameters, config and vocabulary of a checkpoint in `workdir`.
+
+  `step` and `sharding` are those of `load_params`. Raises CheckpointError saying what to do
+  when the workdir does not exist or the checkpoint is missing or damaged, DataError when the
+  vocabulary is missing.
+  """
+  if not epath.Path(workdir).is_dir():  # The workdir may be on gs://.
+    raise CheckpointError(
+        f"workdir {workdir} does not exist; train first with `jaxformer train --workdir "
+        f"{workdir}` (or ./launch.sh EXPERIMENT --workdir {workdir})")
+  workdir = absolute_workdir(workdir)
+  try:
+    params, step, config = load_params(workdir, step=step, sharding=sharding)
+  except DamagedCheckpointError as e:
+    raise CheckpointError(f"{e}; choose another with --step ({available(workdir)})") from None
+  tokenizer = Tokenizer.load(os.path.join(workdir, VOCAB_FILENAME))
+  return InferenceRun(Transformer(config=config.model), params, config, tokenizer, step)
 
 
 def average_checkpoints(workdir: str, last_k: int) -> str:

@@ -49,32 +49,12 @@ def cmd_train(args, overrides) -> int:
   return 0
 
 
-def _load_for_inference(workdir: str, step):
-  """(model, params, config, tokenizer, step) from a workdir's checkpoint."""
-  import os
-  from etils import epath
-  from jaxformer import checkpoint
-  from jaxformer.data.tokenizer import Tokenizer
-  from jaxformer.errors import CheckpointError
-  from jaxformer.model.transformer import Transformer
-  if not epath.Path(workdir).is_dir():  # The workdir may be on gs://.
-    raise CheckpointError(f"workdir {workdir} does not exist; train first with "
-                          f"`./launch.sh EXPERIMENT --workdir {workdir}`")
-  try:
-    params, step, config = checkpoint.load_params(workdir, step=step)
-  except checkpoint.DamagedCheckpointError as e:
-    raise CheckpointError(f"{e}; choose another with --step ({checkpoint.available(workdir)})"
-                          ) from None
-  tokenizer = Tokenizer.load(os.path.join(workdir, "vocab.model"))
-  return Transformer(config=config.model), params, config, tokenizer, step
-
-
 def cmd_evaluate(args, overrides) -> int:
   import json
-  from jaxformer import evaluate
+  from jaxformer import checkpoint, evaluate
   from jaxformer.data import sources
   from jaxformer.train.writer import MetricsWriter
-  _, params, config, tokenizer, step = _load_for_inference(args.workdir, args.step)
+  _, params, config, tokenizer, step = checkpoint.load_for_inference(args.workdir, args.step)
   metrics = evaluate.evaluate_checkpoint(
       config, params, tokenizer=tokenizer,
       data_dir=sources.resolve_data_dir(config, args.workdir), split=args.split,
@@ -95,8 +75,8 @@ def cmd_evaluate(args, overrides) -> int:
 
 
 def cmd_translate(args, overrides) -> int:
-  from jaxformer import decode
-  model, params, config, tokenizer, _ = _load_for_inference(args.workdir, args.step)
+  from jaxformer import checkpoint, decode
+  model, params, config, tokenizer, _ = checkpoint.load_for_inference(args.workdir, args.step)
   if args.input:
     try:
       with open(args.input, encoding="utf-8") as f:

@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from jaxformer import checkpoint, decode
-from jaxformer.data.tokenizer import EOS_ID, UNK_ID, VOCAB_FILENAME, Tokenizer
+from jaxformer.data.tokenizer import EOS_ID, UNK_ID, Tokenizer
 from jaxformer.errors import InputError
 from jaxformer.model.embedding import sinusoidal_table
 from jaxformer.model.transformer import LAYERS, Transformer, shift_right
@@ -128,35 +128,9 @@ class AttentionMaps(NamedTuple):
   decoder_self: np.ndarray    # [N, H, T, T] masked decoder self-attention.
 
 
-class Run(NamedTuple):
-  """What inference needs from a workdir."""
-  model: Transformer
-  params: Any
-  config: Any
-  tokenizer: Tokenizer
-  step: int | str
-
-
 def inference_sharding() -> jax.sharding.Sharding:
   """Where parameters for drawing go: the first local device (one sentence needs no more)."""
   return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-
-def load_run(workdir: str, step: int | str | None = None) -> Run:
-  """The model, parameters (on one device), config and vocabulary of a checkpoint in `workdir`.
-
-  Raises CheckpointError when the workdir or the checkpoint is missing, DataError when the
-  vocabulary is.
-  """
-  if not epath.Path(workdir).is_dir():
-    raise checkpoint.CheckpointError(
-        f"workdir {workdir} does not exist; train first with `jaxformer train --workdir "
-        f"{workdir}` (or ./launch.sh EXPERIMENT --workdir {workdir})")
-  workdir = checkpoint.absolute_workdir(workdir)
-  params, step, config = checkpoint.load_params(workdir, step=step,
-                                                sharding=inference_sharding())
-  tokenizer = Tokenizer.load(os.path.join(workdir, VOCAB_FILENAME))
-  return Run(Transformer(config=config.model), params, config, tokenizer, step)
 
 
 def check_not_empty(text: str) -> None:
@@ -321,7 +295,7 @@ def plot_attention(workdir: str, text: str, step: int | str | None = None,
   """Translates `text` with a checkpoint of `workdir` and draws its attention (`draw_attention`)
   to `out`. Returns the weights it drew. Decoding uses the run's config.decode settings."""
   check_not_empty(text)
-  run = load_run(workdir, step)
+  run = checkpoint.load_for_inference(workdir, step, sharding=inference_sharding())
   check_layer(layer, run.config.model.num_layers)
   d = run.config.decode
   maps = attention_maps(run.model, run.params, run.tokenizer, text, beam_size=d.beam_size,

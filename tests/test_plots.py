@@ -55,7 +55,7 @@ def make_run(workdir, config, tokenizer, seed=0):
   data = iter(grain.MapDataset.range(4).to_iter_dataset())
   with checkpoint.Checkpointer(workdir, every_steps=1, keep=1, async_save=False) as ckpt:
     ckpt.save(STEP, state, data, force=True)
-  # Placed as load_run places them, so that compiled decoders are shared with plots.
+  # Placed as plots places them, so that compiled decoders are shared with plots.
   return jax.device_put(state.params, plots.inference_sharding())
 
 
