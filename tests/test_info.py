@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-import pytest
 
 from jaxformer import cli
 from jaxformer import config as config_lib

@@ -44,7 +44,6 @@ from typing import Any, Sequence
 import flax.jax_utils
 from jax.experimental import multihost_utils
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P

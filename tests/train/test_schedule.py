@@ -1,7 +1,6 @@
 """The learning-rate schedules, against the paper's formula computed here independently."""
 
 import numpy as np
-import optax
 import pytest
 from train_testing import tiny_config
 

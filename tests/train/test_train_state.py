@@ -4,7 +4,6 @@ import functools
 
 import jax
 import numpy as np
-import pytest
 from train_testing import tiny_config
 
 from jaxformer.train import state as state_lib
