@@ -30,7 +30,9 @@ import time
 import ml_collections
 
 from jaxformer import config as config_lib
+from jaxformer import workdir as workdir_lib
 from jaxformer.data import sources, tokenizer as tokenizer_lib
+from jaxformer.data import vocab
 from jaxformer.train import loop
 
 DTYPES = ("float32", "bfloat16")
@@ -64,10 +66,10 @@ def make_config(dtype: str, size: str = "full"):
 def train(dtype: str, size: str, workdir: str) -> dict:
   """One run in a fresh directory under `workdir` (vocabulary and data shared); its result."""
   config = make_config(dtype, size)
-  tokenizer_lib.load_or_train(config, workdir)  # Made once, shared by both runs.
-  config.data.data_dir = sources.resolve_data_dir(config, workdir)
+  vocab.load_or_train(config, workdir)  # Made once, shared by both runs.
+  config.data.data_dir = workdir_lib.resolve_data_dir(config, workdir)
   run_dir = tempfile.mkdtemp(prefix=f"{dtype}-", dir=workdir)
-  shutil.copy(os.path.join(workdir, tokenizer_lib.VOCAB_FILENAME), run_dir)
+  shutil.copy(os.path.join(workdir, workdir_lib.VOCAB_FILE), run_dir)
   start = time.perf_counter()
   validation = loop.train_and_evaluate(ml_collections.FrozenConfigDict(config), run_dir)
   seconds = time.perf_counter() - start

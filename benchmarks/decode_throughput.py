@@ -30,8 +30,8 @@ import numpy as np
 
 from jaxformer import config as config_lib
 from jaxformer import decode
-from jaxformer.data.tokenizer import EOS_ID
 from jaxformer.model.transformer import Transformer
+from jaxformer.tokens import EOS_ID
 
 OUTPUT_LEN = 64  # tokens generated per sentence (issue 6: the 5x claim is at 64 tokens).
 SOURCE_LEN = 16  # source tokens per sentence, EOS included; max_extra_len = the difference.

@@ -3,7 +3,7 @@
 For each model (random parameters; synthetic rows in which every position is a real token):
 
 - FLOPs of one training step, and per target token (forward + backward, attention included;
-  the closed form of jaxformer/train/flops.py);
+  the closed form of jaxformer/train/throughput.py);
 - the device's peak: the best FLOP/s of a large square matmul in the compute dtype;
 - the train step run through the strategy that training uses
   (`jaxformer.train.parallel.make_strategy`: state donated, batch sharded over every device):
@@ -69,9 +69,11 @@ from jax.profiler import ProfileData
 
 from jaxformer import config as config_lib
 from jaxformer import decode
+from jaxformer import workdir as workdir_lib
 from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
-from jaxformer.data.tokenizer import EOS_ID
-from jaxformer.train import flops, loop, parallel, state as state_lib
+from jaxformer.data import vocab
+from jaxformer.tokens import EOS_ID
+from jaxformer.train import loop, parallel, state as state_lib, throughput
 
 SOURCE_LEN = 16          # source tokens of a decoded sentence, EOS included.
 ALPHA = 0.6              # length penalty of beam search (the paper's).
@@ -224,7 +226,7 @@ def measure_training(name: str, settings: dict) -> dict:
   else:
     trace = None
 
-  step_flops = flops.train_step_flops(config)
+  step_flops = throughput.train_step_flops(config)
   target_tokens = config.train.batch_size * config.data.max_len
   best, median = min(times), statistics.median(times)
   peak = settings["peak_flops"] or max(wall for wall, _ in peaks)
@@ -286,8 +288,8 @@ def measure_pipeline(settings: dict) -> dict:
   the training loop (jaxformer.train.loop) logs over a short real run."""
   config = make_config("default", settings)
   workdir = settings["workdir"]
-  tokenizer = tokenizer_lib.load_or_train(config, workdir)
-  data_dir = sources.resolve_data_dir(config, workdir)
+  tokenizer = vocab.load_or_train(config, workdir)
+  data_dir = workdir_lib.resolve_data_dir(config, workdir)
   batches = 10 if settings["quick"] else 40
 
   # 1. The iterator alone, consumed as fast as it produces.
@@ -309,7 +311,7 @@ def measure_pipeline(settings: dict) -> dict:
   # 2. The training loop itself, two logging windows of `batches` steps, in a fresh run
   #    directory beside the data (its vocabulary copied in); the second window is steady.
   run_dir = tempfile.mkdtemp(prefix="loop-", dir=workdir)
-  shutil.copy(os.path.join(workdir, tokenizer_lib.VOCAB_FILENAME), run_dir)
+  shutil.copy(os.path.join(workdir, workdir_lib.VOCAB_FILE), run_dir)
   config.data.data_dir = data_dir
   config.train.steps = 2 * batches
   config.train.log_every_steps = batches

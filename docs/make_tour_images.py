@@ -28,10 +28,11 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from jaxformer import checkpoint, decode, plots  # noqa: E402
 from jaxformer import config as config_lib  # noqa: E402
-from jaxformer.data.tokenizer import EOS_ID, PAD_ID  # noqa: E402
+from jaxformer import workdir as workdir_lib  # noqa: E402
 from jaxformer.model import attention  # noqa: E402
 from jaxformer.model.embedding import PositionalEncoding, TokenEmbedding  # noqa: E402
 from jaxformer.model.transformer import shift_right  # noqa: E402
+from jaxformer.tokens import EOS_ID, PAD_ID  # noqa: E402
 
 IMAGES = os.path.join(ROOT, "docs", "images")
 EXPERIMENT = "default"
@@ -51,8 +52,8 @@ FEATURES_SHOWN = 32  # of D, in the normalization picture.
 
 def ensure_trained(workdir: str) -> None:
   """Trains the default experiment in `workdir` unless it already has a checkpoint."""
-  if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)) and os.listdir(
-      os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)):
+  if os.path.isdir(os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR)) and os.listdir(
+      os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR)):
     return
   from jaxformer.train import loop
   print(f"training the {EXPERIMENT!r} experiment into {workdir} (a few minutes on a CPU)")

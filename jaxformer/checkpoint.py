@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import sys
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import grain
 import jax
@@ -49,18 +47,21 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxformer import config as config_lib
-from jaxformer.data.tokenizer import VOCAB_FILENAME, Tokenizer
+from jaxformer import workdir as workdir_lib
+from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.errors import CheckpointError
+from jaxformer.log import log
 from jaxformer.model.transformer import Transformer
 
 PyTree = Any
 
-CONFIG_FILE = "config.json"
-CHECKPOINTS_DIR = "checkpoints"
-AVERAGED_DIR = "averaged"
-DAMAGED_DIR = "damaged"
-SUPERSEDED_DIR = "superseded"
+CONFIG_FILE = workdir_lib.CONFIG_FILE
+CHECKPOINTS_DIR = workdir_lib.CHECKPOINTS_DIR
+AVERAGED_DIR = workdir_lib.AVERAGED_DIR
+DAMAGED_DIR = workdir_lib.DAMAGED_DIR
+SUPERSEDED_DIR = workdir_lib.SUPERSEDED_DIR
+absolute_workdir = workdir_lib.absolute_workdir
+read_run_config = workdir_lib.read_run_config
 
 STATE_ITEM = "state"    # the TrainState, saved with orbax's StandardSave.
 DATA_ITEM = "data"      # the grain iterator state, one file per process.
@@ -69,21 +70,6 @@ PARAMS_KEY = "params"   # the field of the TrainState that holds the parameters.
 
 # Whether a larger or a smaller value of each validation metric is better (checkpoint.keep_best).
 BEST_MODE = {"loss": "min", "accuracy": "max", "bleu": "max"}
-
-# Config keys whose change makes the checkpoints of a workdir unusable, with the reason.
-# Any other key (train.steps, logging, evaluation, dropout, learning rate, checkpoint.*,
-# parallelism) may change when a run is resumed.
-MODEL_SHAPE_KEYS = (
-    "model.vocab_size", "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
-    "model.pos_encoding", "model.share_embeddings", "model.tie_output", "model.attention_bias",
-    "model.scan_layers",
-)
-# Same shapes, but the parameters were trained to compute something else.
-MODEL_FUNCTION_KEYS = ("model.norm", "model.activation")
-# The vocabulary in the workdir was trained for this data with these settings.
-TOKENIZER_KEYS = ("data.vocab_type", "data.task", "data.tfds_name", "data.direction")
-# Learned positions: one embedding row per position, so max_len is part of the shape.
-LEARNED_POSITIONS_KEY = "model.max_len"
 
 _AVERAGED_NAME = re.compile(r"^last(\d+)_(\d+)-(\d+)$")
 _MAX_REASON_CHARS = 200
@@ -98,83 +84,6 @@ class DamagedCheckpointError(CheckpointError):
   def __init__(self, step: int, directory: str, reason: str):
     self.step, self.directory, self.reason = step, directory, reason
     super().__init__(f"checkpoint at step {step} in {directory} is damaged ({reason})")
-
-
-# --- The run's config. ------------------------------------------------------------------------
-
-def _normalize(value: Any) -> Any:
-  """Lists (as JSON gives them back) compare equal to the schema's tuples."""
-  return tuple(value) if isinstance(value, list) else value
-
-
-def _breaking_keys(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
-  """The keys among `saved`/`new` (flattened configs) whose difference breaks a checkpoint."""
-  keys = [k for k in MODEL_SHAPE_KEYS + MODEL_FUNCTION_KEYS + TOKENIZER_KEYS
-          if saved.get(k) != new.get(k)]
-  learned = "learned" in (saved.get("model.pos_encoding"), new.get("model.pos_encoding"))
-  if learned and saved.get(LEARNED_POSITIONS_KEY) != new.get(LEARNED_POSITIONS_KEY):
-    keys.append(LEARNED_POSITIONS_KEY)
-  return keys
-
-
-def check_compatible(saved_config: ml_collections.ConfigDict,
-                     new_config: ml_collections.ConfigDict) -> list[str]:
-  """Checks that a run with `new_config` can resume from checkpoints made with `saved_config`.
-
-  Raises CheckpointError naming every key that breaks the checkpoints (the model's shape, what
-  its parameters compute, or the vocabulary). Returns the other keys that differ (harmless:
-  train.steps, logging, evaluation, dropout, learning rate, checkpoint.*, parallelism ...).
-  """
-  saved = {k: _normalize(v) for k, v in config_lib.flatten(saved_config).items()}
-  new = {k: _normalize(v) for k, v in config_lib.flatten(new_config).items()}
-  breaking = _breaking_keys(saved, new)
-  if breaking:
-    changes = ", ".join(f"{k} ({saved.get(k)!r} -> {new.get(k)!r})" for k in breaking)
-    raise CheckpointError(
-        f"the config changes what the checkpoints in this workdir hold: {changes}; "
-        "put these values back, or use a new --workdir to train a different model")
-  return sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
-
-
-def read_run_config(workdir: str) -> ml_collections.FrozenConfigDict | None:
-  """The config recorded in `<workdir>/config.json`, or None when there is none."""
-  path = epath.Path(workdir) / CONFIG_FILE  # The workdir may be on gs://.
-  if not path.exists():
-    return None
-  text = path.read_text()
-  try:
-    return config_lib.from_json(text)
-  except ValueError as e:
-    raise CheckpointError(f"{path} is not a valid config file ({e}); restore it from a backup "
-                          "or use a new --workdir") from None
-
-
-def write_run_files(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
-  """Records `config` as `<workdir>/config.json` at the start of a run (process 0 only).
-
-  A new workdir gets the file. A workdir that has one keeps going only when the two configs are
-  compatible (`check_compatible`, else CheckpointError and the file is left alone); when they
-  differ harmlessly, the old file is kept as `config.<n>.json` (n = 1, 2, ...) and the new
-  config becomes `config.json`, so evaluation uses the settings of the latest run. Returns the
-  keys that changed. The vocabulary (`vocab.model`) is trained into the workdir by the data
-  pipeline, once, and reused from there.
-  """
-  saved = read_run_config(workdir)
-  changed = [] if saved is None else check_compatible(saved, config)
-  if jax.process_index() != 0 or (saved is not None and not changed):
-    return changed
-  directory = epath.Path(workdir)
-  directory.mkdir(parents=True, exist_ok=True)
-  path = directory / CONFIG_FILE
-  if saved is not None:
-    n = 1
-    while (directory / f"config.{n}.json").exists():
-      n += 1
-    path.rename(directory / f"config.{n}.json")
-  tmp_path = directory / f"{CONFIG_FILE}.tmp"
-  tmp_path.write_text(config_lib.to_json(config) + "\n")
-  tmp_path.replace(path)  # Atomic on a local disk: config.json is never half written.
-  return changed
 
 
 # --- Saving and restoring training. -----------------------------------------------------------
@@ -238,7 +147,6 @@ def _read_tree_metadata(step_dir: epath.Path, step: int, where: str) -> PyTree:
   state_dir = step_dir / STATE_ITEM
   if not (state_dir / "_METADATA").exists():
     raise DamagedCheckpointError(step, where, f"missing {STATE_ITEM}/_METADATA")
-  _silence_closed_event_loop_noise()
   try:
     return ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
   except Exception as e:  # Orbax and tensorstore raise many types for unreadable files.
@@ -459,8 +367,8 @@ class Checkpointer:
     running again starts from scratch).
     """
     for unfinished in self.unfinished_saves():
-      _report(f"ignoring {unfinished}: a save that never finished (the run stopped while "
-              "writing it)")
+      log(f"ignoring {unfinished}: a save that never finished (the run stopped while "
+          "writing it)", all_processes=True)
     steps = self.all_steps()
     if restore_step is not None:
       try:
@@ -471,8 +379,8 @@ class Checkpointer:
       newer = [s for s in steps if s > int(restore_step)]
       if newer:  # This run saves those steps again; the old ones must not stand in the way.
         moved = [self._move_aside(s, SUPERSEDED_DIR) for s in newer]
-        _report(f"restoring step {restore_step}: the newer checkpoints ({_steps_text(newer)}) "
-                f"are kept in {os.path.dirname(moved[0])}, out of this run's way")
+        log(f"restoring step {restore_step}: the newer checkpoints ({_steps_text(newer)}) "
+            f"are kept in {os.path.dirname(moved[0])}, out of this run's way", all_processes=True)
       return restored, int(restore_step)
     while steps:
       step = steps.pop()
@@ -483,7 +391,7 @@ class Checkpointer:
         if not steps:
           raise CheckpointError(f"{e}, and no older checkpoint is left ({kept}); run again to "
                                 "train from the start") from None
-        _report(f"{e}; falling back to step {steps[-1]} ({kept})")
+        log(f"{e}; falling back to step {steps[-1]} ({kept})", all_processes=True)
     return None
 
   def _move_aside(self, step: int, folder: str = DAMAGED_DIR) -> str:
@@ -507,39 +415,6 @@ class Checkpointer:
     return str(target)
 
 
-def _report(message: str) -> None:
-  """One line on stderr (prefixed with the process index when there are several)."""
-  prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
-  print(prefix + message, file=sys.stderr, flush=True)
-
-
-_NOISE_FILTER_INSTALLED = False
-
-
-def _silence_closed_event_loop_noise() -> None:
-  """Hides the tracebacks tensorstore prints when orbax fails to read a damaged checkpoint.
-
-  When one read fails, orbax closes its event loop while other reads are still finishing;
-  their completion callbacks then raise `RuntimeError('Event loop is closed')`, which Python
-  prints as unraisable exceptions: a screenful of noise around the one clear message. This
-  filter, installed once before the first read, drops exactly those and passes every other
-  unraisable exception on to the previous hook.
-  """
-  global _NOISE_FILTER_INSTALLED
-  if _NOISE_FILTER_INSTALLED:
-    return
-  previous_hook = sys.unraisablehook
-
-  def hook(unraisable):
-    value = unraisable.exc_value
-    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-      return
-    previous_hook(unraisable)
-
-  sys.unraisablehook = hook
-  _NOISE_FILTER_INSTALLED = True
-
-
 # --- Parameters for inference, and averaging. -------------------------------------------------
 
 def available(workdir: str) -> str:
@@ -559,11 +434,6 @@ def averaged_checkpoints(workdir: str) -> list[str]:
     return []
   return sorted((p.name for p in root.iterdir() if _AVERAGED_NAME.match(p.name)),
                 key=lambda n: tuple(int(g) for g in _AVERAGED_NAME.match(n).groups()))
-
-
-def absolute_workdir(workdir: str) -> str:
-  """A local workdir as an absolute path (orbax refuses relative ones); URLs (gs://) as they are."""
-  return workdir if "://" in str(workdir) else os.path.abspath(workdir)
 
 
 def _checkpoint_dir(workdir: str, step: int | str | None) -> tuple[epath.Path, int | str]:
@@ -678,7 +548,7 @@ def load_for_inference(workdir: str, step: int | str | None = None, sharding: An
     params, step, config = load_params(workdir, step=step, sharding=sharding)
   except DamagedCheckpointError as e:
     raise CheckpointError(f"{e}; choose another with --step ({available(workdir)})") from None
-  tokenizer = Tokenizer.load(os.path.join(workdir, VOCAB_FILENAME))
+  tokenizer = Tokenizer.load(os.path.join(workdir, workdir_lib.VOCAB_FILE))
   return InferenceRun(Transformer(config=config.model), params, config, tokenizer, step)
 
 
@@ -725,100 +595,3 @@ def average_checkpoints(workdir: str, last_k: int) -> str:
       INFO_ITEM: ocp.args.JsonSave({"averaged_steps": chosen, "source": directory}),
   }))
   return str(out)
-
-
-# --- Preemption. ------------------------------------------------------------------------------
-
-def _preemption_service_running() -> bool:
-  """Whether jax.distributed runs the preemption sync service (multi-host agreement).
-
-  jax.distributed.initialize() starts it by default (config jax_enable_preemption_service);
-  its notifier then catches SIGTERM itself, and every host learns of it.
-  """
-  if not jax.distributed.is_initialized():
-    return False
-  from jax._src import distributed  # The manager is not exposed publicly in jax 0.10.
-  return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
-
-
-class PreemptionGuard:
-  """Turns SIGTERM (preemption, `kill`) and SIGINT (Ctrl-C) into a request to stop cleanly.
-
-  While the guard is entered, these signals no longer kill the process: they set a flag, and
-  `should_stop(step)` becomes True. The loop then saves a checkpoint at that step, waits for
-  it and exits with status 0. A second signal of the same kind acts as if no guard were
-  installed (Ctrl-C twice: stop at once, without a checkpoint). On exit the previous handlers
-  are restored. Enter it in the main thread (Python delivers signals there only).
-
-  Multi-host: when jax.distributed runs its preemption service (the default after
-  `jax.distributed.initialize()`), SIGTERM is left to jax's notifier, SIGINT is forwarded to
-  it, and `should_stop(step)` is `multihost_utils.reached_preemption_sync_point(step)`: True
-  on every host at the same step, a few steps after any host got the signal. Otherwise (one
-  process) it is the local flag, True from the step during which the signal came.
-
-  The training loop, on every process:
-
-      with checkpoint.PreemptionGuard() as guard:
-        for step in range(start_step, config.train.steps):
-          state, metrics = train_step(state, next(batches))  # state.step == step + 1
-          checkpointer.save(step + 1, state, batches)        # due every every_steps
-          if guard.should_stop(step + 1):                   # call it at every step
-            checkpointer.save(step + 1, state, batches, force=True)
-            checkpointer.wait()
-            print(f"stopped by {guard.reason} at step {step + 1}; checkpoint in "
-                  f"{checkpointer.directory}; run the same command to resume")
-            return                                          # exit status 0
-        checkpointer.save(config.train.steps, state, batches, force=True)
-      checkpointer.close()
-  """
-
-  def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)):
-    self._signals = tuple(signals)
-    self._previous: dict[int, Any] = {}
-    self._received: int | None = None
-    self._sync_hosts = False
-
-  def __enter__(self) -> "PreemptionGuard":
-    self._sync_hosts = _preemption_service_running()
-    for signum in self._signals:
-      if self._sync_hosts and signum == signal.SIGTERM:
-        continue  # jax's preemption notifier handles SIGTERM and tells the other hosts.
-      self._previous[signum] = signal.signal(signum, self._on_signal)
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    for signum, handler in self._previous.items():
-      # None: a handler installed outside Python, which cannot be put back; use the default.
-      signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-    self._previous = {}
-
-  def _on_signal(self, signum: int, frame: Any) -> None:
-    del frame
-    if self._received == signum:  # The second one: behave as without the guard.
-      self.__exit__()
-      signal.raise_signal(signum)
-      return
-    self._received = signum
-    if self._sync_hosts:
-      os.kill(os.getpid(), signal.SIGTERM)  # Hand it to jax's notifier (all hosts agree).
-
-  @property
-  def requested(self) -> bool:
-    """Whether this process received one of the signals (SIGTERM under jax.distributed aside)."""
-    return self._received is not None
-
-  @property
-  def reason(self) -> str:
-    """'SIGTERM', 'SIGINT' ..., or 'a preemption notice' when jax's service relayed it."""
-    if self._received is not None:
-      return signal.Signals(self._received).name
-    return "a preemption notice"
-
-  def should_stop(self, step: int) -> bool:
-    """Whether to save at `step` and stop. Call at every step, on every process."""
-    if self._sync_hosts:
-      try:
-        return multihost_utils.reached_preemption_sync_point(int(step))
-      except RuntimeError:  # The service was disabled after all: fall back to the flag.
-        self._sync_hosts = False
-    return self._received is not None

@@ -1,4 +1,4 @@
-"""`jaxformer train|evaluate|translate|average|info|plot`: the command line.
+"""`jaxformer train|evaluate|translate|average|info|plot|prepare`: the command line.
 
 Each command parses its arguments, then calls one function of the package. A `JaxformerError`
 (anything the user can fix) is printed as one line, `error: <message>`, with exit status 2.
@@ -42,9 +42,10 @@ def cmd_info(args, overrides) -> int:
 def cmd_train(args, overrides) -> int:
   from jaxformer import config as config_lib
   config = config_lib.load_config(args.config, overrides)
-  from jaxformer.train import loop, parallel
-  parallel.initialize_distributed()
-  parallel.validate_for_devices(config)  # Before anything is written to the workdir.
+  from jaxformer import devices
+  from jaxformer.train import loop
+  devices.initialize_distributed()
+  devices.validate_for_devices(config)  # Before anything is written to the workdir.
   loop.train_and_evaluate(config, args.workdir, restore_step=args.restore_step)
   return 0
 
@@ -52,12 +53,13 @@ def cmd_train(args, overrides) -> int:
 def cmd_evaluate(args, overrides) -> int:
   import json
   from jaxformer import checkpoint, evaluate
+  from jaxformer import workdir as workdir_lib
   from jaxformer.data import sources
   from jaxformer.train.writer import MetricsWriter
   _, params, config, tokenizer, step = checkpoint.load_for_inference(args.workdir, args.step)
   metrics = evaluate.evaluate_checkpoint(
       config, params, tokenizer=tokenizer,
-      data_dir=sources.resolve_data_dir(config, args.workdir), split=args.split,
+      data_dir=workdir_lib.resolve_data_dir(config, args.workdir), split=args.split,
       beam_size=args.beam_size, alpha=args.alpha, num_samples=args.samples)
   samples = metrics.pop("samples", [])
   metrics["checkpoint"] = step
@@ -96,6 +98,18 @@ def cmd_translate(args, overrides) -> int:
       f.write(text)
   else:
     sys.stdout.write(text)
+  return 0
+
+
+def cmd_prepare(args, overrides) -> int:
+  from jaxformer import config as config_lib
+  from jaxformer import workdir as workdir_lib
+  from jaxformer.data import sources
+  config = config_lib.load_config(args.config, overrides)
+  builder = sources.prepare(config, workdir_lib.resolve_data_dir(config, args.workdir))
+  for split, info in builder.info.splits.items():
+    print(f"{split}: {info.num_examples} examples")
+  print(f"prepared in {builder.data_dir}")
   return 0
 
 
@@ -169,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--output", default=None, help="file for the translations (default: stdout)")
   p.set_defaults(run=cmd_translate)
 
+  p = sub.add_parser("prepare", help="download (catalog) or build (generated, text) the "
+                     "dataset of an experiment")
+  _config_args(p)
+  p.add_argument("--workdir", required=True, help="data goes to data.data_dir or WORKDIR/tfds")
+  p.set_defaults(run=cmd_prepare, takes_overrides=True)
+
   p = sub.add_parser("average", help="average the parameters of the last K checkpoints")
   p.add_argument("--workdir", required=True)
   p.add_argument("--last", type=int, required=True)
@@ -214,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         raise JaxformerError(f"unexpected arguments: {' '.join(rest)}")
       from jaxformer.config import parse_override_args
       overrides = parse_override_args(rest)
+    from jaxformer.train import jax_internals
+    jax_internals.install()  # jaxformer's process-wide hooks, before the first compilation.
     return args.run(args, overrides)
   except JaxformerError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from jaxformer.errors import InputError
+from jaxformer.tokens import BOS_ID, EOS_ID, PAD_ID
 
 State = Any  # any pytree of arrays: the decoder's cache, or a toy model's hidden state.
 StepFn = Callable[[jax.Array, State], tuple[jax.Array, State]]

@@ -23,8 +23,8 @@ import sacrebleu
 from jax.experimental import multihost_utils
 
 from jaxformer import decode
+from jaxformer import objective
 from jaxformer.data import pipeline
-from jaxformer.train import objective
 
 Batch = dict[str, np.ndarray]
 

@@ -12,7 +12,7 @@ which are also how one process per host is started on a GPU cluster, by hand or 
 
     JAXFORMER_COORDINATOR_ADDRESS=host:port  JAXFORMER_NUM_PROCESSES=N  JAXFORMER_PROCESS_ID=i
 
-(`jaxformer/train/parallel.py: initialize_distributed` reads them.) Output lines are prefixed
+(`jaxformer/devices.py: initialize_distributed` reads them.) Output lines are prefixed
 with the process id, `[i] `. If a process fails, the others are stopped (SIGTERM, then SIGKILL
 after --stop-grace seconds) and the launcher exits with the failing process's status. Ctrl-C
 (or SIGTERM) of the launcher asks every process to save a checkpoint and stop; a second one

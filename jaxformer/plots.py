@@ -37,11 +37,12 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from jaxformer import checkpoint, decode
-from jaxformer.data.tokenizer import EOS_ID, UNK_ID, Tokenizer
+from jaxformer import workdir as workdir_lib
+from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.errors import InputError
 from jaxformer.model.embedding import sinusoidal_table
 from jaxformer.model.transformer import LAYERS, Transformer, shift_right
-from jaxformer.train.writer import METRICS_FILE
+from jaxformer.tokens import EOS_ID, UNK_ID
 
 # --- Figure geometry. Sizes are whole quarter inches, so that inches * DPI is an exact pixel
 # count (the Agg canvas truncates a fractional one).
@@ -418,10 +419,10 @@ def plot_positions(config: Any = None, workdir: str | None = None, out: str = "p
   if config is None:
     if workdir is None:
       raise InputError("give a config (--config EXPERIMENT) or a trained run (--workdir DIR)")
-    config = checkpoint.read_run_config(workdir)
+    config = workdir_lib.read_run_config(workdir)
     if config is None:
       raise checkpoint.CheckpointError(
-          f"{os.path.join(workdir, checkpoint.CONFIG_FILE)} is missing; give --config "
+          f"{os.path.join(workdir, workdir_lib.CONFIG_FILE)} is missing; give --config "
           "EXPERIMENT, or the workdir of a run")
   tables = position_tables(config, workdir, step)
   save_figure(draw_positions(tables), out)
@@ -543,7 +544,7 @@ def plot_curves(workdirs: Sequence[str], out: str = "curves.png") -> dict[str, l
     raise InputError("give at least one --workdir")
   runs = {}
   for name, workdir in zip(run_names(workdirs), workdirs):
-    records, problems = read_metrics(os.path.join(workdir, METRICS_FILE))
+    records, problems = read_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE))
     for problem in problems:
       print(f"warning: skipped {problem}", file=sys.stderr)
     runs[name] = records

@@ -1,6 +1,8 @@
 """Test-wide setup: eight simulated CPU devices, so multi-device code is tested without any.
 
-This must run before jax is imported anywhere, which conftest.py guarantees.
+This must run before jax is imported anywhere, which conftest.py guarantees. Like every entry
+point, the suite then installs jaxformer's process-wide hooks (jax_internals.install), so the
+tests run the code as `jaxformer` runs it.
 """
 
 import os
@@ -8,3 +10,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from jaxformer.train import jax_internals  # noqa: E402  (after the environment above)
+
+jax_internals.install()

@@ -31,7 +31,9 @@ import numpy as np
 
 from jaxformer import checkpoint
 from jaxformer import config as config_lib
+from jaxformer import workdir as workdir_lib
 from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
+from jaxformer.data import vocab
 from jaxformer.train import parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,10 +66,10 @@ class Runs:
   def __init__(self, root: str):
     self.root = root
     self.data_dir = os.path.join(root, "tfds")
-    self.vocab = os.path.join(root, "vocab", tokenizer_lib.VOCAB_FILENAME)
+    self.vocab = os.path.join(root, "vocab", workdir_lib.VOCAB_FILE)
     self.cache_dir = os.path.join(root, "jax_cache")
     if not os.path.exists(self.vocab):  # Builds the data and trains the vocabulary.
-      tokenizer_lib.load_or_train(self.config(), os.path.dirname(self.vocab))
+      vocab.load_or_train(self.config(), os.path.dirname(self.vocab))
 
   def overrides(self, **extra) -> dict[str, Any]:
     """TINY, the shared data dir, and `extra` ('train__steps' or 'train.steps' keys)."""
@@ -180,7 +182,7 @@ def metrics(workdir: str, split: str | None = None) -> list[dict[str, Any]]:
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  directory = os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)
+  directory = os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR)
   if not os.path.isdir(directory):
     return []
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
@@ -189,14 +191,14 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def load_state(workdir: str, step: int) -> tuple[Any, dict]:
   """(train state as numpy arrays, data iterator state) saved at `step`, through jaxformer's
   Checkpointer, restored onto one device of this process whatever the run trained on."""
-  run_config = checkpoint.read_run_config(workdir)
+  run_config = workdir_lib.read_run_config(workdir)
   one_device = run_config.to_dict()
   one_device["parallel"].update(strategy="mesh", fsdp=1)
   config = ml_collections.FrozenConfigDict(one_device)
   strategy = parallel.make_strategy(config, jax.devices()[:1])
-  tokenizer = tokenizer_lib.Tokenizer.load(os.path.join(workdir, tokenizer_lib.VOCAB_FILENAME))
+  tokenizer = tokenizer_lib.Tokenizer.load(os.path.join(workdir, workdir_lib.VOCAB_FILE))
   iterator = pipeline.make_train_iterator(config, tokenizer,
-                                          sources.resolve_data_dir(config, workdir))
+                                          workdir_lib.resolve_data_dir(config, workdir))
   with checkpoint.Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
                                keep=config.checkpoint.keep) as checkpointer:
     state = checkpointer.restore(step, strategy.abstract_state(), iterator)

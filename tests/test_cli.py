@@ -5,6 +5,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -157,3 +159,24 @@ def test_translate_keeps_the_line_count_the_order_and_the_empty_lines(runs, tmp_
   assert backward == forward[::-1]
   # (Which the two lists can only show when the translations differ from each other.)
   assert len({out for line, out in zip(LINES, forward) if line.strip()}) >= 3, forward
+def test_prepare_command(tmp_path, capsys):
+  args = ["--config", "sort", "--workdir", str(tmp_path), "--config.data.num_train=50",
+          "--config.data.num_validation=5", "--config.data.num_test=5"]
+  assert cli.main(["prepare"] + args) == 0
+  out = capsys.readouterr().out
+  assert "train: 50 examples" in out and "test: 5 examples" in out
+  assert str(tmp_path / "tfds") in out
+  assert cli.main(["prepare"] + args + ["--config.data.num_tests=5"]) == 2
+  assert "unknown config key data.num_tests" in capsys.readouterr().err
+
+
+def test_the_old_prepare_command_still_works_with_a_note(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-m", "jaxformer.data.sources", "--config", "sort", "--workdir",
+       str(tmp_path), "--config.data.num_train=50", "--config.data.num_validation=5",
+       "--config.data.num_test=5"],
+      capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=root))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "is now `jaxformer prepare`" in result.stderr
+  assert "train: 50 examples" in result.stdout

@@ -15,9 +15,9 @@ import pytest
 
 from jaxformer import decode
 from jaxformer.config import get_default_config
-from jaxformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from jaxformer.errors import InputError
 from jaxformer.model.transformer import Transformer
+from jaxformer.tokens import BOS_ID, EOS_ID, PAD_ID
 
 TOY_VOCAB = 6  # 0 PAD, 1 UNK, 2 BOS, 3 EOS, and two more words.
 GENERATED = tuple(i for i in range(TOY_VOCAB) if i not in decode.NEVER_GENERATED)

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxformer import checkpoint, config as config_lib, launcher
+from jaxformer import checkpoint, config as config_lib, devices, launcher
+from jaxformer import workdir as workdir_lib
 from jaxformer.data import pipeline
 from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.errors import JaxformerError
@@ -325,14 +326,14 @@ def test_tpu32_experiment_is_the_papers_base_model_and_batch_on_32_chips():
   base = config_lib.load_config("wmt14_en_de_base")
   config = config_lib.load_config("wmt14_en_de_base_tpu32")
   assert all(config_lib.get_key(config, key) == config_lib.get_key(base, key)
-             for key in checkpoint.MODEL_SHAPE_KEYS + checkpoint.TOKENIZER_KEYS)
+             for key in workdir_lib.MODEL_SHAPE_KEYS + workdir_lib.TOKENIZER_KEYS)
   assert config.model.dtype == "bfloat16"
   # About 25k source and 25k target token slots per step, as in the paper.
   assert 0.9 * 25_000 <= config.train.batch_size * config.data.max_len <= 1.1 * 25_000
   # Fits 32 chips, on 8 hosts of 4 or 4 hosts of 8.
   for chips_per_host in (4, 8):
     chips = [types.SimpleNamespace(process_index=i // chips_per_host) for i in range(32)]
-    parallel.validate_for_devices(config, chips)
+    devices.validate_for_devices(config, chips)
 
 
 def test_tpu_revision_checks_out_the_same_commit_on_every_worker(tmp_path):

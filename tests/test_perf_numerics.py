@@ -4,7 +4,7 @@
   step, through the real compiled train step (jaxformer.train.parallel's strategy);
 - the attention kernel: the einsum path matches `jax.nn.dot_product_attention`, and 'auto'
   picks cuDNN's fused kernel only where it can run;
-- the unrolled threefry lowering (jaxformer/train/threefry.py) draws the same random bits as the
+- the unrolled threefry lowering (jaxformer/train/jax_internals.py) draws the same random bits as the
   reference Threefry-2x32 (Salmon et al. 2011, the Random123 known-answer vectors).
 
 bfloat16 training quality is tested by tests/test_bf16_quality.py (two real training runs).
@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from jaxformer.config import get_default_config
-from jaxformer.data.tokenizer import EOS_ID
 from jaxformer.errors import ConfigError
 from jaxformer.model import attention
 from jaxformer.model.transformer import Transformer, stack_layers, unstack_layers
-from jaxformer.train import parallel, state as state_lib, step as step_lib, threefry
+from jaxformer.tokens import EOS_ID
+from jaxformer.train import jax_internals, parallel, state as state_lib, step as step_lib
 
 STEPS = 3
 ROWS, LENGTH, VOCAB = 8, 8, 32
@@ -156,9 +156,9 @@ THREEFRY_VECTORS = [
 
 
 def test_unrolled_threefry_is_in_effect_and_draws_the_reference_bits():
-  assert threefry.unroll_on_cpu()
+  assert jax_internals.use_unrolled_threefry_on_cpu()
   hash_fn = jax.jit(jax.extend.random.threefry_2x32)
-  n = threefry.UNROLL_MIN_ELEMENTS  # Counter pairs: (count[i], count[n + i]).
+  n = jax_internals.UNROLL_MIN_ELEMENTS  # Counter pairs: (count[i], count[n + i]).
   for key, (count0, count1), (out0, out1) in THREEFRY_VECTORS:
     key = jnp.asarray(key, jnp.uint32)
     count = jnp.asarray([count0] * n + [count1] * n, jnp.uint32)

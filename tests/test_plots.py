@@ -21,10 +21,11 @@ import pytest
 
 from jaxformer import checkpoint, cli, decode, plots
 from jaxformer import config as config_lib
+from jaxformer import workdir as workdir_lib
 from jaxformer.data import tasks
 from jaxformer.data import tokenizer as tokenizer_lib
-from jaxformer.data.tokenizer import EOS_ID
 from jaxformer.model.transformer import Transformer, stack_layers
+from jaxformer.tokens import EOS_ID
 from jaxformer.train import state as state_lib
 
 NUM_LAYERS, NUM_HEADS = 2, 4
@@ -49,8 +50,8 @@ def make_run(workdir, config, tokenizer, seed=0):
   """A workdir as training leaves it: config.json, vocab.model, checkpoints/STEP; returns the
   params (fresh from init_state: the plots need a model, not a good one)."""
   os.makedirs(workdir)
-  tokenizer.save(os.path.join(workdir, tokenizer_lib.VOCAB_FILENAME))
-  checkpoint.write_run_files(workdir, config)
+  tokenizer.save(os.path.join(workdir, workdir_lib.VOCAB_FILE))
+  workdir_lib.write_run_config(workdir, config)
   state = state_lib.init_state(config, jax.random.key(seed)).replace(step=jnp.int32(STEP))
   data = iter(grain.MapDataset.range(4).to_iter_dataset())
   with checkpoint.Checkpointer(workdir, every_steps=1, keep=1, async_save=False) as ckpt:
@@ -219,8 +220,8 @@ def test_cli_plot_attention_without_a_checkpoint(tmp_path, capsys, tokenizer):
   assert status == 2 and len(err) == 1 and "does not exist" in err[0], err
   empty = tmp_path / "empty"  # A run that has not saved a checkpoint yet.
   empty.mkdir()
-  checkpoint.write_run_files(str(empty), tiny_config())
-  tokenizer.save(str(empty / tokenizer_lib.VOCAB_FILENAME))
+  workdir_lib.write_run_config(str(empty), tiny_config())
+  tokenizer.save(str(empty / workdir_lib.VOCAB_FILE))
   status, _, err = run_cli(capsys, "plot", "attention", "--workdir", str(empty), "--text", TEXT)
   assert status == 2 and len(err) == 1 and "no checkpoints" in err[0], err
 

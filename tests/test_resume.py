@@ -19,6 +19,7 @@ import run_testing
 from run_testing import REFERENCE, REFERENCE_STEPS
 
 from jaxformer import checkpoint
+from jaxformer import workdir as workdir_lib
 from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
 from jaxformer.train import parallel
 
@@ -156,7 +157,7 @@ ONE_DEVICE_LOGITS = textwrap.dedent("""
 def test_fsdp_checkpoint_from_8_devices_gives_the_same_logits_on_1(runs, uninterrupted,
                                                                   tmp_path):
   workdir = uninterrupted("mesh_fsdp")
-  run_config = checkpoint.read_run_config(workdir)
+  run_config = workdir_lib.read_run_config(workdir)
   assert run_config.parallel.fsdp == 4
 
   # The state as the training run holds it: sharded over the fsdp axis of 8 devices.
@@ -165,7 +166,7 @@ def test_fsdp_checkpoint_from_8_devices_gives_the_same_logits_on_1(runs, uninter
     step = checkpointer.latest_step()
     tokenizer = tokenizer_lib.Tokenizer.load(os.path.join(workdir, "vocab.model"))
     iterator = pipeline.make_train_iterator(run_config, tokenizer,
-                                            sources.resolve_data_dir(run_config, workdir))
+                                            workdir_lib.resolve_data_dir(run_config, workdir))
     state = checkpointer.restore(step, strategy.abstract_state(), iterator)
   sharded = [leaf for leaf in jax.tree.leaves(state.params)
              if len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated]

@@ -38,8 +38,9 @@ import jax
 import numpy as np
 
 from jaxformer.data import sources
-from jaxformer.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
+from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.errors import ConfigError, DataError
+from jaxformer.tokens import EOS_ID, PAD_ID
 
 FEATURES = ("inputs", "targets")  # source and target token ids, in that order.
 READ_THREADS = 4          # threads that read and tokenize pairs ahead of the packer.

@@ -9,7 +9,7 @@ and to shard by index):
 - local parallel text ('text'): `TextPairs`, a builder over aligned `*.src` / `*.tgt` files or a
   TSV file per split, checked line by line;
 - catalog datasets ('tfds'): e.g. `wmt14_translate/de-en`, prepared once by
-  `python -m jaxformer.data.sources` (needs internet), then read like the others.
+  `jaxformer prepare` (needs internet), then read like the others.
 
 A builder's config name records everything its data depends on (task, seed, sizes, lengths; or
 the paths, sizes and modification times of the text files), so a changed config builds a new
@@ -20,13 +20,13 @@ Every source, whatever its kind, reads as `source[i] -> {'source': str, 'target'
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
 import importlib
 import logging
 import os
+import runpy
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -50,9 +50,14 @@ CATALOG_MODULES = {
 
 Config = ml_collections.ConfigDict | ml_collections.FrozenConfigDict
 
-def resolve_data_dir(config: Config, workdir: str) -> str:
-  """`data.data_dir`, or `<workdir>/tfds` when it is empty."""
-  return config.data.data_dir or os.path.join(workdir, "tfds")
+if __name__ == "__main__":
+  # The old way to prepare an experiment's data, kept working. It hands over before the builders
+  # below are defined: `jaxformer prepare` imports this module again, and tfds registers each
+  # builder name once.
+  print("note: `python -m jaxformer.data.sources` is now `jaxformer prepare`", file=sys.stderr)
+  sys.argv[1:1] = ["prepare"]
+  runpy.run_module("jaxformer", run_name="__main__")
+  raise SystemExit(0)
 
 
 def shuffle_seed(config: Config) -> int:
@@ -319,8 +324,7 @@ def direction_keys(config: Config, builder: tfds.core.DatasetBuilder) -> tuple[s
 def _not_prepared(config: Config, data_dir: str) -> DataError:
   return DataError(
       f"{config.data.tfds_name} is not prepared in {data_dir}; download and prepare it once "
-      "(needs internet): python -m jaxformer.data.sources --config <experiment> "
-      "--workdir <workdir>")
+      "(needs internet): jaxformer prepare --config <experiment> --workdir <workdir>")
 
 
 # --- Building and opening. -------------------------------------------------------------------
@@ -374,7 +378,7 @@ def get_split(config: Config, split: str, data_dir: str) -> PairSource:
   """The pairs of one split ('train', 'validation' or 'test') of the configured data.
 
   Generated and text datasets are built on first use (by process 0); catalog datasets must have
-  been prepared with `prepare` (or `python -m jaxformer.data.sources`).
+  been prepared with `prepare` (`jaxformer prepare`).
 
   Returns:
     a random-access source: `len(source)`, `source[i] -> {'source': str, 'target': str}`.
@@ -397,29 +401,3 @@ def get_split(config: Config, split: str, data_dir: str) -> PairSource:
                     f"read as {FILE_FORMAT}: {e}") from None
   return PairSource(records, source_key, target_key)
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m jaxformer.data.sources --config wmt14_en_de_base --workdir runs/wmt14`:
-  downloads (catalog) or builds (generated, text) the dataset of an experiment."""
-  from jaxformer import config as config_lib  # pylint: disable=import-outside-toplevel
-  from jaxformer.errors import JaxformerError  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(
-      prog="python -m jaxformer.data.sources",
-      description="Download (catalog) or build (generated, text) the dataset of an experiment.")
-  parser.add_argument("--config", default="default", help="experiment name or file")
-  parser.add_argument("--workdir", required=True, help="data goes to data.data_dir or WORKDIR/tfds")
-  args, rest = parser.parse_known_args(argv)
-  try:
-    config = config_lib.load_config(args.config, config_lib.parse_override_args(rest))
-    builder = prepare(config, resolve_data_dir(config, args.workdir))
-  except JaxformerError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  for split, info in builder.info.splits.items():
-    print(f"{split}: {info.num_examples} examples")
-  print(f"prepared in {builder.data_dir}")
-  return 0
-
-
-if __name__ == "__main__":
-  raise SystemExit(main())

@@ -1,42 +1,27 @@
-"""SentencePiece vocabulary: train once per workdir, load, encode and decode.
+"""SentencePiece, wrapped: train a vocabulary on sentences, load and save it, encode and decode.
 
-The ids of the special tokens are defined here and nowhere else.
-
-One vocabulary is shared by source and target (the paper shares it, and so can the embedding
-tables). It is trained on a sample of the training split, both sides, shuffled with the run's
-seed, and saved as `<workdir>/vocab.model`; every later run and command in that workdir loads
-the same file, so ids never change under a checkpoint.
+A leaf: it knows nothing of datasets or workdirs (jaxformer.data.vocab decides when a run's
+vocabulary is trained and on what). Every vocabulary puts the special tokens at the ids of
+jaxformer.tokens, which the model, the loss and decoding rely on.
 """
 
 from __future__ import annotations
 
 import io
-import logging
-import math
 import os
-from typing import Iterable, Sequence
+from typing import Iterable
 
-import jax
-import numpy as np
 import sentencepiece as spm
 from etils import epath
 
-from jaxformer.data import sources
-from jaxformer.errors import ConfigError, DataError
+from jaxformer.errors import DataError
+from jaxformer.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
-PAD_ID = 0  # padding; never a real token. Masks and loss weights are `ids != PAD_ID`.
-UNK_ID = 1  # a piece the vocabulary does not know.
-BOS_ID = 2  # start of a target sequence: the decoder's first input (teacher forcing, decoding).
-EOS_ID = 3  # end of a sequence: appended to every source and target.
-
-VOCAB_FILENAME = "vocab.model"
 SPM_LOG_LEVEL = 2  # SentencePiece's own log: 0 info, 1 warnings, 2 errors only.
-
-log = logging.getLogger(__name__)
 
 
 class Tokenizer:
-  """Text <-> ids with a SentencePiece model whose pad/unk/bos/eos ids are the ones above."""
+  """Text <-> ids with a SentencePiece model whose pad/unk/bos/eos ids are jaxformer.tokens'."""
 
   def __init__(self, model_proto: bytes, path: str = "<memory>"):
     self._model_proto = model_proto
@@ -116,42 +101,3 @@ def train(sentences: Iterable[str], *, vocab_size: int, model_type: str = "unigr
   except RuntimeError as e:
     raise DataError(f"SentencePiece training failed: {e}") from None
   return Tokenizer(model.getvalue())
-
-
-def training_sentences(source: Sequence[dict[str, str]], sample_size: int, seed: int
-                       ) -> list[str]:
-  """At most `sample_size` sentences, both sides of a random sample of the pairs of `source`."""
-  num_pairs = min(len(source), math.ceil(sample_size / 2))
-  indices = np.random.default_rng(seed).permutation(len(source))[:num_pairs]
-  sentences = []
-  for i in indices:
-    pair = source[int(i)]
-    sentences.extend((pair["source"], pair["target"]))
-  return sentences[:sample_size]
-
-
-def load_or_train(config, workdir: str) -> Tokenizer:
-  """`<workdir>/vocab.model`, trained from the training split if it does not exist yet.
-
-  On several processes only process 0 trains; the others wait for the file
-  (sources.WAIT_TIMEOUT_S) and then load it.
-  """
-  path = epath.Path(workdir) / VOCAB_FILENAME  # The workdir may be on gs://.
-  if not path.exists():
-    if jax.process_index() == 0:
-      d = config.data
-      split = sources.get_split(config, "train", sources.resolve_data_dir(config, workdir))
-      sentences = training_sentences(split, d.vocab_sample_size, sources.shuffle_seed(config))
-      tokenizer = train(sentences, vocab_size=config.model.vocab_size, model_type=d.vocab_type,
-                        character_coverage=d.vocab_character_coverage)
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tokenizer.save(path)
-      log.info("trained a %s vocabulary of %d pieces on %d sentences: %s", d.vocab_type,
-               tokenizer.vocab_size, len(sentences), path)
-    else:
-      sources.wait_until(path.exists, str(path))
-  tokenizer = Tokenizer.load(path)
-  if tokenizer.vocab_size > config.model.vocab_size:
-    raise ConfigError(f"{path} has {tokenizer.vocab_size} pieces but model.vocab_size="
-                      f"{config.model.vocab_size}; raise model.vocab_size or use a new workdir")
-  return tokenizer

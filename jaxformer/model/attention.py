@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.data.tokenizer import PAD_ID
 from jaxformer.errors import ConfigError
+from jaxformer.tokens import PAD_ID
 
 # ---------------------------------------------------------------------------------------------
 # Masks: boolean, True = may attend, [B, 1, T, S].

@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxformer.config import check_choice
-from jaxformer.data.tokenizer import BOS_ID, PAD_ID
 from jaxformer.errors import ConfigError
 from jaxformer.model import attention
 from jaxformer.model.attention import FULL, INIT_CACHE, STEP, MultiHeadAttention
+from jaxformer.tokens import BOS_ID, PAD_ID
 from jaxformer.model.embedding import (PositionalEncoding, TokenEmbedding, check_length,
                                        default_positions)
 

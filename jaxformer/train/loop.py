@@ -11,7 +11,6 @@ whose checkpoints the config does not fit, data files) fails before the first st
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -21,10 +20,13 @@ import jax
 import numpy as np
 
 from jaxformer import checkpoint, evaluate, plots
+from jaxformer import devices
+from jaxformer import workdir as workdir_lib
 from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
+from jaxformer.data import vocab
 from jaxformer.errors import JaxformerError
 from jaxformer.model.transformer import Transformer
-from jaxformer.train import flops, parallel
+from jaxformer.train import parallel, preemption, throughput
 from jaxformer.train.writer import MetricsWriter
 
 # The loss of every step is checked for NaN or infinity, in one transfer from the devices, at
@@ -51,18 +53,6 @@ def _progress(start: int, total: int):
   return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
 
-def measure_peak_flops(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of a large matmul on the first device: the denominator of MFU when not configured."""
-  import jax.numpy as jnp
-  a = jnp.ones((size, size), dtype)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  start = time.perf_counter()
-  for _ in range(repeats):
-    matmul(a).block_until_ready()
-  return repeats * 2 * size ** 3 / (time.perf_counter() - start)
-
-
 def _format(metrics: dict[str, Any]) -> str:
   keys = ("loss", "accuracy", "exact_match", "bleu", "learning_rate", "tokens_per_second", "mfu",
           "packing_efficiency", "data_wait_fraction")
@@ -73,60 +63,6 @@ def _concatenate(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   if len(batches) == 1:
     return batches[0]
   return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
-
-
-class Throughput:
-  """Training speed over a window of steps: step time, tokens per second, data wait, and the
-  packing efficiency of the batches (the share of their token slots that hold real tokens).
-
-  Only training counts: `paused()` wraps work that is not training (evaluation), and
-  `restart()` after the first step of a run drops its compilation from the window.
-  """
-
-  def __init__(self, clock=time.perf_counter):
-    self._clock = clock
-    self.restart()
-
-  def restart(self) -> None:
-    """An empty window, starting now."""
-    self._start = self._clock()
-    self._paused = 0.0
-    self.steps = 0
-    self._tokens = 0
-    self._data_wait = 0.0
-    self._non_pad = 0
-    self._slots = 0
-
-  def add_step(self, tokens: int, data_wait: float, non_pad: int = 0, slots: int = 0) -> None:
-    """One step of `tokens` real target tokens, which waited `data_wait` s for its batch, whose
-    rows hold `non_pad` real tokens (source and target) in `slots` token slots."""
-    self.steps += 1
-    self._tokens += tokens
-    self._data_wait += data_wait
-    self._non_pad += non_pad
-    self._slots += slots
-
-  @contextlib.contextmanager
-  def paused(self):
-    """The time spent inside `with throughput.paused():` does not count."""
-    start = self._clock()
-    try:
-      yield
-    finally:
-      self._paused += self._clock() - start
-
-  def report(self, num_processes: int = 1) -> dict[str, float]:
-    """step_time (s), tokens_per_second (all processes), data_wait_fraction and (when slots
-    were counted) packing_efficiency of the window, then starts a new window. Call it after the
-    devices finished the window's steps."""
-    elapsed = max(self._clock() - self._start - self._paused, 1e-9)
-    metrics = {"step_time": elapsed / max(self.steps, 1),
-               "tokens_per_second": self._tokens * num_processes / elapsed,
-               "data_wait_fraction": self._data_wait / elapsed}
-    if self._slots:
-      metrics["packing_efficiency"] = self._non_pad / self._slots
-    self.restart()
-    return metrics
 
 
 def _first_non_finite(pending: list[tuple[int, dict[str, Any]]]) -> tuple[int, str, float] | None:
@@ -142,14 +78,14 @@ def _first_non_finite(pending: list[tuple[int, dict[str, Any]]]) -> tuple[int, s
 def train_and_evaluate(config, workdir: str, restore_step: int | None = None) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its newest checkpoint, or from `restore_step`)
   and returns the last validation metrics ({} when there was nothing left to train)."""
-  parallel.initialize_distributed()
+  devices.initialize_distributed()
   strategy = parallel.make_strategy(config)  # Checks the config against the devices first.
-  checkpoint.write_run_files(workdir, config)  # Refuses a config its checkpoints do not fit.
+  workdir_lib.write_run_config(workdir, config)  # Refuses a config its checkpoints do not fit.
   log(f"jaxformer: {jax.process_count()} process(es), {jax.device_count()} device(s) "
       f"({jax.devices()[0].platform}), strategy {config.parallel.strategy}")
 
-  tokenizer = tokenizer_lib.load_or_train(config, workdir)
-  data_dir = sources.resolve_data_dir(config, workdir)
+  tokenizer = vocab.load_or_train(config, workdir)
+  data_dir = workdir_lib.resolve_data_dir(config, workdir)
   train_iter = pipeline.make_train_iterator(config, tokenizer, data_dir)
   model = Transformer(config=config.model)
 
@@ -169,8 +105,8 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
           f"{config.train.steps}; raise --config.train.steps to train on")
       return {}
 
-    peak_flops = config.train.peak_flops or measure_peak_flops(config.model.dtype)
-    step_flops = flops.train_step_flops(config) * config.train.grad_accum_steps
+    peak_flops = config.train.peak_flops or throughput.measure_peak_flops(config.model.dtype)
+    step_flops = throughput.train_step_flops(config) * config.train.grad_accum_steps
 
     def run_evaluation(step: int) -> dict[str, Any]:
       result = evaluate.evaluate(
@@ -205,12 +141,12 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
           "train.learning_rate or set train.grad_clip_norm, then run again to resume")
 
     progress = _progress(start_step, config.train.steps)
-    throughput = Throughput()
+    meter = throughput.Throughput()
     eval_metrics: dict[str, Any] = {}
     pending: list[tuple[int, dict[str, Any]]] = []  # (step, metrics) not yet checked for NaN.
     step = start_step
     previous_metrics = None
-    with checkpoint.PreemptionGuard() as guard:
+    with preemption.PreemptionGuard() as guard:
       while step < config.train.steps:
         wait_start = time.perf_counter()
         # One update takes grad_accum_steps pipeline batches (its micro-batches).
@@ -218,7 +154,7 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
                                    for _ in range(config.train.grad_accum_steps)])
         data_wait = time.perf_counter() - wait_start
         target_tokens = int(np.count_nonzero(host_batch["targets"]))
-        throughput.add_step(target_tokens, data_wait,
+        meter.add_step(target_tokens, data_wait,
                             non_pad=target_tokens + int(np.count_nonzero(host_batch["inputs"])),
                             slots=host_batch["inputs"].size + host_batch["targets"].size)
         state, metrics = strategy.train_step(state, strategy.shard_batch(host_batch))
@@ -246,11 +182,11 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
           pending = []
         if step == start_step + 1 and not logging_now:
           jax.block_until_ready(metrics)
-          throughput.restart()  # The first step compiles: that is not training speed.
+          meter.restart()  # The first step compiles: that is not training speed.
 
         if logging_now:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          metrics.update(throughput.report(jax.process_count()))
+          metrics.update(meter.report(jax.process_count()))
           metrics["mfu"] = step_flops / metrics["step_time"] / (peak_flops * jax.device_count())
           writer.write(step, "train", metrics)
           if progress is not None:
@@ -259,7 +195,7 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
             log(f"step {step}: {_format(metrics)}")
 
         if (step % config.train.eval_every_steps == 0 or last) and not preempted:
-          with throughput.paused():  # Evaluation time is not training time.
+          with meter.paused():  # Evaluation time is not training time.
             eval_metrics = run_evaluation(step)
           log(f"step {step} validation: {_format(eval_metrics)}")
 

@@ -23,7 +23,7 @@ Batches. Every host feeds its own rows, `[rows, L]` numpy arrays from the data p
 
 Multi-host. Only `jax.devices()`, `jax.local_devices()` and `jax.process_index()` are used to
 find this host's devices; every host must call the same methods in the same order. Starting the
-distributed runtime (jax.distributed.initialize) is done before any of this, elsewhere.
+distributed runtime (jaxformer.devices.initialize_distributed) is done before any of this.
 
 Where a host's rows go. Both strategies keep the order of `jax.devices()`, which lists the
 devices process by process, and give device d the d-th slice of the global batch; so process p's
@@ -42,102 +42,21 @@ import functools
 from typing import Any, Sequence
 
 import flax.jax_utils
-from jax.experimental import multihost_utils
 import jax
 import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxformer.data.tokenizer import PAD_ID
-from jaxformer.errors import ConfigError
+from jaxformer import devices as devices_lib
+from jaxformer.tokens import PAD_ID
 from jaxformer.train import state as state_lib
 from jaxformer.train import step as step_lib
 from jaxformer.train.state import Params, TrainState
 
-MESH_AXES = ("data", "fsdp")   # batch over both; parameters over 'fsdp'.
 PMAP_AXIS = "devices"          # the axis name of the pmapped steps.
 
 HostBatch = dict[str, np.ndarray]
 Batch = dict[str, jax.Array]
-
-
-# --- Several processes (hosts). ------------------------------------------------------------------
-
-COORDINATOR_ENV = "JAXFORMER_COORDINATOR_ADDRESS"   # host:port of process 0's coordinator
-NUM_PROCESSES_ENV = "JAXFORMER_NUM_PROCESSES"
-PROCESS_ID_ENV = "JAXFORMER_PROCESS_ID"
-AUTO_ENV = "JAXFORMER_DISTRIBUTED"                  # 'auto': TPU VMs and clusters JAX detects
-
-
-def initialize_distributed() -> None:
-  """Joins this process to a multi-process run, when the environment says it is one.
-
-  - `JAXFORMER_COORDINATOR_ADDRESS`, `JAXFORMER_NUM_PROCESSES` and `JAXFORMER_PROCESS_ID` set
-    (by `launch.sh --processes`, or by hand / a scheduler on a GPU cluster): join them.
-  - `JAXFORMER_DISTRIBUTED=auto` (set by `launch.sh --tpu`): `jax.distributed.initialize()`
-    with no arguments, which finds the peers itself on TPU VMs, SLURM and other clusters.
-  - neither: a single-process run; nothing to do.
-  On CPU the collectives between processes go through gloo. Call before any other jax work.
-  """
-  import os
-  env = os.environ
-  if jax.distributed.is_initialized():
-    return
-  if env.get(COORDINATOR_ENV):
-    try:
-      num_processes, process_id = int(env[NUM_PROCESSES_ENV]), int(env[PROCESS_ID_ENV])
-    except (KeyError, ValueError):
-      raise ConfigError(f"{COORDINATOR_ENV} is set, so {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV} "
-                        "must be set to whole numbers too") from None
-    if env.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=env[COORDINATOR_ENV],
-                               num_processes=num_processes, process_id=process_id)
-  elif env.get(AUTO_ENV) == "auto":
-    jax.distributed.initialize()
-
-
-# --- Checks that need to know the devices. ----------------------------------------------------
-
-def validate_for_devices(config: ml_collections.ConfigDict,
-                         devices: Sequence[jax.Device] | None = None) -> None:
-  """Raises ConfigError when the config cannot run on `devices` (default: all of jax.devices()).
-
-  Cheap and side-effect free: the CLI calls it before anything is written to the workdir.
-  """
-  devices = list(jax.devices() if devices is None else devices)
-  num_devices = len(devices)
-  num_processes = len({d.process_index for d in devices})
-  strategy, fsdp = config.parallel.strategy, config.parallel.fsdp
-  if strategy not in ("mesh", "pmap"):
-    raise ConfigError(f"parallel.strategy={strategy!r} is not allowed; choose 'mesh' or 'pmap'")
-  if strategy == "pmap" and fsdp != 1:
-    raise ConfigError(f"parallel.fsdp={fsdp} needs parallel.strategy='mesh'; pmap keeps a full "
-                      "copy of the parameters on every device (set parallel.fsdp=1)")
-  if fsdp <= 0 or num_devices % fsdp:
-    divisors = [k for k in range(1, num_devices + 1) if num_devices % k == 0]
-    raise ConfigError(f"parallel.fsdp={fsdp} does not divide the {num_devices} devices; "
-                      f"choose one of {divisors}")
-  for key, batch_size in (("train.batch_size", config.train.batch_size),
-                          ("eval.batch_size", config.eval.batch_size)):
-    if batch_size % num_devices or batch_size % num_processes:
-      raise ConfigError(f"{key}={batch_size} is not divisible by the {num_devices} devices "
-                        f"({num_processes} processes); use a multiple of {num_devices}")
-
-
-def fsdp_partition_spec(shape: tuple[int, ...], fsdp: int) -> P:
-  """How one parameter (or optimizer-state) array of `shape` is split over the 'fsdp' axis.
-
-  The largest dimension that `fsdp` divides is split (the first of equal ones); an array with
-  no such dimension (scalars, odd sizes) is replicated.
-  """
-  if fsdp > 1:
-    for dim in sorted(range(len(shape)), key=lambda i: -shape[i]):
-      if shape[dim] % fsdp == 0:
-        spec = [None] * len(shape)
-        spec[dim] = "fsdp"
-        return P(*spec)
-  return P()
 
 
 def _check_rows(host_batch: HostBatch, rows: int, what: str) -> None:
@@ -147,15 +66,6 @@ def _check_rows(host_batch: HostBatch, rows: int, what: str) -> None:
     if host_batch[key].shape[0] != rows:
       raise ValueError(f"{what} batch {key!r} has {host_batch[key].shape[0]} rows; this host "
                        f"feeds {rows} rows per step")
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  """The whole array in host memory (a collective when other hosts hold parts of it)."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  if x.is_fully_replicated:  # Every host has all of it.
-    return np.asarray(x.addressable_data(0))
-  return multihost_utils.process_allgather(x, tiled=True)
 
 
 def _pad_rows(host_batch: HostBatch, rows: int) -> HostBatch:
@@ -183,7 +93,7 @@ class Strategy(abc.ABC):
 
   def __init__(self, config: ml_collections.ConfigDict,
                devices: Sequence[jax.Device] | None = None):
-    validate_for_devices(config, devices)
+    devices_lib.validate_for_devices(config, devices)
     self.config = state_lib.frozen(config)
     self.devices = list(jax.devices() if devices is None else devices)
     self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
@@ -269,14 +179,16 @@ class MeshStrategy(Strategy):
                devices: Sequence[jax.Device] | None = None):
     super().__init__(config, devices)
     fsdp = self.config.parallel.fsdp
-    self.mesh = jax.make_mesh((len(self.devices) // fsdp, fsdp), MESH_AXES,
-                              axis_types=(AxisType.Auto,) * len(MESH_AXES),
+    self.mesh = jax.make_mesh((len(self.devices) // fsdp, fsdp), devices_lib.MESH_AXES,
+                              axis_types=(AxisType.Auto,) * len(devices_lib.MESH_AXES),
                               devices=self.devices)
     self.replicated = NamedSharding(self.mesh, P())
-    self.eval_batch_sharding = NamedSharding(self.mesh, P(MESH_AXES))        # [B, L]
-    self.train_batch_sharding = NamedSharding(self.mesh, P(None, MESH_AXES))  # [A, B, L]
+    axes = devices_lib.MESH_AXES
+    self.eval_batch_sharding = NamedSharding(self.mesh, P(axes))        # [B, L]
+    self.train_batch_sharding = NamedSharding(self.mesh, P(None, axes))  # [A, B, L]
     self.state_sharding = jax.tree.map(
-        lambda leaf: NamedSharding(self.mesh, fsdp_partition_spec(leaf.shape, fsdp)),
+        lambda leaf: NamedSharding(self.mesh,
+                                   devices_lib.fsdp_partition_spec(leaf.shape, fsdp)),
         self.state_shapes())
 
     self._init = jax.jit(functools.partial(state_lib.init_state, self.config),
@@ -317,7 +229,7 @@ class MeshStrategy(Strategy):
     return self._eval_step(params, batch)
 
   def state_to_host(self, state):
-    return jax.tree.map(_to_host, state)
+    return jax.tree.map(devices_lib.to_host, state)
 
   def place_state(self, state):
     def place(x, sharding):
@@ -339,7 +251,7 @@ class MeshStrategy(Strategy):
     # numbers of steps, so no collective between hosts may happen inside them. Every host gets
     # the whole parameters on its own devices.
     local = NamedSharding(Mesh(np.array(self.local_devices), ("local",)), P())
-    return jax.device_put(jax.tree.map(_to_host, state.params), local)
+    return jax.device_put(jax.tree.map(devices_lib.to_host, state.params), local)
 
 
 # --- 'pmap': replicated data parallelism. --------------------------------------------------------

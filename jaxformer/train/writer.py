@@ -17,8 +17,8 @@ import jax
 import numpy as np
 from etils import epath
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+from jaxformer import workdir as workdir_lib
+
 
 
 def can_append(path: epath.Path) -> bool:
@@ -53,11 +53,11 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.path = epath.Path(workdir) / METRICS_FILE
+    self.path = workdir_lib.path(workdir, workdir_lib.METRICS_FILE)
     self._tensorboard = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # Imported lazily: slow, and only process 0 needs it.
-      self._tensorboard = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+      self._tensorboard = SummaryWriter(os.path.join(workdir, workdir_lib.TENSORBOARD_DIR))
 
   def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
     if not self.enabled:

@@ -2,8 +2,10 @@
 
 import pytest
 
+from jaxformer import workdir as workdir_lib
 from jaxformer.config import get_default_config
 from jaxformer.data import sources, tokenizer
+from jaxformer.data import vocab
 
 
 def small_config(**data_overrides):
@@ -30,15 +32,15 @@ def small_config_fixture():
 def numbers_workdir(tmp_path_factory):
   """A workdir holding the small numbers dataset (workdir/tfds) and its vocab.model."""
   workdir = str(tmp_path_factory.mktemp("numbers"))
-  tokenizer.load_or_train(small_config(), workdir)
+  vocab.load_or_train(small_config(), workdir)
   return workdir
 
 
 @pytest.fixture(scope="session")
 def numbers_tokenizer(numbers_workdir):
-  return tokenizer.load_or_train(small_config(), numbers_workdir)
+  return vocab.load_or_train(small_config(), numbers_workdir)
 
 
 @pytest.fixture(scope="session")
 def numbers_data_dir(numbers_workdir):
-  return sources.resolve_data_dir(small_config(), numbers_workdir)
+  return workdir_lib.resolve_data_dir(small_config(), numbers_workdir)

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from jaxformer import workdir as workdir_lib
 from jaxformer.data import pipeline, sources, tokenizer
-from jaxformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from jaxformer.data import vocab
 from jaxformer.errors import ConfigError, DataError
+from jaxformer.tokens import BOS_ID, EOS_ID, PAD_ID
 
 KEYS = {"inputs", "targets", "inputs_segment_ids", "targets_segment_ids", "inputs_positions",
         "targets_positions"}
@@ -209,7 +211,7 @@ def test_restored_iterator_continues_with_the_same_batches(packing, small_config
 @pytest.mark.parametrize("packing", [True, False])
 def test_a_resumed_run_may_change_the_batch_size_and_continues_the_data(
     packing, small_config, numbers_tokenizer, numbers_data_dir):
-  """train.batch_size may change on resume (checkpoint.check_compatible allows it): the new
+  """train.batch_size may change on resume (workdir.check_compatible allows it): the new
   iterator picks the stream up where the old one stopped, no pair repeated or skipped."""
   config = small_config(packing=packing)
   first = pipeline.make_train_iterator(config, numbers_tokenizer, numbers_data_dir)
@@ -336,8 +338,8 @@ def test_wmt_batches_under_mock_data(direction, small_config, tmp_path):
                         max_len=48)
   source_lang, target_lang = direction.split("-")
   with tfds.testing.mock_data(num_examples=24):
-    tok = tokenizer.load_or_train(config, str(tmp_path))
-    data_dir = sources.resolve_data_dir(config, str(tmp_path))
+    tok = vocab.load_or_train(config, str(tmp_path))
+    data_dir = workdir_lib.resolve_data_dir(config, str(tmp_path))
     batch = next(pipeline.make_train_iterator(config, tok, data_dir))
     assert {k: v.shape for k, v in batch.items()} == {k: (8, 48) for k in KEYS}
     records = tfds.data_source("wmt14_translate/de-en", split="validation")

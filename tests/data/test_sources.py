@@ -148,7 +148,7 @@ def test_wmt_bad_direction_and_unprepared_data(small_config, tmp_path):
     sources.get_split(config, "train", str(tmp_path))
   config = small_config(task="tfds")
   with pytest.raises(DataError, match=r"wmt14_translate/de-en is not prepared in .*"
-                                      r"python -m jaxformer\.data\.sources"):
+                                      r"jaxformer prepare"):
     sources.get_split(config, "train", str(tmp_path))
   assert not os.listdir(tmp_path), "reading must not create or download anything"
 
@@ -160,14 +160,3 @@ def test_other_processes_wait_for_process_0_to_build(small_config, tmp_path, mon
   with pytest.raises(DataError, match=r"waiting for process 0 to write the numbers dataset in"):
     sources.get_split(small_config(), "train", str(tmp_path))
   assert not any(files for _, _, files in os.walk(tmp_path)), "only process 0 builds data"
-
-
-def test_prepare_command(tmp_path, capsys):
-  args = ["--config", "sort", "--workdir", str(tmp_path), "--config.data.num_train=50",
-          "--config.data.num_validation=5", "--config.data.num_test=5"]
-  assert sources.main(args) == 0
-  out = capsys.readouterr().out
-  assert "train: 50 examples" in out and "test: 5 examples" in out
-  assert str(tmp_path / "tfds") in out
-  assert sources.main(args + ["--config.data.num_tests=5"]) == 2
-  assert "unknown config key data.num_tests" in capsys.readouterr().err

@@ -1,12 +1,10 @@
-"""SentencePiece vocabulary: special ids, save/reload, round trips, train once per workdir."""
-
-import os
+"""SentencePiece wrapper: special ids, save/reload, round trips, damaged files."""
 
 import pytest
 
 from jaxformer.data import sources, tokenizer
-from jaxformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from jaxformer.errors import ConfigError, DataError
+from jaxformer.errors import DataError
+from jaxformer.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
 def test_special_ids_are_the_defined_ones(numbers_tokenizer):
@@ -49,41 +47,6 @@ def test_saved_and_reloaded_vocabulary_gives_identical_ids(numbers_tokenizer, tm
     assert again.encode(text) == numbers_tokenizer.encode(text)
   assert [again.id_to_piece(i) for i in range(again.vocab_size)] == [
       numbers_tokenizer.id_to_piece(i) for i in range(again.vocab_size)]
-
-
-def test_vocabulary_is_trained_once_per_workdir(numbers_workdir, small_config, monkeypatch):
-  path = os.path.join(numbers_workdir, tokenizer.VOCAB_FILENAME)
-  before = os.stat(path).st_mtime_ns
-
-  def no_training(*args, **kwargs):
-    raise AssertionError("trained again although vocab.model exists")
-
-  monkeypatch.setattr(tokenizer, "train", no_training)
-  tok = tokenizer.load_or_train(small_config(), numbers_workdir)
-  assert os.stat(path).st_mtime_ns == before and tok.vocab_size <= 128
-  with pytest.raises(ConfigError, match=r"vocab\.model has \d+ pieces but model\.vocab_size=8"):
-    config = small_config()
-    config.model.vocab_size = 8
-    tokenizer.load_or_train(config, numbers_workdir)
-
-
-def test_vocabulary_sample_is_capped_both_sides_and_seeded(numbers_data_dir, small_config):
-  source = sources.get_split(small_config(), "train", numbers_data_dir)
-  sample = tokenizer.training_sentences(source, 101, seed=5)
-  assert len(sample) == 101
-  assert sample == tokenizer.training_sentences(source, 101, seed=5)
-  assert sample != tokenizer.training_sentences(source, 101, seed=6)
-  pairs = {(source[i]["source"], source[i]["target"]) for i in range(len(source))}
-  assert all(pair in pairs for pair in zip(sample[0::2], sample[1::2]))
-
-
-def test_other_processes_wait_for_process_0(tmp_path, small_config, monkeypatch):
-  monkeypatch.setattr(tokenizer.jax, "process_index", lambda: 1)
-  monkeypatch.setattr(sources, "WAIT_POLL_S", 0.01)
-  monkeypatch.setattr(sources, "WAIT_TIMEOUT_S", 0.05)
-  with pytest.raises(DataError, match=r"waiting for process 0 to write .*vocab\.model"):
-    tokenizer.load_or_train(small_config(), str(tmp_path))
-  assert not os.listdir(tmp_path), "a process other than 0 must not train or build data"
 
 
 def test_damaged_vocabulary_is_a_data_error(tmp_path):

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxformer.data.tokenizer import PAD_ID
 from jaxformer.model.transformer import Transformer, shift_right
+from jaxformer.tokens import PAD_ID
 from model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
 
 SELF_ENTRIES = {"cached_key", "cached_value", "cache_index"}

@@ -11,7 +11,7 @@ import pytest
 
 from model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
 
-BOS = 2          # the start token of the decoder (jaxformer.data.tokenizer.BOS_ID)
+BOS = 2          # the start token of the decoder (jaxformer.tokens.BOS_ID)
 PAD = 0
 EPSILON = 1e-6   # LayerNorm epsilon
 

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxformer.data.tokenizer import BOS_ID, PAD_ID
 from jaxformer.errors import ConfigError
 from jaxformer.model.transformer import Transformer, shift_right
+from jaxformer.tokens import BOS_ID, PAD_ID
 from model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
 
 

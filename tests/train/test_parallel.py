@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from train_testing import random_batch, tiny_config
 
+from jaxformer import devices
 from jaxformer.errors import ConfigError
 from jaxformer.train import parallel
 
@@ -132,12 +133,12 @@ def test_fsdp_shards_parameters_and_optimizer_state():
 
 
 def test_fsdp_partition_spec_picks_the_largest_divisible_dimension():
-  assert parallel.fsdp_partition_spec((6, 8), 4) == P(None, "fsdp")
-  assert parallel.fsdp_partition_spec((8, 8), 4) == P("fsdp", None)
-  assert parallel.fsdp_partition_spec((12, 6), 4) == P("fsdp", None)
-  assert parallel.fsdp_partition_spec((3, 5), 4) == P()
-  assert parallel.fsdp_partition_spec((), 4) == P()
-  assert parallel.fsdp_partition_spec((8, 8), 1) == P()
+  assert devices.fsdp_partition_spec((6, 8), 4) == P(None, "fsdp")
+  assert devices.fsdp_partition_spec((8, 8), 4) == P("fsdp", None)
+  assert devices.fsdp_partition_spec((12, 6), 4) == P("fsdp", None)
+  assert devices.fsdp_partition_spec((3, 5), 4) == P()
+  assert devices.fsdp_partition_spec((), 4) == P()
+  assert devices.fsdp_partition_spec((8, 8), 1) == P()
 
 
 def test_mesh_dropout_does_not_depend_on_the_device_count():
@@ -177,17 +178,17 @@ def test_eval_step_sums_over_all_devices():
 def test_indivisible_batch_is_a_config_error(strategy):
   config = tiny_config(**{"train.batch_size": 12, "parallel.strategy": strategy})
   with pytest.raises(ConfigError, match=r"train\.batch_size=12 .* 8 devices"):
-    parallel.validate_for_devices(config)
+    devices.validate_for_devices(config)
   with pytest.raises(ConfigError, match=r"train\.batch_size"):
     parallel.make_strategy(config)
-  parallel.validate_for_devices(config, jax.devices()[:4])   # 12 rows do fit on 4 devices
+  devices.validate_for_devices(config, jax.devices()[:4])   # 12 rows do fit on 4 devices
 
 
 def test_fsdp_must_divide_the_devices_and_needs_mesh():
   with pytest.raises(ConfigError, match=r"parallel\.fsdp=3"):
-    parallel.validate_for_devices(tiny_config(**{"parallel.fsdp": 3}))
+    devices.validate_for_devices(tiny_config(**{"parallel.fsdp": 3}))
   with pytest.raises(ConfigError, match=r"parallel\.fsdp=2 needs parallel\.strategy='mesh'"):
-    parallel.validate_for_devices(tiny_config(**{"parallel.fsdp": 2,
+    devices.validate_for_devices(tiny_config(**{"parallel.fsdp": 2,
                                                  "parallel.strategy": "pmap"}))
   with pytest.raises(ConfigError, match=r"eval\.batch_size=4"):
-    parallel.validate_for_devices(tiny_config(**{"eval.batch_size": 4}))
+    devices.validate_for_devices(tiny_config(**{"eval.batch_size": 4}))

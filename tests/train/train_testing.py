@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 
 from jaxformer import config as config_lib
-from jaxformer.data.tokenizer import EOS_ID
+from jaxformer.tokens import EOS_ID
 
 VOCAB = 32
 LENGTH = 8

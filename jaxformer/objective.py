@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxformer.data.tokenizer import PAD_ID
+from jaxformer.tokens import PAD_ID
 
 
 def token_weights(targets: jax.Array) -> jax.Array:

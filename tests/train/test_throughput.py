@@ -1,4 +1,6 @@
-"""The model FLOP count behind MFU (jaxformer/train/flops.py), checked three independent ways.
+"""Throughput: the training-time window, and the model FLOP count behind MFU.
+
+The FLOP count (jaxformer/train/throughput.py) is checked three independent ways:
 
 1. A hand count from the layer's own parameters: every kernel of a Dense layer costs
    2 x tokens x kernel size FLOPs, where the tokens are those the layer is applied to, and
@@ -20,7 +22,7 @@ import pytest
 from jaxformer.config import get_default_config
 from jaxformer.model import attention
 from jaxformer.model.transformer import DecoderLayer, EncoderLayer, Transformer
-from jaxformer.train import flops
+from jaxformer.train import throughput
 
 D, H, F, V = 64, 4, 128, 40
 S, T, B = 24, 16, 2   # source and target lengths differ, so swapping them cannot pass.
@@ -71,7 +73,7 @@ def test_encoder_layer_matches_a_hand_count():
   assert len(kernels) == 6  # query, key, value, out; feed-forward inner and outer.
   dense = sum(2 * S * size for size in kernels.values())   # every kernel sees the S tokens.
   scores_and_sum = 2 * (2 * S * S * D)                     # Q K^T and weights x V, all heads.
-  assert flops.encoder_layer_flops(D, F, S) == dense + scores_and_sum
+  assert throughput.encoder_layer_flops(D, F, S) == dense + scores_and_sum
 
 
 def test_decoder_layer_matches_a_hand_count():
@@ -84,7 +86,7 @@ def test_decoder_layer_matches_a_hand_count():
   dense = sum(2 * (S if name in on_source else T) * size for name, size in kernels.items())
   self_attention = 2 * (2 * T * T * D)
   cross_attention = 2 * (2 * T * S * D)
-  assert flops.decoder_layer_flops(D, F, S, T) == dense + self_attention + cross_attention
+  assert throughput.decoder_layer_flops(D, F, S, T) == dense + self_attention + cross_attention
 
 
 # --- 2. The matrix products of the traced program. ------------------------------------------
@@ -118,10 +120,10 @@ def traced_dot_flops(fn, *args) -> int:
 def test_layer_counts_equal_the_traced_matrix_products():
   layer, params, args = encoder_layer(model_config())
   traced = traced_dot_flops(lambda p: layer.apply({"params": p}, *args), params)
-  assert traced == B * flops.encoder_layer_flops(D, F, S)
+  assert traced == B * throughput.encoder_layer_flops(D, F, S)
   layer, params, args = decoder_layer(model_config())
   traced = traced_dot_flops(lambda p: layer.apply({"params": p}, *args), params)
-  assert traced == B * flops.decoder_layer_flops(D, F, S, T)
+  assert traced == B * throughput.decoder_layer_flops(D, F, S, T)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -135,9 +137,9 @@ def test_whole_model_forward_and_train_step_equal_the_traced_matrix_products(sca
     return model.apply({"params": p}, inputs, targets).sum()
 
   forward = traced_dot_flops(loss, params)
-  assert forward == B * flops.forward_flops(config, S, T)
+  assert forward == B * throughput.forward_flops(config, S, T)
   # Backward: the gradient of every product with respect to both of its operands, 2x forward.
-  assert traced_dot_flops(jax.grad(loss), params) == flops.TRAIN_FACTOR * forward
+  assert traced_dot_flops(jax.grad(loss), params) == throughput.TRAIN_FACTOR * forward
 
 
 def test_train_step_flops_scale_with_the_batch_and_rows():
@@ -145,9 +147,9 @@ def test_train_step_flops_scale_with_the_batch_and_rows():
   config.model.update(model_config().to_dict())
   config.data.max_len = S
   config.train.batch_size = 8
-  expected = flops.TRAIN_FACTOR * 8 * flops.forward_flops(config.model, S, S)
-  assert flops.train_step_flops(config) == expected
-  assert flops.train_step_flops(config, batch_size=16) == 2 * expected
+  expected = throughput.TRAIN_FACTOR * 8 * throughput.forward_flops(config.model, S, S)
+  assert throughput.train_step_flops(config) == expected
+  assert throughput.train_step_flops(config, batch_size=16) == 2 * expected
 
 
 # --- 3. XLA's count. --------------------------------------------------------------------------
@@ -177,11 +179,68 @@ def elementwise_bound(tokens: int, scores_per_token: int) -> int:
 
 def test_layer_counts_agree_with_xla_cost_analysis():
   layer, params, args = encoder_layer(model_config())
-  counted = B * flops.encoder_layer_flops(D, F, S)
+  counted = B * throughput.encoder_layer_flops(D, F, S)
   xla = xla_flops(lambda p: layer.apply({"params": p}, *args), params)
   assert counted <= xla <= counted + elementwise_bound(B * S, H * S)
 
   layer, params, args = decoder_layer(model_config())
-  counted = B * flops.decoder_layer_flops(D, F, S, T)
+  counted = B * throughput.decoder_layer_flops(D, F, S, T)
   xla = xla_flops(lambda p: layer.apply({"params": p}, *args), params)
   assert counted <= xla <= counted + elementwise_bound(B * T, H * (T + S))
+
+
+# --- The throughput window. ---------------------------------------------------------------
+
+class FakeClock:
+  """A clock the test moves by hand."""
+
+  def __init__(self):
+    self.now = 100.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_throughput_counts_training_time_only():
+  clock = FakeClock()
+  meter = throughput.Throughput(clock)
+  for tokens, data_wait in ((10, 0.5), (20, 0.0), (30, 0.25)):
+    clock.now += 1.0
+    meter.add_step(tokens, data_wait)
+  with meter.paused():  # e.g. an evaluation: 5 s that are not training.
+    clock.now += 5.0
+  clock.now += 1.0
+  meter.add_step(40, 0.25)
+
+  report = meter.report(num_processes=2)
+  assert report["step_time"] == pytest.approx(4.0 / 4)
+  assert report["tokens_per_second"] == pytest.approx(2 * 100 / 4.0)
+  assert report["data_wait_fraction"] == pytest.approx(1.0 / 4.0)
+
+  # The next window starts empty, at the report.
+  clock.now += 2.0
+  meter.add_step(8, 0.0)
+  report = meter.report()
+  assert report["step_time"] == pytest.approx(2.0)
+  assert report["tokens_per_second"] == pytest.approx(4.0)
+
+
+def test_packing_efficiency_is_the_real_share_of_the_window_s_token_slots():
+  clock = FakeClock()
+  meter = throughput.Throughput(clock)
+  assert "packing_efficiency" not in meter.report()  # Nothing counted: not reported.
+  for non_pad, slots in ((30, 40), (10, 40)):
+    clock.now += 1.0
+    meter.add_step(5, 0.0, non_pad=non_pad, slots=slots)
+  assert meter.report()["packing_efficiency"] == pytest.approx(40 / 80)
+
+
+def test_restart_drops_what_came_before():
+  clock = FakeClock()
+  meter = throughput.Throughput(clock)
+  clock.now += 30.0  # The first step, compiling.
+  meter.add_step(10, 0.0)
+  meter.restart()
+  clock.now += 1.0
+  meter.add_step(10, 0.0)
+  assert meter.report()["tokens_per_second"] == pytest.approx(10.0)

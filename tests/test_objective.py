@@ -5,8 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxformer.data.tokenizer import PAD_ID
-from jaxformer.train import objective
+from jaxformer import objective
+from jaxformer.tokens import PAD_ID
 
 V = 7
 

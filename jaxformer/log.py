@@ -1,0 +1,22 @@
+"""`log()`: the one way jaxformer tells the user something, one line on stderr.
+
+Only process 0 speaks by default, so a pod of many hosts prints each line once; a line that
+concerns every process (e.g. what it found in its checkpoint) passes `all_processes=True` and is
+prefixed with the process index when there are several. stdout is kept for results
+(translations, JSON metrics, paths) so that they can be piped.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+
+
+def log(message: str, *, all_processes: bool = False) -> None:
+  """Prints `message` on stderr: from process 0 only, or from every process (prefixed)."""
+  index, count = jax.process_index(), jax.process_count()
+  if not all_processes and index != 0:
+    return
+  prefix = f"[process {index}] " if all_processes and count > 1 else ""
+  print(prefix + message, file=sys.stderr, flush=True)

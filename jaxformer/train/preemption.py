@@ -1,0 +1,102 @@
+"""Preemption: SIGTERM (a preempted VM, `kill`) and SIGINT (Ctrl-C) become an agreed stop step.
+
+A long run is stopped from outside: a cloud VM is preempted (SIGTERM, with some seconds of
+grace), a scheduler ends a job, a user presses Ctrl-C. None of these may lose the work since the
+last checkpoint. `PreemptionGuard` catches the signal, and the training loop asks it at every
+step whether to stop; on one host that is the step during which the signal came, on a pod it is a
+step every host agrees on (jax.distributed's preemption sync service), so that all hosts save
+the same step and none waits forever in a collective the others left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any, Iterable
+
+from jax.experimental import multihost_utils
+
+from jaxformer.train import jax_internals
+
+
+class PreemptionGuard:
+  """Turns SIGTERM (preemption, `kill`) and SIGINT (Ctrl-C) into a request to stop cleanly.
+
+  While the guard is entered, these signals no longer kill the process: they set a flag, and
+  `should_stop(step)` becomes True. The loop then saves a checkpoint at that step, waits for
+  it and exits with status 0. A second signal of the same kind acts as if no guard were
+  installed (Ctrl-C twice: stop at once, without a checkpoint). On exit the previous handlers
+  are restored. Enter it in the main thread (Python delivers signals there only).
+
+  Multi-host: when jax.distributed runs its preemption service (the default after
+  `jax.distributed.initialize()`), SIGTERM is left to jax's notifier, SIGINT is forwarded to
+  it, and `should_stop(step)` is `multihost_utils.reached_preemption_sync_point(step)`: True
+  on every host at the same step, a few steps after any host got the signal. Otherwise (one
+  process) it is the local flag, True from the step during which the signal came.
+
+  The training loop, on every process:
+
+      with preemption.PreemptionGuard() as guard:
+        for step in range(start_step, config.train.steps):
+          state, metrics = train_step(state, next(batches))  # state.step == step + 1
+          checkpointer.save(step + 1, state, batches)        # due every every_steps
+          if guard.should_stop(step + 1):                   # call it at every step
+            checkpointer.save(step + 1, state, batches, force=True)
+            checkpointer.wait()
+            print(f"stopped by {guard.reason} at step {step + 1}; checkpoint in "
+                  f"{checkpointer.directory}; run the same command to resume")
+            return                                          # exit status 0
+        checkpointer.save(config.train.steps, state, batches, force=True)
+      checkpointer.close()
+  """
+
+  def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)):
+    self._signals = tuple(signals)
+    self._previous: dict[int, Any] = {}
+    self._received: int | None = None
+    self._sync_hosts = False
+
+  def __enter__(self) -> "PreemptionGuard":
+    self._sync_hosts = jax_internals.preemption_service_running()
+    for signum in self._signals:
+      if self._sync_hosts and signum == signal.SIGTERM:
+        continue  # jax's preemption notifier handles SIGTERM and tells the other hosts.
+      self._previous[signum] = signal.signal(signum, self._on_signal)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    for signum, handler in self._previous.items():
+      # None: a handler installed outside Python, which cannot be put back; use the default.
+      signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    self._previous = {}
+
+  def _on_signal(self, signum: int, frame: Any) -> None:
+    del frame
+    if self._received == signum:  # The second one: behave as without the guard.
+      self.__exit__()
+      signal.raise_signal(signum)
+      return
+    self._received = signum
+    if self._sync_hosts:
+      os.kill(os.getpid(), signal.SIGTERM)  # Hand it to jax's notifier (all hosts agree).
+
+  @property
+  def requested(self) -> bool:
+    """Whether this process received one of the signals (SIGTERM under jax.distributed aside)."""
+    return self._received is not None
+
+  @property
+  def reason(self) -> str:
+    """'SIGTERM', 'SIGINT' ..., or 'a preemption notice' when jax's service relayed it."""
+    if self._received is not None:
+      return signal.Signals(self._received).name
+    return "a preemption notice"
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to save at `step` and stop. Call at every step, on every process."""
+    if self._sync_hosts:
+      try:
+        return multihost_utils.reached_preemption_sync_point(int(step))
+      except RuntimeError:  # The service was disabled after all: fall back to the flag.
+        self._sync_hosts = False
+    return self._received is not None

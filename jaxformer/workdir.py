@@ -1,0 +1,157 @@
+"""A run's workdir: every path in it, and the run config recorded there.
+
+A workdir holds one run; this module is the only one that knows its layout:
+
+```
+<workdir>/config.json          the resolved config (`write_run_config`); the configs of
+<workdir>/config.<n>.json        earlier runs in this workdir, when a resume changed settings
+<workdir>/vocab.model          the SentencePiece vocabulary (trained once, then reused)
+<workdir>/checkpoints/<step>/  orbax checkpoints, one directory per saved step, each with
+           state/              the whole TrainState (params, optimizer state, step)
+           data/               the grain iterator state, one JSON file per process
+<workdir>/averaged/<name>/     averaged parameters, e.g. last5_1000-5000
+<workdir>/damaged/<step>/      checkpoints found damaged on resume, moved aside (never deleted)
+<workdir>/superseded/<step>/   checkpoints newer than a `--restore-step`, moved aside
+<workdir>/metrics.jsonl        one JSON object per logged step and per evaluation
+<workdir>/tensorboard/         TensorBoard event files
+<workdir>/tfds/                the run's datasets, unless data.data_dir names another place
+<workdir>/logs/                one log file per pod worker
+```
+
+The workdir may be a local directory or a gs:// URL (etils.epath reads and writes both).
+
+A resume must not change what the checkpoints hold: `check_compatible` names every config key
+whose change would make them unusable (the model's shape, what its parameters compute, the
+vocabulary), and lets every other key change (steps, learning rate, logging, parallelism ...).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+
+from jaxformer import config as config_lib
+from jaxformer.errors import CheckpointError
+
+CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocab.model"
+CHECKPOINTS_DIR = "checkpoints"
+AVERAGED_DIR = "averaged"
+DAMAGED_DIR = "damaged"
+SUPERSEDED_DIR = "superseded"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+TFDS_DIR = "tfds"
+LOGS_DIR = "logs"
+
+# Config keys whose change makes the checkpoints of a workdir unusable, with the reason.
+# Any other key (train.steps, logging, evaluation, dropout, learning rate, checkpoint.*,
+# parallelism) may change when a run is resumed.
+MODEL_SHAPE_KEYS = (
+    "model.vocab_size", "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
+    "model.pos_encoding", "model.share_embeddings", "model.tie_output", "model.attention_bias",
+    "model.scan_layers",
+)
+# Same shapes, but the parameters were trained to compute something else.
+MODEL_FUNCTION_KEYS = ("model.norm", "model.activation")
+# The vocabulary in the workdir was trained for this data with these settings.
+TOKENIZER_KEYS = ("data.vocab_type", "data.task", "data.tfds_name", "data.direction")
+# Learned positions: one embedding row per position, so max_len is part of the shape.
+LEARNED_POSITIONS_KEY = "model.max_len"
+
+
+# --- Paths. -------------------------------------------------------------------------------------
+
+def absolute_workdir(workdir: str) -> str:
+  """A local workdir as an absolute path (orbax refuses relative ones); URLs (gs://) as they are."""
+  return workdir if "://" in str(workdir) else os.path.abspath(workdir)
+
+
+def path(workdir: str, *names: str) -> epath.Path:
+  """`<workdir>/<names...>`, local or gs://, e.g. `path(w, CHECKPOINTS_DIR, '1000')`."""
+  return epath.Path(workdir).joinpath(*names)
+
+
+def resolve_data_dir(config: Any, workdir: str) -> str:
+  """Where the run's tfds datasets live: `data.data_dir`, or `<workdir>/tfds` when it is empty."""
+  return config.data.data_dir or os.path.join(workdir, TFDS_DIR)
+
+
+# --- The run's config. ------------------------------------------------------------------------
+
+def _normalize(value: Any) -> Any:
+  """Lists (as JSON gives them back) compare equal to the schema's tuples."""
+  return tuple(value) if isinstance(value, list) else value
+
+
+def _breaking_keys(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """The keys among `saved`/`new` (flattened configs) whose difference breaks a checkpoint."""
+  keys = [k for k in MODEL_SHAPE_KEYS + MODEL_FUNCTION_KEYS + TOKENIZER_KEYS
+          if saved.get(k) != new.get(k)]
+  learned = "learned" in (saved.get("model.pos_encoding"), new.get("model.pos_encoding"))
+  if learned and saved.get(LEARNED_POSITIONS_KEY) != new.get(LEARNED_POSITIONS_KEY):
+    keys.append(LEARNED_POSITIONS_KEY)
+  return keys
+
+
+def check_compatible(saved_config: ml_collections.ConfigDict,
+                     new_config: ml_collections.ConfigDict) -> list[str]:
+  """Checks that a run with `new_config` can resume from checkpoints made with `saved_config`.
+
+  Raises CheckpointError naming every key that breaks the checkpoints (the model's shape, what
+  its parameters compute, or the vocabulary). Returns the other keys that differ (harmless:
+  train.steps, logging, evaluation, dropout, learning rate, checkpoint.*, parallelism ...).
+  """
+  saved = {k: _normalize(v) for k, v in config_lib.flatten(saved_config).items()}
+  new = {k: _normalize(v) for k, v in config_lib.flatten(new_config).items()}
+  breaking = _breaking_keys(saved, new)
+  if breaking:
+    changes = ", ".join(f"{k} ({saved.get(k)!r} -> {new.get(k)!r})" for k in breaking)
+    raise CheckpointError(
+        f"the config changes what the checkpoints in this workdir hold: {changes}; "
+        "put these values back, or use a new --workdir to train a different model")
+  return sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
+
+
+def read_run_config(workdir: str) -> ml_collections.FrozenConfigDict | None:
+  """The config recorded in `<workdir>/config.json`, or None when there is none."""
+  config_path = path(workdir, CONFIG_FILE)
+  if not config_path.exists():
+    return None
+  text = config_path.read_text()
+  try:
+    return config_lib.from_json(text)
+  except ValueError as e:
+    raise CheckpointError(f"{config_path} is not a valid config file ({e}); restore it from a "
+                          "backup or use a new --workdir") from None
+
+
+def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
+  """Records `config` as `<workdir>/config.json` at the start of a run (written by process 0).
+
+  A new workdir gets the file. A workdir that has one keeps going only when the two configs are
+  compatible (`check_compatible`, else CheckpointError and the file is left alone); when they
+  differ harmlessly, the old file is kept as `config.<n>.json` (n = 1, 2, ...) and the new
+  config becomes `config.json`, so evaluation uses the settings of the latest run. Returns the
+  keys that changed.
+  """
+  saved = read_run_config(workdir)
+  changed = [] if saved is None else check_compatible(saved, config)
+  if jax.process_index() != 0 or (saved is not None and not changed):
+    return changed
+  directory = epath.Path(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
+  config_path = directory / CONFIG_FILE
+  if saved is not None:
+    n = 1
+    while (directory / f"config.{n}.json").exists():
+      n += 1
+    config_path.rename(directory / f"config.{n}.json")
+  tmp_path = directory / f"{CONFIG_FILE}.tmp"
+  tmp_path.write_text(config_lib.to_json(config) + "\n")
+  tmp_path.replace(config_path)  # Atomic on a local disk: config.json is never half written.
+  return changed
