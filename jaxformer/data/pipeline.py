@@ -257,11 +257,13 @@ class PrefetchIterator(grain.experimental.ThreadPrefetchDatasetIterator):
   """
 
   def __init__(self, parent: grain.DatasetIterator, buffer_size: int):
+    self._closed_once = False  # Set first: grain's __del__ calls close() even if init fails.
     super().__init__(parent, buffer_size)
     _OPEN_ITERATORS.add(self)
 
   def close(self) -> None:
-    if not self._closed:  # grain's close() is not idempotent; __del__ calls it again.
+    if not self._closed_once:  # grain's close() is not idempotent; __del__ calls it again.
+      self._closed_once = True
       super().close()
 
 
