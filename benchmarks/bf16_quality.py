@@ -12,7 +12,7 @@ exact match is within `--tolerance` points (1) of float32's.
   python benchmarks/bf16_quality.py --json
 
 tests/test_bf16_quality.py runs the same comparison at the size SIZES['test'] (less data, 150
-steps: under a minute for both runs).
+steps).
 
 Exits 0 when bfloat16 is within the tolerance, 1 otherwise.
 """
@@ -20,20 +20,15 @@ Exits 0 when bfloat16 is within the tolerance, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 import tempfile
 import time
 
-import ml_collections
-
 from jaxformer import config as config_lib
-from jaxformer import workdir as workdir_lib
-from jaxformer.data import sources, tokenizer as tokenizer_lib
-from jaxformer.data import vocab
-from jaxformer.train import loop
+from jaxformer.train import jax_internals
+
+import common
 
 DTYPES = ("float32", "bfloat16")
 # Overrides of the default experiment per size; 'full' is the experiment as it is.
@@ -58,7 +53,6 @@ def make_config(dtype: str, size: str = "full"):
   config.train.eval_every_steps = config.train.steps
   config.checkpoint.every_steps = config.train.steps
   config.eval.bleu_examples = config.data.num_validation
-  config.train.peak_flops = 1.0  # No matmul measurement: MFU is not what this is about.
   config_lib.validate(config)
   return config
 
@@ -66,20 +60,27 @@ def make_config(dtype: str, size: str = "full"):
 def train(dtype: str, size: str, workdir: str) -> dict:
   """One run in a fresh directory under `workdir` (vocabulary and data shared); its result."""
   config = make_config(dtype, size)
-  vocab.load_or_train(config, workdir)  # Made once, shared by both runs.
-  config.data.data_dir = workdir_lib.resolve_data_dir(config, workdir)
-  run_dir = tempfile.mkdtemp(prefix=f"{dtype}-", dir=workdir)
-  shutil.copy(os.path.join(workdir, workdir_lib.VOCAB_FILE), run_dir)
-  start = time.perf_counter()
-  validation = loop.train_and_evaluate(ml_collections.FrozenConfigDict(config), run_dir)
-  seconds = time.perf_counter() - start
-  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-    train_lines = [m for m in map(json.loads, f) if m["split"] == "train"]
-  return dict(dtype=dtype, steps=config.train.steps, seconds=seconds,
+  common.prepare_data(config, workdir)  # Made once, shared by both runs.
+  run = common.train_fresh_run(config, workdir, prefix=f"{dtype}-")
+  validation, last = run.validation, run.train_metrics[-1]
+  return dict(dtype=dtype, steps=config.train.steps, seconds=run.seconds,
               exact_match=validation["exact_match"], bleu=validation["bleu"],
               validation_loss=validation["loss"], decoded=validation["decoded_examples"],
-              final_train_loss=train_lines[-1]["loss"],
-              step_time=train_lines[-1]["step_time"], run_dir=run_dir)
+              final_train_loss=last["loss"], step_time=last["step_time"], run_dir=run.run_dir)
+
+
+def print_table(report: dict) -> None:
+  size, runs, gap = report["size"], report["runs"], report["exact_match_gap_points"]
+  print(f"default experiment{'' if size == 'full' else f' ({size} size)'}: exact match over "
+        f"{runs['float32']['decoded']} validation sentences")
+  print(f"{'dtype':<9} {'steps':>5} {'exact match':>11} {'BLEU':>6} {'val loss':>8} "
+        f"{'train loss':>10} {'step s':>7} {'run s':>6}")
+  for r in runs.values():
+    print(f"{r['dtype']:<9} {r['steps']:>5} {r['exact_match']:>11.1%} {r['bleu']:>6.1f} "
+          f"{r['validation_loss']:>8.4f} {r['final_train_loss']:>10.4f} "
+          f"{r['step_time']:>7.3f} {r['seconds']:>6.0f}")
+  print(f"bfloat16 is {gap:+.1f} points behind float32 (tolerance "
+        f"{report['tolerance_points']:g}): {'PASS' if report['passed'] else 'FAIL'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,24 +98,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
   size = "quick" if args.quick else args.size
+  jax_internals.install()  # As the jaxformer CLI does, before the first compilation.
   runs = {dtype: train(dtype, size, args.workdir) for dtype in DTYPES}
   gap = 100 * (runs["float32"]["exact_match"] - runs["bfloat16"]["exact_match"])
   report = dict(date=time.strftime("%Y-%m-%d %H:%M"), size=size, runs=runs,
                 exact_match_gap_points=gap, tolerance_points=args.tolerance,
                 passed=gap <= args.tolerance)
-  if args.json:
-    print(json.dumps(report, indent=2))
-  else:
-    print(f"default experiment{'' if size == 'full' else f' ({size} size)'}: exact match over "
-          f"{runs['float32']['decoded']} validation sentences")
-    print(f"{'dtype':<9} {'steps':>5} {'exact match':>11} {'BLEU':>6} {'val loss':>8} "
-          f"{'train loss':>10} {'step s':>7} {'run s':>6}")
-    for r in runs.values():
-      print(f"{r['dtype']:<9} {r['steps']:>5} {r['exact_match']:>11.1%} {r['bleu']:>6.1f} "
-            f"{r['validation_loss']:>8.4f} {r['final_train_loss']:>10.4f} "
-            f"{r['step_time']:>7.3f} {r['seconds']:>6.0f}")
-    print(f"bfloat16 is {gap:+.1f} points behind float32 (tolerance {args.tolerance:g}): "
-          f"{'PASS' if report['passed'] else 'FAIL'}")
+  common.print_report(report, args.json, print_table)
   return 0 if report["passed"] else 1
 
 

@@ -18,10 +18,7 @@ otherwise stop at an arbitrary point. Compilation is timed separately and left o
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,44 +27,59 @@ import numpy as np
 
 from jaxformer import config as config_lib
 from jaxformer import decode
+from jaxformer.log import log
 from jaxformer.model.transformer import Transformer
-from jaxformer.tokens import EOS_ID
+from jaxformer.train import jax_internals
 
-OUTPUT_LEN = 64  # tokens generated per sentence (issue 6: the 5x claim is at 64 tokens).
+import common
+
+OUTPUT_LEN = 64  # tokens generated per sentence.
 SOURCE_LEN = 16  # source tokens per sentence, EOS included; max_extra_len = the difference.
-FIRST_REAL_ID = EOS_ID + 1  # random source tokens avoid the special ids.
 NO_EOS = -1  # an eos_id no token has: decoding runs to the full length.
 BEAM_SIZE = 4  # the paper's beam.
-ALPHA = 0.6
+ALPHA = 0.6  # the paper's length penalty.
+DECODERS = (("cached", decode.decode_batch), ("naive", decode.naive_decode_batch))
 
 
 def model_configs() -> dict[str, ml_collections.FrozenConfigDict]:
+  """The model configs by name: the default experiment's and the paper's base model."""
+  base = config_lib.get_default_config()
+  config_lib.validate(base)
   return {"default": config_lib.load_config("default").model,
-          "base": ml_collections.FrozenConfigDict(config_lib.get_default_config()).model}
+          "base": ml_collections.FrozenConfigDict(base).model}
 
 
-def random_sources(batch: int, vocab_size: int, seed: int = 0) -> np.ndarray:
-  """[batch, SOURCE_LEN] random real tokens, EOS last."""
-  rng = np.random.default_rng(seed)
-  ids = rng.integers(FIRST_REAL_ID, vocab_size, size=(batch, SOURCE_LEN), dtype=np.int32)
-  ids[:, -1] = EOS_ID
-  return ids
+def search_name(beam_size: int) -> str:
+  """How the tables name a search: 'greedy' or 'beam N'."""
+  return "greedy" if beam_size == 1 else f"beam {beam_size}"
 
 
-def time_call(fn, repeats: int) -> tuple[float, float, object]:
-  """(compile + first run seconds, median seconds of `repeats` further runs, last result)."""
-  start = time.perf_counter()
-  result = jax.block_until_ready(fn())
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    result = jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return first, statistics.median(times), result
+def time_decoding(decode_fn, model, params, inputs: np.ndarray, beam_size: int,
+                  output_len: int, repeats: int) -> common.Timing:
+  """Times `decode_fn` (decode_batch or naive_decode_batch) decoding `inputs` ([B, S] source
+  tokens) to `output_len` tokens per sentence, EOS disabled: the first call and `repeats` more.
+  """
+  timing, result = common.time_call(
+      lambda: decode_fn(model, params, inputs, beam_size=beam_size, alpha=ALPHA,
+                        max_extra_len=output_len - inputs.shape[1], eos_id=NO_EOS), repeats)
+  lengths = np.asarray(result.lengths[:, 0])
+  assert (lengths == output_len).all(), lengths  # Every sentence decoded in full.
+  return timing
 
 
-def run(models: list[str], quick: bool, repeats: int, log) -> dict:
+def speedups(rows: list[dict]) -> list[dict]:
+  """How many times faster the cached decoder ran than the naive one, case by case."""
+  found = []
+  for row in rows:
+    if row["decoder"] == "naive" and "seconds" in row:
+      cached = next(r for r in rows if r["decoder"] == "cached" and all(
+          r[key] == row[key] for key in ("model", "search", "batch")))
+      found.append(dict(model=row["model"], search=row["search"], batch=row["batch"],
+                        speedup=row["seconds"] / cached["seconds"]))
+  return found
+
+
+def run(models: list[str], quick: bool, repeats: int) -> dict:
   batch_sizes = (1, 8) if quick else (1, 64)
   rows = []
   configs = model_configs()
@@ -80,31 +92,20 @@ def run(models: list[str], quick: bool, repeats: int, log) -> dict:
     params = jax.jit(model.init)(jax.random.PRNGKey(0), dummy, dummy)["params"]
     for beam_size in (1, BEAM_SIZE):
       for batch in batch_sizes:
-        inputs = random_sources(batch, config.vocab_size)
-        for decoder, fn in (("cached", decode.decode_batch),
-                            ("naive", decode.naive_decode_batch)):
-          row = dict(model=name, search="greedy" if beam_size == 1 else f"beam {beam_size}",
-                     batch=batch, decoder=decoder)
+        inputs = common.random_sources(batch, SOURCE_LEN, config.vocab_size)
+        for decoder, decode_fn in DECODERS:
+          row = dict(model=name, search=search_name(beam_size), batch=batch, decoder=decoder)
           if quick and name == "base" and decoder == "naive" and batch > 1:
             rows.append({**row, "skipped": "--quick"})
             continue
           log(f"{name} {row['search']} batch {batch} {decoder} ...")
-          first, seconds, result = time_call(
-              lambda: fn(model, params, inputs, beam_size=beam_size, alpha=ALPHA,
-                         max_extra_len=OUTPUT_LEN - SOURCE_LEN, eos_id=NO_EOS), repeats)
-          tokens = int(np.asarray(result.lengths[:, 0]).sum())
-          assert tokens == batch * OUTPUT_LEN, tokens
-          rows.append({**row, "seconds": seconds, "compile_seconds": first - seconds,
+          timing = time_decoding(decode_fn, model, params, inputs, beam_size, OUTPUT_LEN,
+                                 repeats)
+          seconds, tokens = timing.median, batch * OUTPUT_LEN
+          rows.append({**row, "seconds": seconds, "compile_seconds": timing.compile_seconds,
                        "sentences_per_s": batch / seconds, "tokens_per_s": tokens / seconds})
-  speedups = []
-  for row in rows:
-    if row["decoder"] == "naive" and "seconds" in row:
-      cached = next(r for r in rows if r["decoder"] == "cached" and all(
-          r[key] == row[key] for key in ("model", "search", "batch")))
-      speedups.append(dict(model=row["model"], search=row["search"], batch=row["batch"],
-                           speedup=row["seconds"] / cached["seconds"]))
   return dict(device=str(jax.devices()[0]), output_tokens=OUTPUT_LEN, source_tokens=SOURCE_LEN,
-              quick=quick, repeats=repeats, results=rows, cached_speedup=speedups)
+              quick=quick, repeats=repeats, results=rows, cached_speedup=speedups(rows))
 
 
 def print_table(report: dict) -> None:
@@ -144,11 +145,8 @@ def main(argv: list[str] | None = None) -> int:
   unknown = sorted(set(models) - set(model_configs()))
   if unknown:
     parser.error(f"unknown model(s) {', '.join(unknown)}; choose from default, base")
-  report = run(models, args.quick, repeats, log=lambda line: print(line, file=sys.stderr, flush=True))
-  if args.json:
-    print(json.dumps(report, indent=2))
-  else:
-    print_table(report)
+  jax_internals.install()  # As the jaxformer CLI does, before the first compilation.
+  common.print_report(run(models, args.quick, repeats), args.json, print_table)
   return 0
 
 

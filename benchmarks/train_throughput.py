@@ -14,7 +14,9 @@ For each model (random parameters; synthetic rows in which every position is a r
   step would raise) and the donated state must really be consumed;
 - decoding: sentences/s for greedy search and beam 4, `--decode-batch` sentences (32) of 16
   source tokens, each decoded to `--decode-tokens` (32) new tokens (EOS disabled, so every
-  hypothesis runs to the full length).
+  hypothesis runs to the full length), timed by benchmarks/decode_throughput.py's
+  `time_decoding`;
+- with `--trace`, the top ops of a jax.profiler trace of the steps (benchmarks/trace_summary.py).
 
 For the default experiment's real data (jaxformer/data/pipeline.py): batches/s of
 `make_train_iterator` alone, packing efficiency (the share of non-pad tokens in the rows), and
@@ -47,44 +49,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import glob
 import json
 import os
-import re
 import resource
-import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from jax.profiler import ProfileData
 
 from jaxformer import config as config_lib
 from jaxformer import decode
-from jaxformer import workdir as workdir_lib
-from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
-from jaxformer.data import vocab
-from jaxformer.tokens import EOS_ID
-from jaxformer.train import loop, parallel, state as state_lib, throughput
+from jaxformer.data import pipeline
+from jaxformer.train import jax_internals, parallel, state as state_lib, throughput
 
-SOURCE_LEN = 16          # source tokens of a decoded sentence, EOS included.
-ALPHA = 0.6              # length penalty of beam search (the paper's).
-NO_EOS = -1              # an eos_id no token has: every hypothesis runs to the full length.
-FIRST_REAL_ID = 4        # synthetic tokens avoid PAD, UNK, BOS and EOS.
-PEAK_MATMUL_SIZE = {"cpu": 2048}  # square matmul for the peak; 8192 on accelerators.
-ACCELERATOR_MATMUL_SIZE = 8192
-PEAK_ROUNDS = 5          # timed rounds of the peak matmul (the best counts).
+import common
+import decode_throughput
+import trace_summary
+
 DONATION_WARNING = "donated buffers were not usable"
-TRACE_STEPS = 3          # steps recorded by --trace.
-TOP_OPS = 15             # ops listed from a trace.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,42 +113,7 @@ def make_config(name: str, settings: dict):
   return config
 
 
-def synthetic_rows(config, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """`rows` training rows of data.max_len random real tokens each (one pair per row, no pad)."""
-  length = config.data.max_len
-  rng = np.random.default_rng(seed)
-  positions = np.tile(np.arange(length, dtype=np.int32), (rows, 1))
-  ones = np.ones((rows, length), np.int32)
-  return {"inputs": rng.integers(FIRST_REAL_ID, config.model.vocab_size, (rows, length),
-                                 dtype=np.int32),
-          "targets": rng.integers(FIRST_REAL_ID, config.model.vocab_size, (rows, length),
-                                  dtype=np.int32),
-          "inputs_positions": positions, "targets_positions": positions.copy(),
-          "inputs_segment_ids": ones, "targets_segment_ids": ones.copy()}
-
-
 # --- Measurements (run in the child process). ---------------------------------------------------
-
-def matmul_peak(dtype: str) -> tuple[float, float]:
-  """The best FLOP/s of a square matmul in `dtype` on the first device, over PEAK_ROUNDS: by
-  wall time, and per second of this process's CPU time (see CPU-time MFU in the docstring)."""
-  platform = jax.devices()[0].platform
-  size = PEAK_MATMUL_SIZE.get(platform, ACCELERATOR_MATMUL_SIZE)
-  calls = 1 if platform == "cpu" else 10  # several calls per round amortise the launch.
-  x = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
-  matmul = jax.jit(lambda a: a @ a)
-  matmul(x).block_until_ready()
-  best_wall, best_cpu = float("inf"), float("inf")
-  for _ in range(PEAK_ROUNDS):
-    start, start_cpu = time.perf_counter(), time.process_time()
-    for _ in range(calls):
-      y = matmul(x)
-    y.block_until_ready()
-    best_wall = min(best_wall, (time.perf_counter() - start) / calls)
-    best_cpu = min(best_cpu, (time.process_time() - start_cpu) / calls)
-  flop = 2 * size ** 3
-  return flop / best_wall, flop / best_cpu
-
 
 def peak_memory() -> tuple[int, str]:
   """(bytes, what): the device allocator's peak where it has one, else the process's max RSS."""
@@ -179,16 +130,42 @@ def peak_memory() -> tuple[int, str]:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
 
 
-def time_steps(step: Callable[[], Any], steps: int) -> tuple[list[float], float]:
-  """Wall seconds of each of `steps` calls of `step` (each waited for), and the process CPU
-  seconds per call over all of them."""
-  times = []
-  start_cpu = time.process_time()
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(step())
-    times.append(time.perf_counter() - start)
-  return times, (time.process_time() - start_cpu) / steps
+def first_step(strategy, state, batch) -> tuple[float, object, dict, dict]:
+  """The first (compiling) train step: its wall seconds, the new state, its metrics, and
+  whether the state was donated (the step consumed the old state's buffers, with no warning)."""
+  old_leaf = jax.tree.leaves(state)[0]
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    first, (state, metrics) = common.time_first(lambda: strategy.train_step(state, batch))
+  donation = dict(donated=bool(old_leaf.is_deleted()),
+                  donation_warnings=[str(w.message) for w in caught
+                                     if DONATION_WARNING in str(w.message)])
+  return first, state, metrics, donation
+
+
+def step_figures(config, timing: common.Timing, peaks: list[tuple[float, float]],
+                 settings: dict) -> dict:
+  """The train step's settings, FLOPs, times, tokens/s and MFU (by wall and by CPU time)."""
+  step_flops = throughput.train_step_flops(config)
+  target_tokens = config.train.batch_size * config.data.max_len
+  best, median = timing.best, timing.median
+  peak = settings["peak_flops"] or max(wall for wall, _ in peaks)
+  cpu_peak = max(cpu for _, cpu in peaks)
+  devices = jax.device_count()
+  return dict(
+      dtype=config.model.dtype, scan=config.model.scan_layers,
+      remat=config.model.remat, layers=config.model.num_layers,
+      strategy=config.parallel.strategy, devices=devices,
+      batch=config.train.batch_size, length=config.data.max_len,
+      parameters=state_lib.count_parameters_by_module(config)["total"],
+      step_flops=step_flops, flops_per_token=step_flops / target_tokens,
+      compile_seconds=timing.compile_seconds, step_seconds=best, median_step_seconds=median,
+      step_times=timing.times, tokens_per_second=target_tokens / best,
+      peak_flops=peak, peak_flops_measured=[wall for wall, _ in peaks],
+      mfu=step_flops / best / (peak * devices),
+      median_mfu=step_flops / median / (peak * devices),
+      cpu_seconds_per_step=timing.cpu_seconds, cpu_peak_flops=cpu_peak,
+      cpu_time_mfu=step_flops / timing.cpu_seconds / cpu_peak)
 
 
 def measure_training(name: str, settings: dict) -> dict:
@@ -196,20 +173,12 @@ def measure_training(name: str, settings: dict) -> dict:
   config = make_config(name, settings)
   spec = MODELS[name]
   steps = settings["steps"] or (3 if settings["quick"] else spec.steps)
-  peaks = [matmul_peak(config.model.dtype)]
+  peaks = [common.matmul_peak(config.model.dtype)]
 
   strategy = parallel.make_strategy(config)
   state = strategy.init_state(jax.random.key(0))
-  batch = strategy.shard_batch(synthetic_rows(config, strategy.host_batch_size))
-  old_leaf = jax.tree.leaves(state)[0]
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    start = time.perf_counter()
-    state, metrics = strategy.train_step(state, batch)
-    jax.block_until_ready((state, metrics))
-    first = time.perf_counter() - start
-  donation_warnings = [str(w.message) for w in caught if DONATION_WARNING in str(w.message)]
-  donated = old_leaf.is_deleted()  # The step consumed (reused) the old state's buffers.
+  batch = strategy.shard_batch(common.synthetic_rows(config, strategy.host_batch_size))
+  first, state, metrics, donation = first_step(strategy, state, batch)
 
   def one_step():
     nonlocal state
@@ -218,82 +187,42 @@ def measure_training(name: str, settings: dict) -> dict:
 
   one_step()  # A second untimed step: some runtimes finish setting up on it.
   with jax.transfer_guard("disallow"):  # Any host<->device copy inside the step raises.
-    times, cpu_seconds = time_steps(one_step, steps)
-  peaks.append(matmul_peak(config.model.dtype))
+    times, cpu_seconds = common.time_calls(one_step, steps)
+  peaks.append(common.matmul_peak(config.model.dtype))
   memory, memory_kind = peak_memory()
+  timing = common.Timing(first, times, cpu_seconds)
+  result = dict(model=name, about=spec.about, **step_figures(config, timing, peaks, settings),
+                peak_memory_bytes=memory, peak_memory_kind=memory_kind, **donation,
+                loss=float(metrics["loss"]), device=device_info())
   if settings["trace"]:
-    trace = trace_steps(one_step, os.path.join(settings["trace"], name))
-  else:
-    trace = None
-
-  step_flops = throughput.train_step_flops(config)
-  target_tokens = config.train.batch_size * config.data.max_len
-  best, median = min(times), statistics.median(times)
-  peak = settings["peak_flops"] or max(wall for wall, _ in peaks)
-  cpu_peak = max(cpu for _, cpu in peaks)
-  devices = jax.device_count()
-  result = dict(
-      model=name, about=spec.about, dtype=config.model.dtype, scan=config.model.scan_layers,
-      remat=config.model.remat, layers=config.model.num_layers,
-      strategy=config.parallel.strategy, devices=devices,
-      batch=config.train.batch_size, length=config.data.max_len,
-      parameters=state_lib.count_parameters_by_module(config)["total"],
-      step_flops=step_flops, flops_per_token=step_flops / target_tokens,
-      compile_seconds=first - best, step_seconds=best, median_step_seconds=median,
-      step_times=times, tokens_per_second=target_tokens / best,
-      peak_flops=peak, peak_flops_measured=[wall for wall, _ in peaks],
-      mfu=step_flops / best / (peak * devices),
-      median_mfu=step_flops / median / (peak * devices),
-      cpu_seconds_per_step=cpu_seconds, cpu_peak_flops=cpu_peak,
-      cpu_time_mfu=step_flops / cpu_seconds / cpu_peak,
-      peak_memory_bytes=memory, peak_memory_kind=memory_kind,
-      donated=bool(donated), donation_warnings=donation_warnings,
-      loss=float(metrics["loss"]), device=device_info())
-  if trace is not None:
-    result["trace"] = trace
+    result["trace"] = trace_summary.trace_steps(one_step, os.path.join(settings["trace"], name))
   if settings["decode"]:
     result["decode"] = measure_decoding(config, strategy.inference_params(state), settings)
   return result
 
 
 def measure_decoding(config, params, settings: dict) -> list[dict]:
-  """Sentences/s of greedy search and beam 4 over `settings['decode_batch']` sentences."""
+  """Sentences/s of greedy search and beam search (the experiment's beam) over
+  `settings['decode_batch']` sentences, timed as benchmarks/decode_throughput.py times them."""
   model = state_lib.make_model(config)
   batch, new_tokens = settings["decode_batch"], settings["decode_tokens"]
-  rng = np.random.default_rng(0)
-  inputs = rng.integers(FIRST_REAL_ID, config.model.vocab_size, (batch, SOURCE_LEN),
-                        dtype=np.int32)
-  inputs[:, -1] = EOS_ID
+  inputs = common.random_sources(batch, decode_throughput.SOURCE_LEN, config.model.vocab_size)
   rows = []
   for beam_size in (1, config.decode.beam_size):
-    def run():
-      return decode.decode_batch(model, params, inputs, beam_size=beam_size, alpha=ALPHA,
-                                 max_extra_len=new_tokens - SOURCE_LEN, eos_id=NO_EOS)
-    start = time.perf_counter()
-    result = jax.block_until_ready(run())
-    first = time.perf_counter() - start
-    times, _ = time_steps(run, settings["decode_repeats"])
-    lengths = np.asarray(result.lengths[:, 0])
-    assert (lengths == new_tokens).all(), lengths  # Every sentence decoded in full.
-    seconds = statistics.median(times)
-    rows.append(dict(search="greedy" if beam_size == 1 else f"beam {beam_size}", batch=batch,
-                     new_tokens=new_tokens, seconds=seconds, best_seconds=min(times),
-                     compile_seconds=first - seconds, sentences_per_second=batch / seconds,
+    timing = decode_throughput.time_decoding(decode.decode_batch, model, params, inputs,
+                                             beam_size, new_tokens, settings["decode_repeats"])
+    seconds = timing.median
+    rows.append(dict(search=decode_throughput.search_name(beam_size), batch=batch,
+                     new_tokens=new_tokens, seconds=seconds, best_seconds=timing.best,
+                     compile_seconds=timing.compile_seconds, sentences_per_second=batch / seconds,
                      tokens_per_second=batch * new_tokens / seconds))
   return rows
 
 
-def measure_pipeline(settings: dict) -> dict:
-  """The default experiment's input pipeline: its own speed and packing, and the data wait that
-  the training loop (jaxformer.train.loop) logs over a short real run."""
-  config = make_config("default", settings)
-  workdir = settings["workdir"]
-  tokenizer = vocab.load_or_train(config, workdir)
-  data_dir = workdir_lib.resolve_data_dir(config, workdir)
-  batches = 10 if settings["quick"] else 40
-
-  # 1. The iterator alone, consumed as fast as it produces.
-  iterator = pipeline.make_train_iterator(config, tokenizer, data_dir)
+def iterator_figures(config, tokenizer, batches: int) -> dict:
+  """`make_train_iterator` alone, consumed as fast as it produces: its first batch, its speed
+  and its packing efficiency over `batches` batches."""
+  iterator = pipeline.make_train_iterator(config, tokenizer, config.data.data_dir)
   start = time.perf_counter()
   next(iterator)
   startup = time.perf_counter() - start
@@ -307,107 +236,31 @@ def measure_pipeline(settings: dict) -> dict:
     slots += rows["targets"].size
   alone = (time.perf_counter() - start) / batches
   iterator.close()
+  return dict(startup_seconds=startup, seconds_per_batch=alone, batches_per_second=1 / alone,
+              packing_efficiency=(real["inputs"] + real["targets"]) / (2 * slots),
+              inputs_efficiency=real["inputs"] / slots,
+              targets_efficiency=real["targets"] / slots)
 
-  # 2. The training loop itself, two logging windows of `batches` steps, in a fresh run
-  #    directory beside the data (its vocabulary copied in); the second window is steady.
-  run_dir = tempfile.mkdtemp(prefix="loop-", dir=workdir)
-  shutil.copy(os.path.join(workdir, workdir_lib.VOCAB_FILE), run_dir)
-  config.data.data_dir = data_dir
+
+def measure_pipeline(settings: dict) -> dict:
+  """The default experiment's input pipeline: its own speed and packing, and the data wait that
+  the training loop (jaxformer.train.loop) logs over a short real run."""
+  config = make_config("default", settings)
+  tokenizer = common.prepare_data(config, settings["workdir"])
+  batches = 10 if settings["quick"] else 40
+  alone = iterator_figures(config, tokenizer, batches)
+  # The training loop itself, two logging windows of `batches` steps; the second is steady.
   config.train.steps = 2 * batches
   config.train.log_every_steps = batches
   config.train.eval_every_steps = config.checkpoint.every_steps = 10 * batches
-  config.train.peak_flops = 1.0  # MFU is measured above, not here: skip the loop's matmul.
-  loop.train_and_evaluate(ml_collections.FrozenConfigDict(config), run_dir)
-  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-    logged = [json.loads(line) for line in f]
-  steady = [m for m in logged if m["split"] == "train"][-1]
+  run = common.train_fresh_run(config, settings["workdir"], prefix="loop-")
+  steady = run.train_metrics[-1]
   return dict(batch=config.train.batch_size, length=config.data.max_len,
-              batches_timed=batches, startup_seconds=startup,
-              seconds_per_batch=alone, batches_per_second=1 / alone,
-              packing_efficiency=(real["inputs"] + real["targets"]) / (2 * slots),
-              inputs_efficiency=real["inputs"] / slots,
-              targets_efficiency=real["targets"] / slots,
+              batches_timed=batches, **alone,
               loop_step_seconds=steady["step_time"],
               loop_tokens_per_second=steady["tokens_per_second"],
               loop_packing_efficiency=steady.get("packing_efficiency", float("nan")),
-              data_wait_fraction=steady["data_wait_fraction"], run_dir=run_dir)
-
-
-# --- Profiles. --------------------------------------------------------------------------------
-
-# Events that contain other events (whole executions, waits) or mark points, not ops.
-CONTAINER_EVENT = re.compile(r"ThunkExecutor|Await|PjitFunction|block_until_ready|Execute|"
-                             r"^\$|XLA Ops|Steps|TraceContext|ThreadpoolListener|^end: |"
-                             r"^Wait for")
-
-
-def trace_steps(step: Callable[[], Any], log_dir: str) -> dict:
-  """Records TRACE_STEPS steps with jax.profiler and summarises the time per op (per step)."""
-  with jax.profiler.trace(log_dir):
-    for _ in range(TRACE_STEPS):
-      jax.block_until_ready(step())
-  return summarize_trace(log_dir, TRACE_STEPS)
-
-
-def summarize_trace(log_dir: str, steps: int) -> dict:
-  """The ops of a jax.profiler trace by time per step, and by kind (name sans number).
-
-  Device planes ('/device:...') when the trace has them (GPU, TPU); else the host's XLA
-  compute threads (CPU). Two accounts of each op:
-  - busy: its events' durations, summed over threads (what the op costs);
-  - wall: each instant of the trace split evenly between the ops running at that instant, so
-    the ops' wall times add up to the time the step spent running any op (what the step waits
-    for; XLA:CPU runs independent ops concurrently, which the busy account counts twice).
-  """
-  path = sorted(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True))[-1]
-  data = ProfileData.from_file(path)
-  planes = [p for p in data.planes if p.name.startswith("/device:")]
-  if not planes:
-    planes = [p for p in data.planes if p.name.startswith("/host:")]
-  events = []  # (start ns, end ns, op name)
-  for plane in planes:
-    for line in plane.lines:
-      if line.name == "python" or "PjRtCpuClient" in line.name:
-        continue
-      events += [(e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events
-                 if not CONTAINER_EVENT.search(e.name)]
-  busy: dict[str, float] = {}
-  for start, end, name in events:
-    busy[name] = busy.get(name, 0.0) + (end - start) / 1e6 / steps
-  wall = wall_time_by_op(events, steps)
-  kind = lambda op: re.sub(r"\.\d+$", "", op)  # noqa: E731
-  busy_by_kind: dict[str, float] = {}
-  wall_by_kind: dict[str, float] = {}
-  for op in busy:
-    busy_by_kind[kind(op)] = busy_by_kind.get(kind(op), 0.0) + busy[op]
-    wall_by_kind[kind(op)] = wall_by_kind.get(kind(op), 0.0) + wall.get(op, 0.0)
-  busy_total, wall_total = sum(busy.values()), sum(wall.values())
-  top_kinds = [dict(name=k, ms_per_step=v, share=v / busy_total,
-                    wall_ms_per_step=wall_by_kind[k], wall_share=wall_by_kind[k] / wall_total)
-               for k, v in sorted(busy_by_kind.items(), key=lambda kv: -kv[1])[:TOP_OPS]]
-  top_ops = [dict(name=k, ms_per_step=v, share=v / busy_total, wall_ms_per_step=wall[k])
-             for k, v in sorted(busy.items(), key=lambda kv: -kv[1])[:TOP_OPS]]
-  return dict(path=path, busy_ms_per_step=busy_total, wall_ms_per_step=wall_total,
-              top_ops=top_ops, top_kinds=top_kinds)
-
-
-def wall_time_by_op(events: list[tuple[int, int, str]], steps: int) -> dict[str, float]:
-  """Ms per step of wall time of each op: every instant shared evenly by the ops running then."""
-  edges = sorted([(start, 1, i) for i, (start, _, _) in enumerate(events)]
-                 + [(end, -1, i) for i, (_, end, _) in enumerate(events)])
-  wall: dict[str, float] = {}
-  running: set[int] = set()
-  last = edges[0][0] if edges else 0
-  for time_ns, change, i in edges:
-    for j in running:
-      name = events[j][2]
-      wall[name] = wall.get(name, 0.0) + (time_ns - last) / len(running) / 1e6 / steps
-    last = time_ns
-    if change > 0:
-      running.add(i)
-    else:
-      running.discard(i)
-  return wall
+              data_wait_fraction=steady["data_wait_fraction"], run_dir=run.run_dir)
 
 
 # --- The parent: one subprocess per model, then the tables. ----------------------------------
@@ -449,6 +302,14 @@ def print_tables(report: dict) -> None:
                                cpu_count=os.cpu_count(), jax_version="?")
   print(f"Device: {d['device_count']} x {d['device_kind']} ({d['platform']}), "
         f"{d['cpu_count']} CPU cores, jax {d['jax_version']}; {report['date']}")
+  print_train_table(report["train"], d)
+  print_decode_table(report["train"])
+  if report.get("pipeline"):
+    print_pipeline(report["pipeline"], report["train"])
+  print_traces(report["train"])
+
+
+def print_train_table(results: list[dict], device: dict) -> None:
   print("Train step (best of the timed steps; MFU = model FLOP/s / (best matmul peak x devices))")
   header = (f"{'model':<8} {'N':>2} {'params':>7} {'dtype':<8} {'scan':<5} {'remat':<5} "
             f"{'batch':>8} "
@@ -457,7 +318,7 @@ def print_tables(report: dict) -> None:
             f"{'CPU MFU':>7} {'memory':>10}")
   print(header)
   print("-" * len(header))
-  for r in report["train"]:
+  for r in results:
     if "error" in r:
       print(f"{r['model']:<8} failed: {r['error']}")
       continue
@@ -467,53 +328,58 @@ def print_tables(report: dict) -> None:
           f"{r['flops_per_token'] / 1e6:>9.1f} {r['compile_seconds']:>9.1f} "
           f"{r['step_seconds']:>8.3f} {r['median_step_seconds']:>8.3f} "
           f"{r['tokens_per_second']:>9.0f} {r['peak_flops'] / 1e9:>12.1f} {r['mfu']:>6.1%} "
-          f"{r['median_mfu']:>7.1%} {cpu_mfu(r, d):>7} {gib(r['peak_memory_bytes']):>10}")
+          f"{r['median_mfu']:>7.1%} {cpu_mfu(r, device):>7} {gib(r['peak_memory_bytes']):>10}")
   notes = []
-  for r in report["train"]:
+  for r in results:
     if "error" in r:
       continue
     if r["donation_warnings"] or not r["donated"]:
       notes.append(f"{r['model']}: the state was not donated ({r['donation_warnings']})")
-  kinds = {r["peak_memory_kind"] for r in report["train"] if "peak_memory_kind" in r}
+  kinds = {r["peak_memory_kind"] for r in results if "peak_memory_kind" in r}
   print(f"memory: {', '.join(sorted(kinds))}; tokens/s counts target tokens; "
         "state donated and no host-device copy in any step" if not notes else "; ".join(notes))
 
-  decode_rows = [(r["model"], row) for r in report["train"] for row in r.get("decode", [])]
-  if decode_rows:
-    print()
-    print("Decoding (random parameters, EOS disabled; median of the timed runs)")
-    header = (f"{'model':<8} {'search':<7} {'batch':>5} {'new tokens':>10} {'seconds':>8} "
-              f"{'sentences/s':>11} {'tokens/s':>9} {'compile s':>9}")
-    print(header)
-    print("-" * len(header))
-    for model, row in decode_rows:
-      print(f"{model:<8} {row['search']:<7} {row['batch']:>5} {row['new_tokens']:>10} "
-            f"{row['seconds']:>8.3f} {row['sentences_per_second']:>11.1f} "
-            f"{row['tokens_per_second']:>9.0f} {row['compile_seconds']:>9.1f}")
 
-  p = report.get("pipeline")
-  if p:
-    print()
-    if "error" in p:
-      print(f"Input pipeline failed: {p['error']}")
-    else:
-      print(f"Input pipeline (default experiment, batch {p['batch']} x {p['length']}, "
-            f"{p['batches_timed']} batches)")
-      print(f"  make_train_iterator alone: {p['batches_per_second']:.1f} batches/s "
-            f"({p['seconds_per_batch'] * 1e3:.1f} ms/batch; first batch after "
-            f"{p['startup_seconds']:.1f} s)")
-      print(f"  packing efficiency (non-pad share): {p['packing_efficiency']:.1%} "
-            f"(inputs {p['inputs_efficiency']:.1%}, targets {p['targets_efficiency']:.1%})")
-      default = next((r for r in report["train"] if r.get("model") == "default"
-                      and "step_seconds" in r), None)
-      versus = (f" (the benchmark's step on a batch already on the device: "
-                f"{default['median_step_seconds'] * 1e3:.1f} ms median)" if default else "")
-      print(f"  training loop (jaxformer.train.loop, steady window): "
-            f"{p['loop_step_seconds'] * 1e3:.1f} ms/step{versus}; data wait "
-            f"{p['data_wait_fraction']:.1%} of wall time; logged packing efficiency "
-            f"{p['loop_packing_efficiency']:.1%}")
+def print_decode_table(results: list[dict]) -> None:
+  decode_rows = [(r["model"], row) for r in results for row in r.get("decode", [])]
+  if not decode_rows:
+    return
+  print()
+  print("Decoding (random parameters, EOS disabled; median of the timed runs)")
+  header = (f"{'model':<8} {'search':<7} {'batch':>5} {'new tokens':>10} {'seconds':>8} "
+            f"{'sentences/s':>11} {'tokens/s':>9} {'compile s':>9}")
+  print(header)
+  print("-" * len(header))
+  for model, row in decode_rows:
+    print(f"{model:<8} {row['search']:<7} {row['batch']:>5} {row['new_tokens']:>10} "
+          f"{row['seconds']:>8.3f} {row['sentences_per_second']:>11.1f} "
+          f"{row['tokens_per_second']:>9.0f} {row['compile_seconds']:>9.1f}")
 
-  for r in report["train"]:
+
+def print_pipeline(p: dict, results: list[dict]) -> None:
+  print()
+  if "error" in p:
+    print(f"Input pipeline failed: {p['error']}")
+    return
+  print(f"Input pipeline (default experiment, batch {p['batch']} x {p['length']}, "
+        f"{p['batches_timed']} batches)")
+  print(f"  make_train_iterator alone: {p['batches_per_second']:.1f} batches/s "
+        f"({p['seconds_per_batch'] * 1e3:.1f} ms/batch; first batch after "
+        f"{p['startup_seconds']:.1f} s)")
+  print(f"  packing efficiency (non-pad share): {p['packing_efficiency']:.1%} "
+        f"(inputs {p['inputs_efficiency']:.1%}, targets {p['targets_efficiency']:.1%})")
+  default = next((r for r in results if r.get("model") == "default"
+                  and "step_seconds" in r), None)
+  versus = (f" (the benchmark's step on a batch already on the device: "
+            f"{default['median_step_seconds'] * 1e3:.1f} ms median)" if default else "")
+  print(f"  training loop (jaxformer.train.loop, steady window): "
+        f"{p['loop_step_seconds'] * 1e3:.1f} ms/step{versus}; data wait "
+        f"{p['data_wait_fraction']:.1%} of wall time; logged packing efficiency "
+        f"{p['loop_packing_efficiency']:.1%}")
+
+
+def print_traces(results: list[dict]) -> None:
+  for r in results:
     if "trace" in r:
       print()
       t = r["trace"]
@@ -567,6 +433,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   if args.child:
+    jax_internals.install()  # As the jaxformer CLI does, before the first compilation.
     print(json.dumps(run_task(args.child, json.loads(args.settings))))
     return 0
   models = args.models.split(",") if args.models else list(
@@ -574,8 +441,9 @@ def main(argv: list[str] | None = None) -> int:
   unknown = sorted(set(models) - set(MODELS))
   if unknown:
     raise SystemExit(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
-  if args.decode_tokens <= SOURCE_LEN:
-    raise SystemExit(f"--decode-tokens must exceed the {SOURCE_LEN} source tokens")
+  if args.decode_tokens <= decode_throughput.SOURCE_LEN:
+    raise SystemExit(f"--decode-tokens must exceed the {decode_throughput.SOURCE_LEN} source "
+                     "tokens")
   settings = dict(dtype=args.dtype, scan=args.scan, remat=args.remat, layers=args.layers,
                   batch=args.batch,
                   steps=args.steps, strategy=args.strategy, peak_flops=args.peak_flops,
@@ -583,8 +451,10 @@ def main(argv: list[str] | None = None) -> int:
                   decode_tokens=args.decode_tokens,
                   decode_repeats=1 if args.quick else args.decode_repeats,
                   workdir=args.workdir, trace=args.trace)
+  # The parent never touches a device (on a GPU it would hold memory the children need), so it
+  # prints its progress itself: jaxformer.log.log asks jax for the process index, which starts
+  # the backend.
   log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-  # The parent never touches a device (on a GPU it would hold memory the children need).
   report = dict(date=time.strftime("%Y-%m-%d %H:%M"), settings=settings, train=[])
   for name in models:
     log(f"train_throughput: {name} ...")
@@ -595,10 +465,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.pipeline:
     log("train_throughput: input pipeline ...")
     report["pipeline"] = run_child("pipeline", settings)
-  if args.json:
-    print(json.dumps(report, indent=2))
-  else:
-    print_tables(report)
+  common.print_report(report, args.json, print_tables)
   return 0
 
 
