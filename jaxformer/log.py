@@ -13,9 +13,20 @@ import sys
 import jax
 
 
+def _process_index_and_count() -> tuple[int, int]:
+  """(index, count) of this process; (0, 1) before the processes of a pod are joined.
+
+  Asking jax.process_index() first would start jax's backend, after which this process could
+  no longer join a pod (jax.distributed.initialize must come before any backend work).
+  """
+  if not jax.distributed.is_initialized():
+    return 0, 1
+  return jax.process_index(), jax.process_count()
+
+
 def log(message: str, *, all_processes: bool = False) -> None:
   """Prints `message` on stderr: from process 0 only, or from every process (prefixed)."""
-  index, count = jax.process_index(), jax.process_count()
+  index, count = _process_index_and_count()
   if not all_processes and index != 0:
     return
   prefix = f"[process {index}] " if all_processes and count > 1 else ""
