@@ -2,6 +2,8 @@
 
 Each command parses its arguments, then calls one function of the package. A `JaxformerError`
 (anything the user can fix) is printed as one line, `error: <message>`, with exit status 2.
+Results go to stdout; messages to stderr through jaxformer.log. Each command imports what it
+needs when it runs, so that `--help` and a wrong argument answer without loading jax.
 """
 
 from __future__ import annotations
@@ -42,10 +44,9 @@ def cmd_info(args, overrides) -> int:
 def cmd_train(args, overrides) -> int:
   from jaxformer import config as config_lib
   config = config_lib.load_config(args.config, overrides)
-  from jaxformer import devices
   from jaxformer.train import loop
-  devices.initialize_distributed()
-  devices.validate_for_devices(config)  # Before anything is written to the workdir.
+  # The loop joins the processes and checks the config against the devices, before it writes
+  # to the workdir.
   loop.train_and_evaluate(config, args.workdir, restore_step=args.restore_step)
   return 0
 
@@ -68,10 +69,11 @@ def cmd_evaluate(args, overrides) -> int:
   writer = MetricsWriter(args.workdir)
   writer.write(step if isinstance(step, int) else -1, args.split, metrics)
   writer.close()
+  from jaxformer.log import log
   for sample in samples:
-    print(f"  source:      {sample['source']}\n  reference:   {sample['reference']}\n"
-          f"  translation: {sample['translation']}\n", file=sys.stderr)
-  print(f"sacrebleu signature: {metrics['bleu_signature']}", file=sys.stderr)
+    log(f"  source:      {sample['source']}\n  reference:   {sample['reference']}\n"
+        f"  translation: {sample['translation']}\n")
+  log(f"sacrebleu signature: {metrics['bleu_signature']}")
   print(json.dumps(metrics))
   return 0
 
@@ -125,7 +127,8 @@ def cmd_plot(args, overrides) -> int:
   if args.plot == "attention":
     maps = plots.plot_attention(args.workdir, args.text, step=args.step, out=args.out,
                                 layer=args.layer)
-    print(f"translation: {maps.translation}", file=sys.stderr)
+    from jaxformer.log import log
+    log(f"translation: {maps.translation}")
   elif args.plot == "positions":
     config = None
     if args.config is not None or args.workdir is None:
@@ -149,7 +152,13 @@ def _step_arg(text: str):
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="jaxformer", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  for add_command in (_add_info, _add_train, _add_evaluate, _add_translate, _add_prepare,
+                      _add_average, _add_plot):
+    add_command(sub)
+  return parser
 
+
+def _add_info(sub) -> None:
   p = sub.add_parser("info", help="parameter count per module, or every config key")
   _config_args(p)
   p.add_argument("--keys", action="store_true", help="list every config key with its default")
@@ -157,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="module levels to break the count down into (default 2: layers)")
   p.set_defaults(run=cmd_info, takes_overrides=True)
 
+
+def _add_train(sub) -> None:
   p = sub.add_parser("train", help="train (or resume) an experiment in a workdir")
   _config_args(p)
   p.add_argument("--workdir", required=True)
@@ -164,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="resume from this checkpoint step instead of the newest")
   p.set_defaults(run=cmd_train, takes_overrides=True)
 
+
+def _add_evaluate(sub) -> None:
   p = sub.add_parser("evaluate", help="loss, accuracy, exact match and BLEU on a split")
   p.add_argument("--workdir", required=True)
   p.add_argument("--step", type=_step_arg, default=None,
@@ -174,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--samples", type=int, default=0, help="print this many sample translations")
   p.set_defaults(run=cmd_evaluate)
 
+
+def _add_translate(sub) -> None:
   p = sub.add_parser("translate", help="translate lines of text with beam search")
   p.add_argument("--workdir", required=True)
   p.add_argument("--step", type=_step_arg, default=None)
@@ -183,17 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--output", default=None, help="file for the translations (default: stdout)")
   p.set_defaults(run=cmd_translate)
 
+
+def _add_prepare(sub) -> None:
   p = sub.add_parser("prepare", help="download (catalog) or build (generated, text) the "
                      "dataset of an experiment")
   _config_args(p)
   p.add_argument("--workdir", required=True, help="data goes to data.data_dir or WORKDIR/tfds")
   p.set_defaults(run=cmd_prepare, takes_overrides=True)
 
+
+def _add_average(sub) -> None:
   p = sub.add_parser("average", help="average the parameters of the last K checkpoints")
   p.add_argument("--workdir", required=True)
   p.add_argument("--last", type=int, required=True)
   p.set_defaults(run=cmd_average)
 
+
+def _add_plot(sub) -> None:
   p = sub.add_parser("plot", help="draw attention maps, positional encodings or training curves")
   kinds = p.add_subparsers(dest="plot", required=True, parser_class=_Parser,
                            metavar="{attention,positions,curves}")
@@ -220,7 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
                  help="a run's workdir; repeat to compare runs on one figure")
   k.add_argument("--out", default="curves.png")
   k.set_defaults(run=cmd_plot)
-  return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     jax_internals.install()  # jaxformer's process-wide hooks, before the first compilation.
     return args.run(args, overrides)
   except JaxformerError as e:
+    # A print, not jaxformer.log: every process of a pod reports its own error (log() speaks
+    # from process 0 only), and an argument error comes before jax is loaded.
     print(f"error: {e}", file=sys.stderr)
     return 2
   except BrokenPipeError:  # `jaxformer ... | head`: the reader left; nothing to report.

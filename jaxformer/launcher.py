@@ -13,10 +13,11 @@ which are also how one process per host is started on a GPU cluster, by hand or 
     JAXFORMER_COORDINATOR_ADDRESS=host:port  JAXFORMER_NUM_PROCESSES=N  JAXFORMER_PROCESS_ID=i
 
 (`jaxformer/devices.py: initialize_distributed` reads them.) Output lines are prefixed
-with the process id, `[i] `. If a process fails, the others are stopped (SIGTERM, then SIGKILL
-after --stop-grace seconds) and the launcher exits with the failing process's status. Ctrl-C
-(or SIGTERM) of the launcher asks every process to save a checkpoint and stop; a second one
-kills them. If the launcher itself is killed, Linux kills its processes too (no orphans).
+with the process id, `[i] `; the launcher's own lines (stderr) with `launcher: `. If a process
+fails, the others are stopped (SIGTERM, then SIGKILL after --stop-grace seconds) and the
+launcher exits with the failing process's status. Ctrl-C (or SIGTERM) of the launcher asks
+every process to save a checkpoint and stop; a second one kills them. If the launcher itself is
+killed, Linux kills its processes too (no orphans).
 
 On a TPU VM pod the command runs on every worker through `gcloud compute tpus tpu-vm ssh
 --worker=all`: the code is copied (or a git revision checked out), a Python environment with
@@ -47,6 +48,7 @@ REMOTE_PYTHON = "3.11"     # the Python of the workers' environment (uv fetches 
 SHARED_STORAGE_PREFIX = "gs://"
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"  # CPU devices of one process.
 _PR_SET_PDEATHSIG = 1      # prctl(2) option: the signal a process gets when its parent dies.
+_OUTPUT_LOCK = threading.Lock()  # One line at a time from the processes' pumps and the launcher.
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,16 +114,21 @@ def _start_process(command: list[str], index: int, processes: int, devices: int,
     raise JaxformerError(f"cannot start {shlex.join(command)}: {e}") from None
 
 
-def _pump(process: subprocess.Popen, prefix: str, lock: threading.Lock) -> None:
+def _pump(process: subprocess.Popen, prefix: str) -> None:
   """Copies a process's output to stdout, line by line, each line prefixed."""
   for line in iter(process.stdout.readline, ""):
-    with lock:
+    with _OUTPUT_LOCK:
       sys.stdout.write(f"{prefix}{line}")
       sys.stdout.flush()
 
 
-def _say(lock: threading.Lock, message: str) -> None:
-  with lock:
+def _say(message: str) -> None:
+  """One line of the launcher's own on stderr, never in the middle of a process's line.
+
+  Not jaxformer.log: that imports jax, which `--tpu` runs without (the system's python3, see
+  launch.sh), and which would add seconds to every launch for one print.
+  """
+  with _OUTPUT_LOCK:
     print(f"launcher: {message}", file=sys.stderr, flush=True)
 
 
@@ -149,8 +156,7 @@ def _stop(children: list[subprocess.Popen], grace: float | None) -> None:
     child.wait()
 
 
-def _wait_for_pod(children: list[subprocess.Popen], stop_grace: float,
-                  lock: threading.Lock) -> int:
+def _wait_for_pod(children: list[subprocess.Popen], stop_grace: float) -> int:
   """Waits for every process; on the first failure stops the others. Returns the exit status."""
   status = 0
   running = set(range(len(children)))
@@ -162,7 +168,7 @@ def _wait_for_pod(children: list[subprocess.Popen], stop_grace: float,
       running.discard(i)
       if code != 0 and status == 0:
         status = _exit_status(code)
-        _say(lock, f"process {i} exited with status {status}; stopping the others")
+        _say(f"process {i} exited with status {status}; stopping the others")
         _stop(children, stop_grace)
     time.sleep(POLL_SECONDS)
   return status
@@ -175,9 +181,7 @@ def run_local_pod(command: list[str], processes: int, devices_per_process: int =
   if processes < 1 or devices_per_process < 1:
     raise JaxformerError("--processes and --devices-per-process must be at least 1")
   address = f"127.0.0.1:{free_port()}"
-  lock = threading.Lock()
-  _say(lock, f"{processes} process(es) x {devices_per_process} CPU device(s), coordinator "
-             f"{address}")
+  _say(f"{processes} process(es) x {devices_per_process} CPU device(s), coordinator {address}")
   children = []
   try:
     for i in range(processes):
@@ -185,7 +189,7 @@ def run_local_pod(command: list[str], processes: int, devices_per_process: int =
   except JaxformerError:
     _stop(children, 0)
     raise
-  pumps = [threading.Thread(target=_pump, args=(child, f"[{i}] ", lock), daemon=True)
+  pumps = [threading.Thread(target=_pump, args=(child, f"[{i}] "), daemon=True)
            for i, child in enumerate(children)]
   for pump in pumps:
     pump.start()
@@ -196,11 +200,11 @@ def run_local_pod(command: list[str], processes: int, devices_per_process: int =
 
   previous = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
-    status = _wait_for_pod(children, stop_grace, lock)
+    status = _wait_for_pod(children, stop_grace)
   except _Interrupted as e:
     status = 128 + e.args[0]
-    _say(lock, "interrupted; every process saves a checkpoint and stops (interrupt again to "
-               "kill them)")
+    _say("interrupted; every process saves a checkpoint and stops (interrupt again to kill "
+         "them)")
     try:
       _stop(children, grace=None)
     except _Interrupted:
@@ -277,16 +281,15 @@ def _warn_about(args: list[str], revision: str | None, source_dir: str) -> None:
   does not share, and local changes that `git archive HEAD` does not copy."""
   workdir = workdir_of(args)
   if workdir is not None and not workdir.startswith(SHARED_STORAGE_PREFIX):
-    print(f"launcher: warning: --workdir {workdir} is not on {SHARED_STORAGE_PREFIX}; every "
-          "worker must see the same workdir (checkpoints are written by all of them), so use "
-          f"--workdir {SHARED_STORAGE_PREFIX}BUCKET/RUN or a directory shared by all workers",
-          file=sys.stderr)
+    _say(f"warning: --workdir {workdir} is not on {SHARED_STORAGE_PREFIX}; every worker must "
+         "see the same workdir (checkpoints are written by all of them), so use --workdir "
+         f"{SHARED_STORAGE_PREFIX}BUCKET/RUN or a directory shared by all workers")
   if not revision:
     changes = subprocess.run(["git", "-C", source_dir, "status", "--porcelain",
                               "--untracked-files=no"], capture_output=True, text=True).stdout
     if changes.strip():
-      print("launcher: warning: uncommitted changes are not copied to the workers (only "
-            "HEAD is); commit them first", file=sys.stderr)
+      _say("warning: uncommitted changes are not copied to the workers (only HEAD is); commit "
+           "them first")
 
 
 def run_on_tpu(command: list[str], name: str, zone: str, project: str | None,
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_local_pod(command, args.processes, args.devices_per_process or 1,
                          args.stop_grace)
   except JaxformerError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr)  # As jaxformer.cli says it (no 'launcher: ' prefix).
     return 2
 
 

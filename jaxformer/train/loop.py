@@ -1,32 +1,44 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-  check the config and the workdir -> resume or start
-  -> for each step: next batch, train step, (log) (evaluate) (checkpoint)
-  -> final checkpoint
+  set up: join the processes, check the config against the devices, then the workdir
+  -> resume or start
+  -> for each step: next batch, train step, (NaN check) (log) (evaluate) (checkpoint)
+  -> stop at train.steps, or at the step the hosts agreed on after a preemption signal
 
 Everything that can fail because of the user's input (config against the devices, a workdir
-whose checkpoints the config does not fit, data files) fails before the first step. Only process
-0 writes logs, metrics and event files; every process takes part in checkpoints.
+whose checkpoints the config does not fit, data files) fails before the first step, and nothing
+is written to the workdir before the config is checked against the devices. `train_and_evaluate`
+does the distributed set-up and the device check itself, once, so that every caller (the CLI,
+the benchmarks, the tour script) gets them. Only process 0 writes logs, metrics and event files;
+every process takes part in checkpoints.
+
+The fixed pieces of a run (strategy, data iterator, checkpointer, writer, ...) are one `_Run`;
+the TrainState goes into each helper as an argument and comes back out of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
 from typing import Any
 
+import grain
 import jax
+import ml_collections
 import numpy as np
 
 from jaxformer import checkpoint, evaluate, plots
 from jaxformer import devices
 from jaxformer import workdir as workdir_lib
-from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
-from jaxformer.data import vocab
+from jaxformer.data import pipeline, vocab
+from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.errors import JaxformerError
+from jaxformer.log import log
 from jaxformer.model.transformer import Transformer
 from jaxformer.train import parallel, preemption, throughput
+from jaxformer.train.state import TrainState
 from jaxformer.train.writer import MetricsWriter
 
 # The loss of every step is checked for NaN or infinity, in one transfer from the devices, at
@@ -34,29 +46,142 @@ from jaxformer.train.writer import MetricsWriter
 # devices at every step, and the list of losses waiting to be checked stays short).
 MAX_UNCHECKED_STEPS = 100
 
+Pending = list[tuple[int, dict[str, Any]]]  # (step, metrics) of steps not yet checked for NaN.
+
 
 class NonFiniteLossError(JaxformerError):
   """The loss (or the gradient) became NaN or infinite."""
 
 
-def log(message: str) -> None:
-  """One line on stderr, from process 0 only."""
-  if jax.process_index() == 0:
-    print(message, file=sys.stderr, flush=True)
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """The pieces of one training run that stay the same from step to step."""
+  config: ml_collections.ConfigDict
+  strategy: parallel.Strategy
+  tokenizer: Tokenizer
+  data_dir: str
+  train_iter: grain.DatasetIterator
+  model: Transformer
+  checkpointer: checkpoint.Checkpointer
+  writer: MetricsWriter
 
 
-def _progress(start: int, total: int):
-  """A tqdm progress bar on a terminal (process 0), nothing otherwise."""
-  if jax.process_index() != 0 or not sys.stderr.isatty():
-    return None
-  from tqdm import tqdm
-  return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+@dataclasses.dataclass(frozen=True)
+class _Due:
+  """What the loop does after the step it has just run."""
+  preempted: bool  # The hosts agreed to stop at this step: it is saved, not evaluated.
+  save: bool
+  log: bool
+  evaluate: bool
+  check: bool      # Check the pending steps for NaN now.
 
 
-def _format(metrics: dict[str, Any]) -> str:
-  keys = ("loss", "accuracy", "exact_match", "bleu", "learning_rate", "tokens_per_second", "mfu",
-          "packing_efficiency", "data_wait_fraction")
-  return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+def train_and_evaluate(config, workdir: str, restore_step: int | None = None) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming from its newest checkpoint, or from `restore_step`)
+  and returns the last validation metrics ({} when there was nothing left to train)."""
+  run = _set_up(config, workdir)
+  try:
+    state, start_step = _restore_or_init(run, restore_step)
+    if start_step >= config.train.steps:
+      log(f"jaxformer: the checkpoint at step {start_step} already reaches train.steps="
+          f"{config.train.steps}; raise --config.train.steps to train on")
+      return {}
+    peak_flops = config.train.peak_flops or throughput.measure_peak_flops(config.model.dtype)
+    meter, bar = throughput.Throughput(), _progress(start_step, config.train.steps)
+    eval_metrics: dict[str, Any] = {}
+    pending: Pending = []
+    step, previous_metrics = start_step, None
+    with preemption.PreemptionGuard() as guard:
+      while step < config.train.steps:
+        state, metrics = _train_step(run, state, meter, previous_metrics)
+        step, previous_metrics = step + 1, metrics
+        pending.append((step, metrics))
+        if bar is not None:
+          bar.update(1)
+        due = _due(run, guard, step, len(pending))
+        if due.check:
+          _check_finite(run.checkpointer, pending)  # Never log or save a diverged run's state.
+          pending = []
+        if step == start_step + 1 and not due.log:
+          jax.block_until_ready(metrics)
+          meter.restart()  # The first step compiles: that is not training speed.
+        if due.log:
+          _log_train(run, step, metrics, meter, peak_flops, bar)
+        if due.evaluate:
+          with meter.paused():  # Evaluation time is not training time.
+            eval_metrics = _evaluate(run, state, step)
+          log(f"step {step} validation: {_format(eval_metrics)}")
+        if due.save:
+          _save(run, step, state, eval_metrics)
+        if due.preempted:
+          break
+    if bar is not None:
+      bar.close()
+    _finish(run, step, guard)
+    return eval_metrics
+  finally:
+    run.checkpointer.close()  # Waits for the saves in flight, also when a step failed.
+    run.writer.close()
+
+
+# --- Set up and resume. --------------------------------------------------------------------------
+
+def _set_up(config, workdir: str) -> _Run:
+  """Joins the processes, checks the config against the devices and the workdir, then opens
+  the run's vocabulary, data, checkpoints and metrics (in this order)."""
+  devices.initialize_distributed()
+  strategy = parallel.make_strategy(config)  # Checks the config against the devices first.
+  workdir_lib.write_run_config(workdir, config)  # Refuses a config its checkpoints do not fit.
+  log(f"jaxformer: {jax.process_count()} process(es), {jax.device_count()} device(s) "
+      f"({jax.devices()[0].platform}), strategy {config.parallel.strategy}")
+  tokenizer = vocab.load_or_train(config, workdir)
+  data_dir = workdir_lib.resolve_data_dir(config, workdir)
+  train_iter = pipeline.make_train_iterator(config, tokenizer, data_dir)
+  model = Transformer(config=config.model)
+  checkpointer = checkpoint.Checkpointer.from_config(workdir, config)
+  return _Run(config=config, strategy=strategy, tokenizer=tokenizer, data_dir=data_dir,
+              train_iter=train_iter, model=model, checkpointer=checkpointer,
+              writer=MetricsWriter(workdir))
+
+
+def _restore_or_init(run: _Run, restore_step: int | None) -> tuple[TrainState, int]:
+  """The state to train on and its step: from a checkpoint (it also restores the data
+  iterator's position), or a fresh one at step 0."""
+  restored = run.checkpointer.restore_or_none(run.strategy.abstract_state(), run.train_iter,
+                                              restore_step=restore_step)
+  if restored is None:
+    return run.strategy.init_state(jax.random.key(run.config.train.seed)), 0
+  state, step = run.strategy.place_state(restored[0]), restored[1]
+  log(f"jaxformer: resumed from the checkpoint at step {step}")
+  return state, step
+
+
+# --- One step. -----------------------------------------------------------------------------------
+
+def _train_step(run: _Run, state: TrainState, meter: throughput.Throughput,
+                previous_metrics: dict[str, Any] | None) -> tuple[TrainState, dict[str, Any]]:
+  """Fetches the next batch, counts it in `meter` and dispatches the step on it; then waits
+  for the step before it (`previous_metrics`). Returns the new state and the step's metrics
+  (device arrays, not yet fetched)."""
+  wait_start = time.perf_counter()
+  # One update takes grad_accum_steps pipeline batches (its micro-batches).
+  host_batch = _concatenate([next(run.train_iter)
+                             for _ in range(run.config.train.grad_accum_steps)])
+  data_wait = time.perf_counter() - wait_start
+  target_tokens = int(np.count_nonzero(host_batch["targets"]))
+  meter.add_step(target_tokens, data_wait,
+                 non_pad=target_tokens + int(np.count_nonzero(host_batch["inputs"])),
+                 slots=host_batch["inputs"].size + host_batch["targets"].size)
+  state, metrics = run.strategy.train_step(state, run.strategy.shard_batch(host_batch))
+  # At most one step waits behind the running one: wait for the previous step before
+  # fetching the next batch. Without this the loop (steps are dispatched asynchronously)
+  # runs ahead of the devices, queueing batches on them, and the time it then spends in
+  # next() is pipeline time the devices never waited for. With it, data_wait_fraction is
+  # time the devices may have waited, while the pipeline's prefetch thread fills its
+  # buffer (benchmarks/RESULTS.md).
+  if previous_metrics is not None:
+    jax.block_until_ready(previous_metrics)
+  return state, metrics
 
 
 def _concatenate(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -65,7 +190,22 @@ def _concatenate(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
 
 
-def _first_non_finite(pending: list[tuple[int, dict[str, Any]]]) -> tuple[int, str, float] | None:
+def _due(run: _Run, guard: preemption.PreemptionGuard, step: int, unchecked: int) -> _Due:
+  """What is due after `step`, with `unchecked` steps not yet checked for NaN."""
+  train = run.config.train
+  last = step == train.steps
+  # Every process calls these at every step (the hosts agree on preemption through them).
+  preempted = guard.should_stop(step)
+  save = run.checkpointer.should_save(step) or preempted or last
+  log_now = last or step % train.log_every_steps == 0
+  return _Due(preempted=preempted, save=save, log=log_now,
+              evaluate=(step % train.eval_every_steps == 0 or last) and not preempted,
+              check=save or log_now or unchecked >= MAX_UNCHECKED_STEPS)
+
+
+# --- The NaN check. ------------------------------------------------------------------------------
+
+def _first_non_finite(pending: Pending) -> tuple[int, str, float] | None:
   """(step, metric, value) of the first step whose loss or gradient norm is NaN or infinite."""
   values = jax.device_get([(m["loss"], m["grad_norm"]) for _, m in pending])
   for (step, _), (loss, grad_norm) in zip(pending, values):
@@ -75,144 +215,86 @@ def _first_non_finite(pending: list[tuple[int, dict[str, Any]]]) -> tuple[int, s
   return None
 
 
-def train_and_evaluate(config, workdir: str, restore_step: int | None = None) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming from its newest checkpoint, or from `restore_step`)
-  and returns the last validation metrics ({} when there was nothing left to train)."""
-  devices.initialize_distributed()
-  strategy = parallel.make_strategy(config)  # Checks the config against the devices first.
-  workdir_lib.write_run_config(workdir, config)  # Refuses a config its checkpoints do not fit.
-  log(f"jaxformer: {jax.process_count()} process(es), {jax.device_count()} device(s) "
-      f"({jax.devices()[0].platform}), strategy {config.parallel.strategy}")
+def _check_finite(checkpointer: checkpoint.Checkpointer, pending: Pending) -> None:
+  """Raises NonFiniteLossError, after the saves in flight are written, if a step diverged."""
+  bad = _first_non_finite(pending)
+  if bad is None:
+    return
+  bad_step, name, value = bad
+  checkpointer.wait()
+  good = checkpointer.latest_step()
+  kept = (f"the last good checkpoint is step {good} in {checkpointer.directory}"
+          if good is not None else "no checkpoint was saved before it")
+  raise NonFiniteLossError(
+      f"the training {name} is {value} at step {bad_step}; {kept}. Lower "
+      "train.learning_rate or set train.grad_clip_norm, then run again to resume")
 
-  tokenizer = vocab.load_or_train(config, workdir)
-  data_dir = workdir_lib.resolve_data_dir(config, workdir)
-  train_iter = pipeline.make_train_iterator(config, tokenizer, data_dir)
-  model = Transformer(config=config.model)
 
-  checkpointer = checkpoint.Checkpointer.from_config(workdir, config)
-  writer = MetricsWriter(workdir)
-  try:
-    restored = checkpointer.restore_or_none(strategy.abstract_state(), train_iter,
-                                            restore_step=restore_step)
-    if restored is None:
-      state = strategy.init_state(jax.random.key(config.train.seed))
-      start_step = 0
-    else:
-      state, start_step = strategy.place_state(restored[0]), restored[1]
-      log(f"jaxformer: resumed from the checkpoint at step {start_step}")
-    if start_step >= config.train.steps:
-      log(f"jaxformer: the checkpoint at step {start_step} already reaches train.steps="
-          f"{config.train.steps}; raise --config.train.steps to train on")
-      return {}
+# --- Log, evaluate, save, stop. ------------------------------------------------------------------
 
-    peak_flops = config.train.peak_flops or throughput.measure_peak_flops(config.model.dtype)
-    step_flops = throughput.train_step_flops(config) * config.train.grad_accum_steps
+def _progress(start: int, total: int):
+  """A tqdm progress bar on a terminal (process 0), nothing otherwise."""
+  if jax.process_index() != 0 or not sys.stderr.isatty():
+    return None
+  from tqdm import tqdm  # Lazily: only a run on a terminal needs it.
+  return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
-    def run_evaluation(step: int) -> dict[str, Any]:
-      result = evaluate.evaluate(
-          config, tokenizer=tokenizer, data_dir=data_dir, split="validation",
-          eval_step=lambda batch: strategy.eval_step(state.params,
-                                                     strategy.shard_eval_batch(batch)),
-          translate_fn=evaluate.make_translate_fn(model, strategy.inference_params(state),
-                                                  config),
-          max_decode_examples=config.eval.bleu_examples, num_samples=config.eval.num_samples)
-      samples = result.pop("samples", [])
-      writer.write(step, "validation", result)
-      for sample in samples:
-        writer.write_text(step, "validation/samples", " | ".join(
-            f"{k}: {v}" for k, v in sample.items()))
-      if samples:  # One attention map, of the first sample, as an image in TensorBoard.
-        plots.log_attention_to_tensorboard(writer, step, model, strategy.inference_params(state),
-                                           tokenizer, samples[0]["source"], config)
-      return result
 
-    def check_finite(pending: list[tuple[int, dict[str, Any]]]) -> None:
-      """Raises NonFiniteLossError, after the saves in flight are written, if a step diverged."""
-      bad = _first_non_finite(pending)
-      if bad is None:
-        return
-      bad_step, name, value = bad
-      checkpointer.wait()
-      good = checkpointer.latest_step()
-      kept = (f"the last good checkpoint is step {good} in {checkpointer.directory}"
-              if good is not None else "no checkpoint was saved before it")
-      raise NonFiniteLossError(
-          f"the training {name} is {value} at step {bad_step}; {kept}. Lower "
-          "train.learning_rate or set train.grad_clip_norm, then run again to resume")
+def _format(metrics: dict[str, Any]) -> str:
+  keys = ("loss", "accuracy", "exact_match", "bleu", "learning_rate", "tokens_per_second", "mfu",
+          "packing_efficiency", "data_wait_fraction")
+  return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
 
-    progress = _progress(start_step, config.train.steps)
-    meter = throughput.Throughput()
-    eval_metrics: dict[str, Any] = {}
-    pending: list[tuple[int, dict[str, Any]]] = []  # (step, metrics) not yet checked for NaN.
-    step = start_step
-    previous_metrics = None
-    with preemption.PreemptionGuard() as guard:
-      while step < config.train.steps:
-        wait_start = time.perf_counter()
-        # One update takes grad_accum_steps pipeline batches (its micro-batches).
-        host_batch = _concatenate([next(train_iter)
-                                   for _ in range(config.train.grad_accum_steps)])
-        data_wait = time.perf_counter() - wait_start
-        target_tokens = int(np.count_nonzero(host_batch["targets"]))
-        meter.add_step(target_tokens, data_wait,
-                            non_pad=target_tokens + int(np.count_nonzero(host_batch["inputs"])),
-                            slots=host_batch["inputs"].size + host_batch["targets"].size)
-        state, metrics = strategy.train_step(state, strategy.shard_batch(host_batch))
-        # At most one step waits behind the running one: wait for the previous step before
-        # fetching the next batch. Without this the loop (steps are dispatched asynchronously)
-        # runs ahead of the devices, queueing batches on them, and the time it then spends in
-        # next() is pipeline time the devices never waited for. With it, data_wait_fraction is
-        # time the devices may have waited, while the pipeline's prefetch thread fills its
-        # buffer (benchmarks/RESULTS.md).
-        if previous_metrics is not None:
-          jax.block_until_ready(previous_metrics)
-        previous_metrics = metrics
-        step += 1
-        pending.append((step, metrics))
-        if progress is not None:
-          progress.update(1)
 
-        last = step == config.train.steps
-        # Every process calls these at every step (the hosts agree on preemption through them).
-        preempted = guard.should_stop(step)
-        saving = checkpointer.should_save(step) or preempted or last
-        logging_now = last or step % config.train.log_every_steps == 0
-        if saving or logging_now or len(pending) >= MAX_UNCHECKED_STEPS:
-          check_finite(pending)  # Never log or save the state of a diverged run.
-          pending = []
-        if step == start_step + 1 and not logging_now:
-          jax.block_until_ready(metrics)
-          meter.restart()  # The first step compiles: that is not training speed.
+def _log_train(run: _Run, step: int, metrics: dict[str, Any], meter: throughput.Throughput,
+               peak_flops: float, bar) -> None:
+  """Writes the step's metrics, its speed and MFU; shows them on the progress bar or the log."""
+  config = run.config
+  metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  metrics.update(meter.report(jax.process_count()))
+  step_flops = throughput.train_step_flops(config) * config.train.grad_accum_steps
+  metrics["mfu"] = step_flops / metrics["step_time"] / (peak_flops * jax.device_count())
+  run.writer.write(step, "train", metrics)
+  if bar is not None:
+    bar.set_postfix_str(_format(metrics))
+  else:
+    log(f"step {step}: {_format(metrics)}")
 
-        if logging_now:
-          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          metrics.update(meter.report(jax.process_count()))
-          metrics["mfu"] = step_flops / metrics["step_time"] / (peak_flops * jax.device_count())
-          writer.write(step, "train", metrics)
-          if progress is not None:
-            progress.set_postfix_str(_format(metrics))
-          else:
-            log(f"step {step}: {_format(metrics)}")
 
-        if (step % config.train.eval_every_steps == 0 or last) and not preempted:
-          with meter.paused():  # Evaluation time is not training time.
-            eval_metrics = run_evaluation(step)
-          log(f"step {step} validation: {_format(eval_metrics)}")
+def _evaluate(run: _Run, state: TrainState, step: int) -> dict[str, Any]:
+  """Validation metrics of `state`; writes them, the sample translations and, in TensorBoard,
+  the attention map of the first sample."""
+  config, strategy, model, tokenizer, writer = (run.config, run.strategy, run.model,
+                                                run.tokenizer, run.writer)
+  result = evaluate.evaluate(
+      config, tokenizer=tokenizer, data_dir=run.data_dir, split="validation",
+      eval_step=lambda batch: strategy.eval_step(state.params, strategy.shard_eval_batch(batch)),
+      translate_fn=evaluate.make_translate_fn(model, strategy.inference_params(state), config),
+      max_decode_examples=config.eval.bleu_examples, num_samples=config.eval.num_samples)
+  samples = result.pop("samples", [])
+  writer.write(step, "validation", result)
+  for sample in samples:
+    writer.write_text(step, "validation/samples", " | ".join(
+        f"{k}: {v}" for k, v in sample.items()))
+  if samples:  # One attention map, of the first sample, as an image in TensorBoard.
+    plots.log_attention_to_tensorboard(writer, step, model, strategy.inference_params(state),
+                                       tokenizer, samples[0]["source"], config)
+  return result
 
-        if saving:  # (Under pmap, checkpoint_state copies the state to the host: only now.)
-          checkpointer.save(step, strategy.checkpoint_state(state), train_iter,
-                            metrics=eval_metrics, force=True)
-        if preempted:
-          break
-    if progress is not None:
-      progress.close()
-    checkpointer.wait()
-    if step < config.train.steps:
-      log(f"jaxformer: stopped by {guard.reason} at step {step}; the checkpoint is saved in "
-          f"{checkpointer.directory}. Run the same command to resume.")
-    else:
-      log(f"jaxformer: trained to step {step}; checkpoints in {checkpointer.directory}")
-    return eval_metrics
-  finally:
-    checkpointer.close()  # Waits for the saves in flight, also when a step failed.
-    writer.close()
+
+def _save(run: _Run, step: int, state: TrainState, eval_metrics: dict[str, Any]) -> None:
+  """A checkpoint of `state` and the data iterator's position at `step` (every process)."""
+  # Under pmap, checkpoint_state copies the state to the host: only when a save is due.
+  run.checkpointer.save(step, run.strategy.checkpoint_state(state), run.train_iter,
+                        metrics=eval_metrics, force=True)
+
+
+def _finish(run: _Run, step: int, guard: preemption.PreemptionGuard) -> None:
+  """Waits for the saves in flight, then says why the run stopped and where its checkpoints are."""
+  checkpointer = run.checkpointer
+  checkpointer.wait()
+  if step < run.config.train.steps:
+    log(f"jaxformer: stopped by {guard.reason} at step {step}; the checkpoint is saved in "
+        f"{checkpointer.directory}. Run the same command to resume.")
+  else:
+    log(f"jaxformer: trained to step {step}; checkpoints in {checkpointer.directory}")

@@ -20,7 +20,6 @@ from etils import epath
 from jaxformer import workdir as workdir_lib
 
 
-
 def can_append(path: epath.Path) -> bool:
   """Local files can be appended to; objects in gs:// (or another object store) cannot."""
   return "://" not in str(path)
@@ -77,10 +76,6 @@ class MetricsWriter:
     """`image` is [height, width, 3] uint8."""
     if self.enabled:
       self._tensorboard.add_image(tag, image, step, dataformats="HWC")
-
-  def flush(self) -> None:
-    if self._tensorboard is not None:
-      self._tensorboard.flush()
 
   def close(self) -> None:
     if self._tensorboard is not None:
