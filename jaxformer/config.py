@@ -6,6 +6,12 @@ type. An experiment file `experiments/<name>.py` defines `get_config()`, which s
 defaults and changes what the experiment needs. The command line may then override any key as
 `--config.train.steps=100`. `load_config()` does all three and validates the result, so a
 misspelt key or an impossible value stops the run before any work with one clear line.
+
+The schema is assembled from one function per section (`_model_defaults`, `_data_defaults`, ..).
+`validate()` is the one value validator (`validate_model()` checks the model section alone);
+a run config read back by `from_json()` passes it too, so the model, the learning-rate schedules
+and the parallel strategies trust their config and check nothing themselves. The checks that
+need to know the devices are `jaxformer.devices.validate_for_devices`.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import difflib
 import importlib.util
 import json
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_collections
 
@@ -147,8 +153,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   return c
 
 
-# --- Allowed values of the settings that name a choice. ------------------------------------
+# --- Validation. -----------------------------------------------------------------------------
 
+# The allowed values of the settings that name a choice.
 CHOICES = {
     "model.pos_encoding": ("sinusoidal", "learned"),
     "model.norm": ("post", "pre"),
@@ -164,6 +171,7 @@ CHOICES = {
     "checkpoint.keep_best": ("", "loss", "accuracy", "bleu"),
 }
 
+# Settings that count something (sizes, steps, devices) and must be at least 1.
 POSITIVE = (
     "model.vocab_size", "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
     "model.max_len", "data.max_len", "data.num_train", "data.vocab_sample_size", "train.steps",
@@ -173,7 +181,11 @@ POSITIVE = (
 )
 
 
-def check_choice(key: str, value: Any) -> None:
+# Rates and shares that must lie in [0, 1).
+FRACTIONS = ("model.dropout_rate", "model.attention_dropout_rate", "train.label_smoothing")
+
+
+def _check_choice(key: str, value: Any) -> None:
   """Raises ConfigError unless `value` is one of the allowed values of `key`."""
   allowed = CHOICES[key]
   if value not in allowed:
@@ -181,35 +193,63 @@ def check_choice(key: str, value: Any) -> None:
                       f"{', '.join(repr(a) for a in allowed)}")
 
 
+def _check_keys(get: Callable[[str], Any], selected: Callable[[str], bool]) -> None:
+  """The choice, positive and [0, 1) checks of the keys that `selected` keeps; `get` reads one."""
+  for key in filter(selected, CHOICES):
+    _check_choice(key, get(key))
+  for key in filter(selected, POSITIVE):
+    if get(key) <= 0:
+      raise ConfigError(f"{key}={get(key)} must be positive")
+  for key in filter(selected, FRACTIONS):
+    if not 0.0 <= get(key) < 1.0:
+      raise ConfigError(f"{key}={get(key)} must be in [0, 1)")
+
+
+def _in_model(key: str) -> bool:
+  return key.startswith("model.")
+
+
+def validate_model(model: Mapping[str, Any]) -> None:
+  """Checks the model section alone (`config.model`): a Transformer can be built from it.
+
+  Part of `validate`; the model itself trusts its config and checks nothing. Raises ConfigError.
+  """
+  _check_keys(lambda key: model[key.removeprefix("model.")], _in_model)
+  if model.d_model % model.num_heads:
+    raise ConfigError(f"model.d_model={model.d_model} is not divisible by model.num_heads="
+                      f"{model.num_heads}; each head needs d_model / num_heads dimensions")
+  if model.pos_encoding == "sinusoidal" and model.d_model % 2:
+    raise ConfigError(f"model.d_model={model.d_model} must be even for sinusoidal positions "
+                      "(sin and cos pairs)")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks every value that can be checked without devices or data. Raises ConfigError."""
-  for key in CHOICES:
-    check_choice(key, get_key(config, key))
-  for key in POSITIVE:
-    if get_key(config, key) <= 0:
-      raise ConfigError(f"{key}={get_key(config, key)} must be positive")
+  """Checks every value that can be checked without devices or data. Raises ConfigError.
+
+  The one value validator: every config built from user input passes here (`load_config`,
+  `from_json`, the benchmarks), and the model, the schedules and the parallel strategies trust
+  what it let through. The checks that need the devices are `devices.validate_for_devices`.
+  """
+  validate_model(config.model)
+  _check_keys(lambda key: get_key(config, key), lambda key: not _in_model(key))
   if not 0.0 < config.data.vocab_character_coverage <= 1.0:
     raise ConfigError(f"data.vocab_character_coverage={config.data.vocab_character_coverage} "
                       "must be in (0, 1]")
-  for key in ("model.dropout_rate", "model.attention_dropout_rate", "train.label_smoothing"):
-    if not 0.0 <= get_key(config, key) < 1.0:
-      raise ConfigError(f"{key}={get_key(config, key)} must be in [0, 1)")
-  m = config.model
-  if m.d_model % m.num_heads:
-    raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads="
-                      f"{m.num_heads}; each head needs d_model / num_heads dimensions")
-  if m.pos_encoding == "sinusoidal" and m.d_model % 2:
-    raise ConfigError(f"model.d_model={m.d_model} must be even for sinusoidal positions "
-                      "(sin and cos pairs)")
-  if config.data.max_len > m.max_len:
-    raise ConfigError(f"data.max_len={config.data.max_len} exceeds model.max_len={m.max_len}; "
-                      "rows must fit the model's positions")
-  if config.model.tie_output and not config.model.share_embeddings:
-    pass  # Tying to the target embedding alone is fine.
-  if config.train.warmup_steps < 0:
-    raise ConfigError(f"train.warmup_steps={config.train.warmup_steps} must be >= 0")
-  if config.train.schedule == "rsqrt_warmup" and config.train.warmup_steps == 0:
+  if config.data.max_len > config.model.max_len:
+    raise ConfigError(f"data.max_len={config.data.max_len} exceeds model.max_len="
+                      f"{config.model.max_len}; rows must fit the model's positions")
+  t = config.train
+  if t.warmup_steps < 0:
+    raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
+  if t.schedule == "rsqrt_warmup" and t.warmup_steps == 0:
     raise ConfigError("train.schedule='rsqrt_warmup' needs train.warmup_steps > 0")
+  if t.schedule == "cosine" and t.steps <= t.warmup_steps:
+    raise ConfigError(f"train.schedule='cosine' needs train.steps={t.steps} > "
+                      f"train.warmup_steps={t.warmup_steps} (the decay follows the warmup)")
+  p = config.parallel
+  if p.strategy == "pmap" and p.fsdp != 1:
+    raise ConfigError(f"parallel.fsdp={p.fsdp} needs parallel.strategy='mesh'; pmap keeps a full "
+                      "copy of the parameters on every device (set parallel.fsdp=1)")
 
 
 # --- Keys, overrides, loading. ---------------------------------------------------------------
@@ -337,7 +377,8 @@ def parse_override_args(args: list[str]) -> dict[str, str]:
   while i < len(args):
     arg = args[i]
     if not arg.startswith("--config."):
-      raise ConfigError(f"unexpected argument {arg!r}; overrides look like --config.train.steps=100")
+      raise ConfigError(f"unexpected argument {arg!r}; overrides look like "
+                        "--config.train.steps=100")
     key = arg[len("--config."):]
     if "=" in key:
       key, value = key.split("=", 1)
@@ -356,7 +397,7 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text: str) -> ml_collections.FrozenConfigDict:
-  """The inverse of to_json (lists become tuples, as in the schema)."""
+  """The inverse of to_json (lists become tuples, as in the schema), validated and frozen."""
   raw = json.loads(text)
   config = get_default_config()
   for key, value in flatten(ml_collections.ConfigDict(raw)).items():
@@ -367,4 +408,5 @@ def from_json(text: str) -> ml_collections.FrozenConfigDict:
     if leaf not in node:
       continue  # A key from an older version of jaxformer; the default stands.
     node[leaf] = tuple(value) if isinstance(value, list) else value
+  validate(config)  # A file may have been edited by hand, or written by another version.
   return ml_collections.FrozenConfigDict(config)

@@ -28,13 +28,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxformer.config import check_choice
-from jaxformer.errors import ConfigError
 from jaxformer.model import attention
 from jaxformer.model.attention import FULL, INIT_CACHE, STEP, MultiHeadAttention
-from jaxformer.tokens import BOS_ID, PAD_ID
 from jaxformer.model.embedding import (PositionalEncoding, TokenEmbedding, check_length,
                                        default_positions)
+from jaxformer.tokens import BOS_ID, PAD_ID
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}
 LAYER_NORM_EPSILON = 1e-6
@@ -43,18 +41,6 @@ REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def check_model_config(config: Any) -> None:
-  """Raises ConfigError for a setting the model cannot be built with."""
-  for key in ("pos_encoding", "norm", "activation", "dtype", "remat", "attention_kernel"):
-    check_choice(f"model.{key}", config[key])
-  if config.d_model % config.num_heads:
-    raise ConfigError(f"model.d_model={config.d_model} is not divisible by model.num_heads="
-                      f"{config.num_heads}; each head needs d_model / num_heads dimensions")
-  if config.pos_encoding == "sinusoidal" and config.d_model % 2:
-    raise ConfigError(f"model.d_model={config.d_model} must be even for "
-                      "model.pos_encoding='sinusoidal' (sin and cos pairs)")
 
 
 def shift_right(targets: jnp.ndarray, segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -250,12 +236,12 @@ class Decoder(nn.Module):
 
 
 class Transformer(nn.Module):
-  """The encoder-decoder Transformer. `config` is the model section of the config (frozen)."""
-  config: Any
+  """The encoder-decoder Transformer. `config` is the model section of the config (frozen).
 
-  def __post_init__(self):
-    check_model_config(self.config)  # Refuse a bad hand-made config when the model is built.
-    super().__post_init__()
+  The config is trusted as it is: `jaxformer.config.validate_model` checks it (a run's config
+  always passes `config.validate`).
+  """
+  config: Any
 
   def setup(self):
     cfg = self.config
