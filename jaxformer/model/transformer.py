@@ -146,7 +146,7 @@ def layer_stack(layer_cls: type[nn.Module], config: Any, name: str, remat: bool 
   `{name}_{N-1}`; with `config.scan_layers` they are one scanned module `{name}` whose
   parameters and recorded attention weights have a leading axis of N, while its cache entries
   keep the batch on axis 0 and put the layers on axis 1 (so that a beam search can treat every
-  cache entry alike). `stack_layers` and `unstack_layers` convert parameters between the two.
+  cache entry alike).
   """
   if remat and config.remat != "none":
     layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[config.remat],
@@ -305,32 +305,3 @@ class Transformer(nn.Module):
     Row b*n + j is hypothesis j of sentence b. Apply with mutable=['cache'].
     """
     return self.decoder(None, inputs, token_ids, mode=STEP)
-
-
-# --- Parameter layouts of scanned and unrolled stacks. ---------------------------------------
-
-STACKS = ("encoder", "decoder")
-LAYERS = "layers"
-
-
-def unstack_layers(params: dict, num_layers: int) -> dict:
-  """Scanned params (`{stack}/layers` with a leading axis N) -> unrolled (`{stack}/layers_i`)."""
-  params = dict(params)
-  for stack in STACKS:
-    tree = dict(params[stack])
-    stacked = tree.pop(LAYERS)
-    for i in range(num_layers):
-      tree[f"{LAYERS}_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
-    params[stack] = tree
-  return params
-
-
-def stack_layers(params: dict, num_layers: int) -> dict:
-  """Unrolled params (`{stack}/layers_i`) -> scanned (`{stack}/layers`, leading axis N)."""
-  params = dict(params)
-  for stack in STACKS:
-    tree = dict(params[stack])
-    layers = [tree.pop(f"{LAYERS}_{i}") for i in range(num_layers)]
-    tree[LAYERS] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
-    params[stack] = tree
-  return params
