@@ -36,6 +36,9 @@ from jaxformer.tokens import BOS_ID, PAD_ID
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}
 LAYER_NORM_EPSILON = 1e-6
+# The name of each stack's layers in the parameter tree: `layers` (scanned, a leading axis of N)
+# or `layers_0` .. `layers_{N-1}` (unrolled).
+LAYERS = "layers"
 # What each layer keeps for the backward pass under `model.remat` (None: recompute everything).
 REMAT_POLICIES = {
     "full": None,
@@ -188,7 +191,7 @@ class Encoder(nn.Module):
     positions = default_positions(ids) if positions is None else positions
     x = embed_with_positions(cfg, self.embedding, ids, positions, deterministic)
     mask = attention.encoder_self_mask(ids, segment_ids)
-    x = layer_stack(EncoderLayer, cfg, "layers", deterministic=deterministic)(x, mask)
+    x = layer_stack(EncoderLayer, cfg, LAYERS, deterministic=deterministic)(x, mask)
     if cfg.norm == "pre":
       x = layer_norm(cfg, "final_norm")(x)
     return x
@@ -207,7 +210,7 @@ class Decoder(nn.Module):
                deterministic: bool = True, mode: str = FULL):
     cfg = self.config
     check_length(decoder_inputs.shape[-1], cfg.max_len, "the target")
-    layers = layer_stack(DecoderLayer, cfg, "layers", remat=mode == FULL,
+    layers = layer_stack(DecoderLayer, cfg, LAYERS, remat=mode == FULL,
                          deterministic=deterministic, mode=mode)
     if mode == INIT_CACHE:
       batch, length = decoder_inputs.shape

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from jaxformer.config import get_default_config
-from jaxformer.model.transformer import Transformer
+from jaxformer.model.transformer import LAYERS, Transformer
 
 TINY = dict(vocab_size=40, num_layers=2, d_model=32, num_heads=4, d_ff=48, max_len=16,
             dropout_rate=0.0)
@@ -74,7 +74,6 @@ def init_params(config, seed: int = 0):
 # --- Parameter layouts of scanned and unrolled stacks (model.scan_layers). -------------------
 
 STACKS = ("encoder", "decoder")
-LAYERS = "layers"
 
 
 def unstack_layers(params: dict, num_layers: int) -> dict:
