@@ -20,7 +20,7 @@ import difflib
 import importlib.util
 import json
 import os
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 import ml_collections
 
@@ -180,7 +180,6 @@ POSITIVE = (
     "decode.beam_size", "eval.batch_size",
 )
 
-
 # Rates and shares that must lie in [0, 1).
 FRACTIONS = ("model.dropout_rate", "model.attention_dropout_rate", "train.label_smoothing")
 
@@ -209,7 +208,7 @@ def _in_model(key: str) -> bool:
   return key.startswith("model.")
 
 
-def validate_model(model: Mapping[str, Any]) -> None:
+def validate_model(model: ml_collections.ConfigDict) -> None:
   """Checks the model section alone (`config.model`): a Transformer can be built from it.
 
   Part of `validate`; the model itself trusts its config and checks nothing. Raises ConfigError.
