@@ -6,6 +6,12 @@ type. An experiment file `experiments/<name>.py` defines `get_config()`, which s
 defaults and changes what the experiment needs. The command line may then override any key as
 `--config.train.steps=100`. `load_config()` does all three and validates the result, so a
 misspelt key or an impossible value stops the run before any work with one clear line.
+
+The schema is assembled from one function per section (`_model_defaults`, `_data_defaults`, ..).
+`validate()` is the one value validator (`validate_model()` checks the model section alone);
+a run config read back by `from_json()` passes it too, so the model, the learning-rate schedules
+and the parallel strategies trust their config and check nothing themselves. The checks that
+need to know the devices are `jaxformer.devices.validate_for_devices`.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import difflib
 import importlib.util
 import json
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import ml_collections
 
@@ -24,103 +30,132 @@ EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
                                "experiments")
 
 
+def _model_defaults() -> ml_collections.ConfigDict:
+  """The Transformer itself (jaxformer/model). Defaults are the paper's base model."""
+  s = ml_collections.ConfigDict()
+  s.vocab_size = 37000              # V: shared source/target SentencePiece vocabulary size.
+  s.num_layers = 6                  # N: layers in the encoder and (as many) in the decoder.
+  s.d_model = 512                   # D
+  s.num_heads = 8                   # H; head dim K = D / H.
+  s.d_ff = 2048                     # F: inner size of the position-wise feed-forward network.
+  s.dropout_rate = 0.1              # residual dropout and dropout on embeddings + positions.
+  s.attention_dropout_rate = 0.0    # dropout on attention weights (the paper uses none).
+  s.pos_encoding = "sinusoidal"     # 'sinusoidal' | 'learned'
+  s.max_len = 256                   # longest sequence (positions) the model accepts.
+  s.norm = "post"                   # 'post' (the paper) | 'pre'
+  s.activation = "relu"             # 'relu' (the paper) | 'gelu'
+  s.share_embeddings = True         # one embedding table for source and target.
+  s.tie_output = True               # logits = decoder output @ target embedding^T.
+  s.attention_bias = True           # biases in the Q, K, V and output projections.
+  s.dtype = "float32"               # compute dtype: 'float32' | 'bfloat16'. Params stay float32.
+  s.scan_layers = False             # nn.scan over layers (compile time independent of depth).
+  s.remat = "none"                  # rematerialisation per layer: 'none' | 'full' | 'dots'.
+  s.attention_kernel = "auto"       # 'auto' (cuDNN's fused kernel on GPU in bfloat16/float16,
+                                    # else 'xla') | 'xla' (einsums compiled by XLA) | 'cudnn'.
+  return s
+
+
+def _data_defaults() -> ml_collections.ConfigDict:
+  """Input data (jaxformer/data)."""
+  s = ml_collections.ConfigDict()
+  s.task = "numbers"                # 'numbers' | 'copy' | 'reverse' | 'sort' | 'addition'
+                                    # | 'text' | 'tfds'
+  s.data_dir = ""                   # where tfds datasets live; '' = <workdir>/tfds.
+  s.num_train = 20000               # generated tasks: examples per split.
+  s.num_validation = 1000
+  s.num_test = 1000
+  s.train_lengths = (1, 8)          # algorithmic tasks: (min, max) input length per split.
+  s.eval_lengths = (1, 8)           # validation and test.
+  s.train_files = ""                # 'text' task: '<path>.src,<path>.tgt' or '<path>.tsv'.
+  s.validation_files = ""
+  s.test_files = ""
+  s.tfds_name = "wmt14_translate/de-en"  # 'tfds' task: catalog dataset.
+  s.direction = "en-de"             # 'tfds' task: '<source>-<target>' language codes.
+  s.vocab_type = "unigram"          # SentencePiece model: 'unigram' | 'bpe'.
+  s.vocab_sample_size = 200000      # at most this many sentences (both sides) train the vocab.
+  s.vocab_character_coverage = 1.0  # share of characters the vocab must cover (SentencePiece;
+                                    # 0.9995 for noisy web text, 1.0 keeps every character).
+  s.max_len = 64                    # tokens per row (source and target each), eos included.
+  s.length_policy = "drop"          # pairs longer than max_len: 'drop' | 'truncate'.
+  s.packing = True                  # pack several pairs per row (segment ids and positions).
+  s.shuffle_seed = -1               # -1 = train.seed.
+  return s
+
+
+def _train_defaults() -> ml_collections.ConfigDict:
+  """Training (jaxformer/train)."""
+  s = ml_collections.ConfigDict()
+  s.steps = 100000
+  s.batch_size = 128                # global rows per step (a row holds one pair, or several
+                                    # packed pairs), summed over every device and host.
+  s.seed = 0
+  s.learning_rate = 1.0             # multiplies the schedule ('rsqrt_warmup': the paper's 1.0).
+  s.schedule = "rsqrt_warmup"       # 'rsqrt_warmup' (the paper) | 'cosine' | 'constant'
+  s.warmup_steps = 4000
+  s.adam_b1 = 0.9
+  s.adam_b2 = 0.98
+  s.adam_eps = 1e-9
+  s.weight_decay = 0.0
+  s.label_smoothing = 0.1
+  s.grad_clip_norm = 0.0            # 0 = no clipping.
+  s.grad_accum_steps = 1            # micro-batches per update (batch_size is per micro-batch).
+  s.log_every_steps = 100
+  s.eval_every_steps = 1000
+  s.peak_flops = 0.0                # per device, for MFU; 0 = measure a matmul at start.
+  return s
+
+
+def _parallel_defaults() -> ml_collections.ConfigDict:
+  """Spreading the work over devices (jaxformer/train/parallel.py)."""
+  s = ml_collections.ConfigDict()
+  s.strategy = "mesh"               # 'mesh' (jit + NamedSharding) | 'pmap'
+  s.fsdp = 1                        # devices that shard params and optimizer state (mesh only).
+  return s
+
+
+def _checkpoint_defaults() -> ml_collections.ConfigDict:
+  """Checkpoints (jaxformer/checkpoint.py)."""
+  s = ml_collections.ConfigDict()
+  s.every_steps = 1000
+  s.keep = 5                        # newest checkpoints kept.
+  s.keep_best = ""                  # '' or a validation metric ('loss', 'bleu') to keep the best.
+  return s
+
+
+def _decode_defaults() -> ml_collections.ConfigDict:
+  """Decoding (jaxformer/decode.py)."""
+  s = ml_collections.ConfigDict()
+  s.beam_size = 4
+  s.alpha = 0.6                     # length penalty ((5 + len) / 6) ** alpha.
+  s.max_extra_len = 50              # output length <= input length + this, capped by max_len.
+  return s
+
+
+def _eval_defaults() -> ml_collections.ConfigDict:
+  """Evaluation (jaxformer/evaluate.py)."""
+  s = ml_collections.ConfigDict()
+  s.batch_size = 64                 # global rows per evaluation batch.
+  s.bleu_examples = 256             # validation sentences decoded for BLEU during training.
+  s.num_samples = 5                 # sample translations printed and logged.
+  return s
+
+
 def get_default_config() -> ml_collections.ConfigDict:
   """Every configuration key with its default value. The paper's base model is the default."""
   c = ml_collections.ConfigDict()
-
-  # The Transformer itself (jaxformer/model). Defaults are the paper's base model.
-  c.model = ml_collections.ConfigDict()
-  c.model.vocab_size = 37000        # V: shared source/target SentencePiece vocabulary size.
-  c.model.num_layers = 6            # N: layers in the encoder and (as many) in the decoder.
-  c.model.d_model = 512             # D
-  c.model.num_heads = 8             # H; head dim K = D / H.
-  c.model.d_ff = 2048               # F: inner size of the position-wise feed-forward network.
-  c.model.dropout_rate = 0.1        # residual dropout and dropout on embeddings + positions.
-  c.model.attention_dropout_rate = 0.0  # dropout on attention weights (the paper uses none).
-  c.model.pos_encoding = "sinusoidal"   # 'sinusoidal' | 'learned'
-  c.model.max_len = 256             # longest sequence (positions) the model accepts.
-  c.model.norm = "post"             # 'post' (the paper) | 'pre'
-  c.model.activation = "relu"       # 'relu' (the paper) | 'gelu'
-  c.model.share_embeddings = True   # one embedding table for source and target.
-  c.model.tie_output = True         # logits = decoder output @ target embedding^T.
-  c.model.attention_bias = True     # biases in the Q, K, V and output projections.
-  c.model.dtype = "float32"         # compute dtype: 'float32' | 'bfloat16'. Params stay float32.
-  c.model.scan_layers = False       # nn.scan over layers (compile time independent of depth).
-  c.model.remat = "none"            # rematerialisation per layer: 'none' | 'full' | 'dots'.
-  c.model.attention_kernel = "auto"  # 'auto' (cuDNN's fused kernel on GPU in bfloat16/float16,
-                                    # else 'xla') | 'xla' (einsums compiled by XLA) | 'cudnn'.
-
-  # Input data (jaxformer/data).
-  c.data = ml_collections.ConfigDict()
-  c.data.task = "numbers"           # 'numbers' | 'copy' | 'reverse' | 'sort' | 'addition'
-                                    # | 'text' | 'tfds'
-  c.data.data_dir = ""              # where tfds datasets live; '' = <workdir>/tfds.
-  c.data.num_train = 20000          # generated tasks: examples per split.
-  c.data.num_validation = 1000
-  c.data.num_test = 1000
-  c.data.train_lengths = (1, 8)     # algorithmic tasks: (min, max) input length per split.
-  c.data.eval_lengths = (1, 8)      # validation and test.
-  c.data.train_files = ""           # 'text' task: '<path>.src,<path>.tgt' or '<path>.tsv'.
-  c.data.validation_files = ""
-  c.data.test_files = ""
-  c.data.tfds_name = "wmt14_translate/de-en"  # 'tfds' task: catalog dataset.
-  c.data.direction = "en-de"        # 'tfds' task: '<source>-<target>' language codes.
-  c.data.vocab_type = "unigram"     # SentencePiece model: 'unigram' | 'bpe'.
-  c.data.vocab_sample_size = 200000  # at most this many sentences (both sides) train the vocab.
-  c.data.vocab_character_coverage = 1.0  # share of characters the vocab must cover (SentencePiece;
-                                    # 0.9995 for noisy web text, 1.0 keeps every character).
-  c.data.max_len = 64               # tokens per row (source and target each), eos included.
-  c.data.length_policy = "drop"     # pairs longer than max_len: 'drop' | 'truncate'.
-  c.data.packing = True             # pack several pairs per row (segment ids and positions).
-  c.data.shuffle_seed = -1          # -1 = train.seed.
-
-  # Training (jaxformer/train).
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = 100000
-  c.train.batch_size = 128          # global rows per step (a row holds one pair, or several
-                                    # packed pairs), summed over every device and host.
-  c.train.seed = 0
-  c.train.learning_rate = 1.0       # multiplies the schedule ('rsqrt_warmup': the paper's 1.0).
-  c.train.schedule = "rsqrt_warmup"  # 'rsqrt_warmup' (the paper) | 'cosine' | 'constant'
-  c.train.warmup_steps = 4000
-  c.train.adam_b1 = 0.9
-  c.train.adam_b2 = 0.98
-  c.train.adam_eps = 1e-9
-  c.train.weight_decay = 0.0
-  c.train.label_smoothing = 0.1
-  c.train.grad_clip_norm = 0.0      # 0 = no clipping.
-  c.train.grad_accum_steps = 1      # micro-batches per update (batch_size is per micro-batch).
-  c.train.log_every_steps = 100
-  c.train.eval_every_steps = 1000
-  c.train.peak_flops = 0.0          # per device, for MFU; 0 = measure a matmul at start.
-
-  # Spreading the work over devices (jaxformer/train/parallel.py).
-  c.parallel = ml_collections.ConfigDict()
-  c.parallel.strategy = "mesh"      # 'mesh' (jit + NamedSharding) | 'pmap'
-  c.parallel.fsdp = 1               # devices that shard params and optimizer state (mesh only).
-
-  # Checkpoints (jaxformer/checkpoint.py).
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 1000
-  c.checkpoint.keep = 5             # newest checkpoints kept.
-  c.checkpoint.keep_best = ""       # '' or a validation metric ('loss', 'bleu') to keep the best.
-
-  # Decoding (jaxformer/decode.py).
-  c.decode = ml_collections.ConfigDict()
-  c.decode.beam_size = 4
-  c.decode.alpha = 0.6              # length penalty ((5 + len) / 6) ** alpha.
-  c.decode.max_extra_len = 50       # output length <= input length + this, capped by max_len.
-
-  # Evaluation (jaxformer/evaluate.py).
-  c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 64            # global rows per evaluation batch.
-  c.eval.bleu_examples = 256        # validation sentences decoded for BLEU during training.
-  c.eval.num_samples = 5            # sample translations printed and logged.
+  c.model = _model_defaults()
+  c.data = _data_defaults()
+  c.train = _train_defaults()
+  c.parallel = _parallel_defaults()
+  c.checkpoint = _checkpoint_defaults()
+  c.decode = _decode_defaults()
+  c.eval = _eval_defaults()
   return c
 
 
-# --- Allowed values of the settings that name a choice. ------------------------------------
+# --- Validation. -----------------------------------------------------------------------------
 
+# The allowed values of the settings that name a choice.
 CHOICES = {
     "model.pos_encoding": ("sinusoidal", "learned"),
     "model.norm": ("post", "pre"),
@@ -136,6 +171,7 @@ CHOICES = {
     "checkpoint.keep_best": ("", "loss", "accuracy", "bleu"),
 }
 
+# Settings that count something (sizes, steps, devices) and must be at least 1.
 POSITIVE = (
     "model.vocab_size", "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
     "model.max_len", "data.max_len", "data.num_train", "data.vocab_sample_size", "train.steps",
@@ -144,8 +180,11 @@ POSITIVE = (
     "decode.beam_size", "eval.batch_size",
 )
 
+# Rates and shares that must lie in [0, 1).
+FRACTIONS = ("model.dropout_rate", "model.attention_dropout_rate", "train.label_smoothing")
 
-def check_choice(key: str, value: Any) -> None:
+
+def _check_choice(key: str, value: Any) -> None:
   """Raises ConfigError unless `value` is one of the allowed values of `key`."""
   allowed = CHOICES[key]
   if value not in allowed:
@@ -153,35 +192,63 @@ def check_choice(key: str, value: Any) -> None:
                       f"{', '.join(repr(a) for a in allowed)}")
 
 
+def _check_keys(get: Callable[[str], Any], selected: Callable[[str], bool]) -> None:
+  """The choice, positive and [0, 1) checks of the keys that `selected` keeps; `get` reads one."""
+  for key in filter(selected, CHOICES):
+    _check_choice(key, get(key))
+  for key in filter(selected, POSITIVE):
+    if get(key) <= 0:
+      raise ConfigError(f"{key}={get(key)} must be positive")
+  for key in filter(selected, FRACTIONS):
+    if not 0.0 <= get(key) < 1.0:
+      raise ConfigError(f"{key}={get(key)} must be in [0, 1)")
+
+
+def _in_model(key: str) -> bool:
+  return key.startswith("model.")
+
+
+def validate_model(model: ml_collections.ConfigDict) -> None:
+  """Checks the model section alone (`config.model`): a Transformer can be built from it.
+
+  Part of `validate`; the model itself trusts its config and checks nothing. Raises ConfigError.
+  """
+  _check_keys(lambda key: model[key.removeprefix("model.")], _in_model)
+  if model.d_model % model.num_heads:
+    raise ConfigError(f"model.d_model={model.d_model} is not divisible by model.num_heads="
+                      f"{model.num_heads}; each head needs d_model / num_heads dimensions")
+  if model.pos_encoding == "sinusoidal" and model.d_model % 2:
+    raise ConfigError(f"model.d_model={model.d_model} must be even for sinusoidal positions "
+                      "(sin and cos pairs)")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks every value that can be checked without devices or data. Raises ConfigError."""
-  for key in CHOICES:
-    check_choice(key, get_key(config, key))
-  for key in POSITIVE:
-    if get_key(config, key) <= 0:
-      raise ConfigError(f"{key}={get_key(config, key)} must be positive")
+  """Checks every value that can be checked without devices or data. Raises ConfigError.
+
+  The one value validator: every config built from user input passes here (`load_config`,
+  `from_json`, the benchmarks), and the model, the schedules and the parallel strategies trust
+  what it let through. The checks that need the devices are `devices.validate_for_devices`.
+  """
+  validate_model(config.model)
+  _check_keys(lambda key: get_key(config, key), lambda key: not _in_model(key))
   if not 0.0 < config.data.vocab_character_coverage <= 1.0:
     raise ConfigError(f"data.vocab_character_coverage={config.data.vocab_character_coverage} "
                       "must be in (0, 1]")
-  for key in ("model.dropout_rate", "model.attention_dropout_rate", "train.label_smoothing"):
-    if not 0.0 <= get_key(config, key) < 1.0:
-      raise ConfigError(f"{key}={get_key(config, key)} must be in [0, 1)")
-  m = config.model
-  if m.d_model % m.num_heads:
-    raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads="
-                      f"{m.num_heads}; each head needs d_model / num_heads dimensions")
-  if m.pos_encoding == "sinusoidal" and m.d_model % 2:
-    raise ConfigError(f"model.d_model={m.d_model} must be even for sinusoidal positions "
-                      "(sin and cos pairs)")
-  if config.data.max_len > m.max_len:
-    raise ConfigError(f"data.max_len={config.data.max_len} exceeds model.max_len={m.max_len}; "
-                      "rows must fit the model's positions")
-  if config.model.tie_output and not config.model.share_embeddings:
-    pass  # Tying to the target embedding alone is fine.
-  if config.train.warmup_steps < 0:
-    raise ConfigError(f"train.warmup_steps={config.train.warmup_steps} must be >= 0")
-  if config.train.schedule == "rsqrt_warmup" and config.train.warmup_steps == 0:
+  if config.data.max_len > config.model.max_len:
+    raise ConfigError(f"data.max_len={config.data.max_len} exceeds model.max_len="
+                      f"{config.model.max_len}; rows must fit the model's positions")
+  t = config.train
+  if t.warmup_steps < 0:
+    raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
+  if t.schedule == "rsqrt_warmup" and t.warmup_steps == 0:
     raise ConfigError("train.schedule='rsqrt_warmup' needs train.warmup_steps > 0")
+  if t.schedule == "cosine" and t.steps <= t.warmup_steps:
+    raise ConfigError(f"train.schedule='cosine' needs train.steps={t.steps} > "
+                      f"train.warmup_steps={t.warmup_steps} (the decay follows the warmup)")
+  p = config.parallel
+  if p.strategy == "pmap" and p.fsdp != 1:
+    raise ConfigError(f"parallel.fsdp={p.fsdp} needs parallel.strategy='mesh'; pmap keeps a full "
+                      "copy of the parameters on every device (set parallel.fsdp=1)")
 
 
 # --- Keys, overrides, loading. ---------------------------------------------------------------
@@ -309,7 +376,8 @@ def parse_override_args(args: list[str]) -> dict[str, str]:
   while i < len(args):
     arg = args[i]
     if not arg.startswith("--config."):
-      raise ConfigError(f"unexpected argument {arg!r}; overrides look like --config.train.steps=100")
+      raise ConfigError(f"unexpected argument {arg!r}; overrides look like "
+                        "--config.train.steps=100")
     key = arg[len("--config."):]
     if "=" in key:
       key, value = key.split("=", 1)
@@ -328,7 +396,7 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text: str) -> ml_collections.FrozenConfigDict:
-  """The inverse of to_json (lists become tuples, as in the schema)."""
+  """The inverse of to_json (lists become tuples, as in the schema), validated and frozen."""
   raw = json.loads(text)
   config = get_default_config()
   for key, value in flatten(ml_collections.ConfigDict(raw)).items():
@@ -339,4 +407,5 @@ def from_json(text: str) -> ml_collections.FrozenConfigDict:
     if leaf not in node:
       continue  # A key from an older version of jaxformer; the default stands.
     node[leaf] = tuple(value) if isinstance(value, list) else value
+  validate(config)  # A file may have been edited by hand, or written by another version.
   return ml_collections.FrozenConfigDict(config)

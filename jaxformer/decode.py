@@ -37,7 +37,6 @@ Conventions shared by both layers:
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -46,6 +45,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxformer.errors import InputError
+from jaxformer.log import log
 from jaxformer.tokens import BOS_ID, EOS_ID, PAD_ID
 
 State = Any  # any pytree of arrays: the decoder's cache, or a toy model's hidden state.
@@ -167,6 +167,74 @@ def _best_possible_score(best_live_log_prob: jax.Array, step: jax.Array, max_len
   return jnp.maximum(at_next, at_max)
 
 
+def _initial_beams(init_state: State, batch: int, k: int, length: int, pad_id: int,
+                   reorder_state: ReorderFn) -> _BeamCarry:
+  """Before the first step: one live beam per sentence at log P 0 (the other k - 1 at -inf, so
+  that the first step's k extensions are distinct), nothing finished, the state tiled to B * k."""
+  first_beam_only = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf).astype(jnp.float32)
+  return _BeamCarry(
+      step=jnp.array(0, jnp.int32),
+      live_tokens=jnp.full((batch, k, length), pad_id, jnp.int32),
+      live_log_probs=jnp.broadcast_to(first_beam_only, (batch, k)),
+      finished_tokens=jnp.full((batch, k, length), pad_id, jnp.int32),
+      finished_scores=jnp.full((batch, k), -jnp.inf, jnp.float32),
+      finished_lengths=jnp.zeros((batch, k), jnp.int32),
+      done=jnp.zeros((batch,), bool),
+      state=reorder_state(init_state, jnp.repeat(jnp.arange(batch), k)))
+
+
+def _best_extensions(c: _BeamCarry, log_probs: jax.Array,
+                     k: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Every (live hypothesis, next token) pair scored by log P, of which the k best are kept.
+
+  `log_probs` [B * k, V] are the next-token log-probabilities of the live rows. Returns the
+  extensions' log P [B, k], the live hypothesis each extends (`parent`, [B, k]), the token it
+  adds [B, k] and its tokens [B, k, L] (the parent's, then that token at step t).
+  """
+  batch, vocab = c.live_log_probs.shape[0], log_probs.shape[-1]
+  candidates = c.live_log_probs[:, :, None] + log_probs.reshape(batch, k, vocab)
+  top_log_probs, top_index = jax.lax.top_k(candidates.reshape(batch, k * vocab), k)  # [B, k]
+  parent, token = top_index // vocab, top_index % vocab
+  tokens = jnp.take_along_axis(c.live_tokens, parent[:, :, None], axis=1)
+  return top_log_probs, parent, token, tokens.at[:, :, c.step].set(token)
+
+
+def _merge_finished(c: _BeamCarry, tokens: jax.Array, log_probs: jax.Array, ends: jax.Array,
+                    alpha: float | jax.Array, pad_id: int,
+                    k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The k best of the finished pool and of the extensions that end at this step.
+
+  `tokens` [B, k, L] and `log_probs` [B, k] are the extensions, `ends` [B, k] marks those that
+  end. Returns the pool's (scores [B, k] best first, tokens [B, k, L], lengths [B, k]).
+  """
+  length = c.step + 1
+  new_scores = jnp.where(ends, log_probs / length_penalty(length, alpha), -jnp.inf)
+  pool_scores = jnp.concatenate([c.finished_scores, new_scores], axis=1)  # [B, 2k]
+  pool_tokens = jnp.concatenate([c.finished_tokens,
+                                 jnp.where(ends[:, :, None], tokens, pad_id)], axis=1)
+  pool_lengths = jnp.concatenate([c.finished_lengths, jnp.where(ends, length, 0)], axis=1)
+  finished_scores, best = jax.lax.top_k(pool_scores, k)
+  finished_tokens = jnp.take_along_axis(pool_tokens, best[:, :, None], axis=1)
+  return finished_scores, finished_tokens, jnp.take_along_axis(pool_lengths, best, axis=1)
+
+
+def _still_live(c: _BeamCarry, log_probs: jax.Array, ends: jax.Array,
+                finished_scores: jax.Array, max_lens: jax.Array,
+                alpha: float | jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The extensions that did not end stay live, unless their sentence is now done: nothing is
+  live, or no live hypothesis can still beat the worst of the k finished ones.
+
+  Returns the live log P [B, k] (-inf where not live) and `done` [B].
+  """
+  live_log_probs = jnp.where(ends, -jnp.inf, log_probs)
+  best_live = jnp.max(live_log_probs, axis=1)
+  nothing_live = best_live == -jnp.inf
+  cannot_win = finished_scores[:, -1] >= _best_possible_score(best_live, c.step + 1, max_lens,
+                                                              alpha)
+  done = c.done | nothing_live | cannot_win
+  return jnp.where(done[:, None], -jnp.inf, live_log_probs), done
+
+
 def beam_search(step_fn: StepFn, init_state: State, max_lens: jax.Array, *, beam_size: int,
                 max_decode_len: int, alpha: float | jax.Array, bos_id: int = BOS_ID,
                 eos_id: int = EOS_ID, pad_id: int = PAD_ID,
@@ -187,7 +255,6 @@ def beam_search(step_fn: StepFn, init_state: State, max_lens: jax.Array, *, beam
   hypothesis filled (a vocabulary smaller than the beam) have score -inf and length 0.
   """
   batch, k, length = max_lens.shape[0], beam_size, max_decode_len
-  sentence = jnp.arange(batch)
 
   def not_finished(c: _BeamCarry) -> jax.Array:
     return (c.step < length) & ~jnp.all(c.done)
@@ -198,52 +265,18 @@ def beam_search(step_fn: StepFn, init_state: State, max_lens: jax.Array, *, beam
                      jax.lax.dynamic_index_in_dim(c.live_tokens, jnp.maximum(t - 1, 0), axis=2,
                                                   keepdims=False))  # [B, k]
     logits, state = step_fn(last.reshape(batch * k, 1), c.state)
-    log_probs = _log_probs(logits, banned_ids)
-    vocab = log_probs.shape[-1]
-    # Every (live hypothesis, next token) pair, scored by log P; keep the k best.
-    candidates = c.live_log_probs[:, :, None] + log_probs.reshape(batch, k, vocab)
-    top_log_probs, top_index = jax.lax.top_k(candidates.reshape(batch, k * vocab), k)  # [B, k]
-    parent, token = top_index // vocab, top_index % vocab
-    tokens = jnp.take_along_axis(c.live_tokens, parent[:, :, None], axis=1)
-    tokens = tokens.at[:, :, t].set(token)  # [B, k, L]
-
-    # Extensions that end here move to the finished pool, which keeps its k best.
-    real = top_log_probs > -jnp.inf
-    ends = real & ((token == eos_id) | (t + 1 >= max_lens[:, None]))
-    new_scores = jnp.where(ends, top_log_probs / length_penalty(t + 1, alpha), -jnp.inf)
-    pool_scores = jnp.concatenate([c.finished_scores, new_scores], axis=1)  # [B, 2k]
-    pool_tokens = jnp.concatenate([c.finished_tokens,
-                                   jnp.where(ends[:, :, None], tokens, pad_id)], axis=1)
-    pool_lengths = jnp.concatenate([c.finished_lengths, jnp.where(ends, t + 1, 0)], axis=1)
-    finished_scores, best = jax.lax.top_k(pool_scores, k)
-    finished_tokens = jnp.take_along_axis(pool_tokens, best[:, :, None], axis=1)
-    finished_lengths = jnp.take_along_axis(pool_lengths, best, axis=1)
-
-    # The others stay live, unless their sentence is done.
-    live_log_probs = jnp.where(ends, -jnp.inf, top_log_probs)
-    best_live = jnp.max(live_log_probs, axis=1)
-    nothing_live = best_live == -jnp.inf
-    cannot_win = finished_scores[:, -1] >= _best_possible_score(best_live, t + 1, max_lens,
-                                                                alpha)
-    done = c.done | nothing_live | cannot_win
-    live_log_probs = jnp.where(done[:, None], -jnp.inf, live_log_probs)
-
-    rows = (sentence[:, None] * k + parent).reshape(batch * k)
+    log_probs, parent, token, tokens = _best_extensions(c, _log_probs(logits, banned_ids), k)
+    ends = (log_probs > -jnp.inf) & ((token == eos_id) | (t + 1 >= max_lens[:, None]))
+    finished_scores, finished_tokens, finished_lengths = _merge_finished(
+        c, tokens, log_probs, ends, alpha, pad_id, k)
+    live_log_probs, done = _still_live(c, log_probs, ends, finished_scores, max_lens, alpha)
+    rows = (jnp.arange(batch)[:, None] * k + parent).reshape(batch * k)
     return _BeamCarry(step=t + 1, live_tokens=tokens, live_log_probs=live_log_probs,
                       finished_tokens=finished_tokens, finished_scores=finished_scores,
                       finished_lengths=finished_lengths, done=done,
                       state=reorder_state(state, rows))
 
-  first_beam_only = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf).astype(jnp.float32)
-  init = _BeamCarry(
-      step=jnp.array(0, jnp.int32),
-      live_tokens=jnp.full((batch, k, length), pad_id, jnp.int32),
-      live_log_probs=jnp.broadcast_to(first_beam_only, (batch, k)),
-      finished_tokens=jnp.full((batch, k, length), pad_id, jnp.int32),
-      finished_scores=jnp.full((batch, k), -jnp.inf, jnp.float32),
-      finished_lengths=jnp.zeros((batch, k), jnp.int32),
-      done=jnp.zeros((batch,), bool),
-      state=reorder_state(init_state, jnp.repeat(sentence, k)))
+  init = _initial_beams(init_state, batch, k, length, pad_id, reorder_state)
   final = jax.lax.while_loop(not_finished, step, init)
   return DecodeResult(final.finished_tokens, final.finished_scores, final.finished_lengths)
 
@@ -271,25 +304,12 @@ def output_max_lens(inputs: jax.Array, max_extra_len: int, max_len: int) -> jax.
   return jnp.clip(source_lens + max_extra_len, 1, max_len)
 
 
-def _search(step_fn: StepFn, state: State, max_lens: jax.Array, *, beam_size: int,
-            max_decode_len: int, alpha: jax.Array, eos_id: int,
-            reorder_state: ReorderFn) -> DecodeResult:
-  """Greedy search for beam_size 1, beam search otherwise."""
-  if beam_size == 1:
-    return greedy_search(step_fn, state, max_lens, max_decode_len=max_decode_len, alpha=alpha,
-                         eos_id=eos_id)
-  return beam_search(step_fn, state, max_lens, beam_size=beam_size,
-                     max_decode_len=max_decode_len, alpha=alpha, eos_id=eos_id,
-                     reorder_state=reorder_state)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_extra_len", "max_len",
-                                             "eos_id"))
-def _decode_cached(model: nn.Module, params: Any, inputs: jax.Array, alpha: jax.Array, *,
-                   beam_size: int, max_extra_len: int, max_len: int,
-                   eos_id: int) -> DecodeResult:
-  """decode_batch, compiled once per input shape and setting."""
-  max_decode_len = min(inputs.shape[1] + max_extra_len, max_len)
+def _cached_decoder(model: nn.Module, params: Any, inputs: jax.Array, beam_size: int,
+                    max_decode_len: int) -> tuple[StepFn, State, ReorderFn]:
+  """decode_batch's step function over the decoder's cache, the initial cache and its reorder
+  rule. The encoder runs here, once, and `init_cache` computes the cross-attention keys and
+  values once; beam search tiles only the self-attention entries."""
+  del beam_size  # The search tiles the cache itself, through reorder_decoder_cache.
   encoded = model.apply({"params": params}, inputs, method="encode")  # [B, S, D]
   _, variables = model.apply({"params": params}, encoded, inputs, max_decode_len,
                              method="init_cache", mutable=["cache"])
@@ -299,18 +319,13 @@ def _decode_cached(model: nn.Module, params: Any, inputs: jax.Array, alpha: jax.
                                     method="decode_step", mutable=["cache"])
     return logits[:, 0], variables["cache"]
 
-  return _search(step_fn, variables["cache"], output_max_lens(inputs, max_extra_len, max_len),
-                 beam_size=beam_size, max_decode_len=max_decode_len, alpha=alpha,
-                 eos_id=eos_id, reorder_state=reorder_decoder_cache)
+  return step_fn, variables["cache"], reorder_decoder_cache
 
 
-@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_extra_len", "max_len",
-                                             "eos_id"))
-def _decode_naive(model: nn.Module, params: Any, inputs: jax.Array, alpha: jax.Array, *,
-                  beam_size: int, max_extra_len: int, max_len: int,
-                  eos_id: int) -> DecodeResult:
-  """naive_decode_batch, compiled once per input shape and setting."""
-  max_decode_len = min(inputs.shape[1] + max_extra_len, max_len)
+def _naive_decoder(model: nn.Module, params: Any, inputs: jax.Array, beam_size: int,
+                   max_decode_len: int) -> tuple[StepFn, State, ReorderFn]:
+  """naive_decode_batch's step function, which re-runs the whole teacher-forced model, and its
+  initial state (the step, and the targets so far [B, L]) with the plain reorder rule."""
   inputs_per_row = jnp.repeat(inputs, beam_size, axis=0)  # [B * n, S]
 
   def step_fn(token_ids, state):
@@ -326,9 +341,28 @@ def _decode_naive(model: nn.Module, params: Any, inputs: jax.Array, alpha: jax.A
 
   state = (jnp.array(0, jnp.int32),
            jnp.full((inputs.shape[0], max_decode_len), NAIVE_FILLER, jnp.int32))
-  return _search(step_fn, state, output_max_lens(inputs, max_extra_len, max_len),
-                 beam_size=beam_size, max_decode_len=max_decode_len, alpha=alpha,
-                 eos_id=eos_id, reorder_state=take_rows)
+  return step_fn, state, take_rows
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cached", "beam_size", "max_extra_len",
+                                             "max_len", "eos_id"))
+def _decode(model: nn.Module, params: Any, inputs: jax.Array, alpha: jax.Array, *,
+            cached: bool, beam_size: int, max_extra_len: int, max_len: int,
+            eos_id: int) -> DecodeResult:
+  """decode_batch (`cached`) or naive_decode_batch, compiled once per input shape and setting.
+
+  Greedy search for beam_size 1, beam search otherwise.
+  """
+  max_decode_len = min(inputs.shape[1] + max_extra_len, max_len)
+  decoder = _cached_decoder if cached else _naive_decoder
+  step_fn, state, reorder_state = decoder(model, params, inputs, beam_size, max_decode_len)
+  max_lens = output_max_lens(inputs, max_extra_len, max_len)
+  if beam_size == 1:
+    return greedy_search(step_fn, state, max_lens, max_decode_len=max_decode_len, alpha=alpha,
+                         eos_id=eos_id)
+  return beam_search(step_fn, state, max_lens, beam_size=beam_size,
+                     max_decode_len=max_decode_len, alpha=alpha, eos_id=eos_id,
+                     reorder_state=reorder_state)
 
 
 def _check_decode_args(model: nn.Module, inputs: Any, beam_size: int, max_extra_len: int,
@@ -362,9 +396,9 @@ def decode_batch(model: nn.Module, params: Any, inputs: jax.Array, *, beam_size:
   max_len).
   """
   max_len = _check_decode_args(model, inputs, beam_size, max_extra_len, max_len)
-  return _decode_cached(model, params, jnp.asarray(inputs, jnp.int32), jnp.float32(alpha),
-                        beam_size=beam_size, max_extra_len=max_extra_len, max_len=max_len,
-                        eos_id=eos_id)
+  return _decode(model, params, jnp.asarray(inputs, jnp.int32), jnp.float32(alpha), cached=True,
+                 beam_size=beam_size, max_extra_len=max_extra_len, max_len=max_len,
+                 eos_id=eos_id)
 
 
 def naive_decode_batch(model: nn.Module, params: Any, inputs: jax.Array, *, beam_size: int,
@@ -377,9 +411,9 @@ def naive_decode_batch(model: nn.Module, params: Any, inputs: jax.Array, *, beam
   same search and results as decode_batch, at about L times the cost.
   """
   max_len = _check_decode_args(model, inputs, beam_size, max_extra_len, max_len)
-  return _decode_naive(model, params, jnp.asarray(inputs, jnp.int32), jnp.float32(alpha),
-                       beam_size=beam_size, max_extra_len=max_extra_len, max_len=max_len,
-                       eos_id=eos_id)
+  return _decode(model, params, jnp.asarray(inputs, jnp.int32), jnp.float32(alpha), cached=False,
+                 beam_size=beam_size, max_extra_len=max_extra_len, max_len=max_len,
+                 eos_id=eos_id)
 
 
 # --- Text in, text out. ---------------------------------------------------------------------
@@ -405,8 +439,8 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int) -> list[lis
       continue
     ids = list(tokenizer.encode(text)) + [EOS_ID]
     if len(ids) > max_len:
-      print(f"warning: line {index + 1} has {len(ids)} tokens (EOS included), more than the "
-            f"model's max_len={max_len}; it is truncated", file=sys.stderr)
+      log(f"warning: line {index + 1} has {len(ids)} tokens (EOS included), more than the "
+          f"model's max_len={max_len}; it is truncated")
       ids = ids[:max_len - 1] + [EOS_ID]
     encoded.append(ids)
   return encoded

@@ -61,18 +61,15 @@ def validate_for_devices(config: ml_collections.ConfigDict,
                          devices: Sequence[jax.Device] | None = None) -> None:
   """Raises ConfigError when the config cannot run on `devices` (default: all of jax.devices()).
 
-  Cheap and side-effect free: the CLI calls it before anything is written to the workdir.
+  Only the checks that need the devices: `config` has passed `jaxformer.config.validate`, which
+  checks the values themselves. Cheap and side-effect free: the CLI calls it before anything is
+  written to the workdir.
   """
   devices = list(jax.devices() if devices is None else devices)
   num_devices = len(devices)
   num_processes = len({d.process_index for d in devices})
-  strategy, fsdp = config.parallel.strategy, config.parallel.fsdp
-  if strategy not in ("mesh", "pmap"):
-    raise ConfigError(f"parallel.strategy={strategy!r} is not allowed; choose 'mesh' or 'pmap'")
-  if strategy == "pmap" and fsdp != 1:
-    raise ConfigError(f"parallel.fsdp={fsdp} needs parallel.strategy='mesh'; pmap keeps a full "
-                      "copy of the parameters on every device (set parallel.fsdp=1)")
-  if fsdp <= 0 or num_devices % fsdp:
+  fsdp = config.parallel.fsdp
+  if num_devices % fsdp:
     divisors = [k for k in range(1, num_devices + 1) if num_devices % k == 0]
     raise ConfigError(f"parallel.fsdp={fsdp} does not divide the {num_devices} devices; "
                       f"choose one of {divisors}")

@@ -1,7 +1,22 @@
+"""The configuration: loading, overrides, and `validate`, the one value validator (the model,
+the schedules and the parallel strategies check nothing themselves)."""
+
+import json
+
 import pytest
 
 from jaxformer import config as config_lib
 from jaxformer.errors import ConfigError
+from model.model_testing import tiny_config as tiny_model_config
+
+
+def default_config_with(**settings):
+  """The default config with `settings` ('section.key': value), not validated."""
+  c = config_lib.get_default_config()
+  for key, value in settings.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  return c
 
 
 def test_default_experiment_loads_and_validates():
@@ -59,3 +74,52 @@ def test_override_args_parsing():
           "train.steps": "3", "model.norm": "pre"}
   with pytest.raises(ConfigError, match="unexpected argument"):
     config_lib.parse_override_args(["--steps=3"])
+
+
+def test_the_defaults_are_valid():
+  config_lib.validate(config_lib.get_default_config())
+
+
+def test_a_hand_edited_run_config_is_validated_when_read():
+  raw = json.loads(config_lib.to_json(config_lib.get_default_config()))
+  raw["model"]["num_heads"] = 3
+  with pytest.raises(ConfigError,
+                     match=r"model\.d_model=512 is not divisible by model\.num_heads=3"):
+    config_lib.from_json(json.dumps(raw))
+
+
+# The model's settings, checked on the model section alone (the model is built from it).
+BAD_SETTINGS = [
+    (dict(d_model=30, num_heads=4), "model.d_model=30 is not divisible by model.num_heads=4"),
+    (dict(pos_encoding="rotary"), "model.pos_encoding='rotary'.*'sinusoidal', 'learned'"),
+    (dict(norm="sandwich"), "model.norm='sandwich'.*'post', 'pre'"),
+    (dict(activation="swish"), "model.activation='swish'.*'relu', 'gelu'"),
+    (dict(dtype="float16"), "model.dtype='float16'.*'float32', 'bfloat16'"),
+    (dict(remat="some"), "model.remat='some'.*'none', 'full', 'dots'"),
+    (dict(d_model=15, num_heads=5), "model.d_model=15 must be even"),
+]
+
+
+@pytest.mark.parametrize("settings,message", BAD_SETTINGS)
+def test_bad_settings_are_refused_with_the_setting_named(settings, message):
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate_model(tiny_model_config(**settings))
+
+
+def test_cosine_needs_steps_after_warmup():
+  config = default_config_with(**{"train.schedule": "cosine", "train.warmup_steps": 10,
+                                  "train.steps": 10})
+  with pytest.raises(ConfigError, match="train.steps"):
+    config_lib.validate(config)
+
+
+def test_rsqrt_warmup_needs_warmup_steps():
+  with pytest.raises(ConfigError,
+                     match=r"train\.schedule='rsqrt_warmup' needs train\.warmup_steps > 0"):
+    config_lib.validate(default_config_with(**{"train.warmup_steps": 0}))
+
+
+def test_fsdp_needs_mesh():
+  with pytest.raises(ConfigError, match=r"parallel\.fsdp=2 needs parallel\.strategy='mesh'"):
+    config_lib.validate(default_config_with(**{"parallel.fsdp": 2,
+                                               "parallel.strategy": "pmap"}))

@@ -20,9 +20,10 @@ import pytest
 from jaxformer.config import get_default_config
 from jaxformer.errors import ConfigError
 from jaxformer.model import attention
-from jaxformer.model.transformer import Transformer, stack_layers, unstack_layers
+from jaxformer.model.transformer import Transformer
 from jaxformer.tokens import EOS_ID
 from jaxformer.train import jax_internals, parallel, state as state_lib, step as step_lib
+from model.model_testing import stack_layers, unstack_layers
 
 STEPS = 3
 ROWS, LENGTH, VOCAB = 8, 8, 32

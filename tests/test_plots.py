@@ -24,9 +24,10 @@ from jaxformer import config as config_lib
 from jaxformer import workdir as workdir_lib
 from jaxformer.data import tasks
 from jaxformer.data import tokenizer as tokenizer_lib
-from jaxformer.model.transformer import Transformer, stack_layers
+from jaxformer.model.transformer import Transformer
 from jaxformer.tokens import EOS_ID
 from jaxformer.train import state as state_lib
+from model.model_testing import stack_layers
 
 NUM_LAYERS, NUM_HEADS = 2, 4
 MAX_LEN = 16

@@ -5,7 +5,8 @@ that `builder.as_data_source()` reads with random access (what grain needs to sh
 and to shard by index):
 
 - generated tasks ('numbers', 'copy', 'reverse', 'sort', 'addition'): `GeneratedTask`, a
-  `tfds.core.GeneratorBasedBuilder` that draws the splits of jaxformer/data/tasks.py;
+  `tfds.core.GeneratorBasedBuilder` that draws the splits of jaxformer/data/tasks.py (its
+  features and examples come from `PairBuilder`, the base it shares with `TextPairs`);
 - local parallel text ('text'): `TextPairs`, a builder over aligned `*.src` / `*.tgt` files or a
   TSV file per split, checked line by line;
 - catalog datasets ('tfds'): e.g. `wmt14_translate/de-en`, prepared once by
@@ -128,6 +129,23 @@ class PairSource(Sequence[dict[str, str]]):
 _PAIR_FEATURES = {"source": tfds.features.Text(), "target": tfds.features.Text()}
 
 
+class PairBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A builder of sentence pairs, example i of a split being its pair i (never shuffled).
+
+  The base of `GeneratedTask` and `TextPairs`, which say where each split's pairs come from
+  (`_split_generators`). Not a dataset itself, so not registered with tfds.
+  """
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=__doc__, disable_shuffling=True,
+        features=tfds.features.FeaturesDict(_PAIR_FEATURES))
+
+  def _generate_examples(self, pairs):
+    for index, (source, target) in enumerate(pairs):
+      yield index, {"source": source, "target": target}
+
+
 # --- Generated tasks. ------------------------------------------------------------------------
 
 @dataclasses.dataclass(eq=False)
@@ -140,7 +158,7 @@ class TaskConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-class GeneratedTask(tfds.core.GeneratorBasedBuilder):
+class GeneratedTask(PairBuilder):
   """The generated tasks of jaxformer/data/tasks.py as a tfds dataset."""
 
   # Bump the version whenever tasks.py draws different pairs, so older data is never reused.
@@ -166,11 +184,6 @@ class GeneratedTask(tfds.core.GeneratorBasedBuilder):
     return TaskConfig(name=name, task=d.task, sizes=sizes, train_lengths=tuple(d.train_lengths),
                       eval_lengths=tuple(d.eval_lengths), seed=seed)
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self, description=__doc__, disable_shuffling=True,
-        features=tfds.features.FeaturesDict(_PAIR_FEATURES))
-
   def _split_generators(self, dl_manager):
     del dl_manager
     c = self.builder_config
@@ -178,10 +191,6 @@ class GeneratedTask(tfds.core.GeneratorBasedBuilder):
         c.task, dict(zip(SPLITS, c.sizes)),
         {"train": c.train_lengths, "validation": c.eval_lengths, "test": c.eval_lengths}, c.seed)
     return {split: self._generate_examples(pairs) for split, pairs in splits.items()}
-
-  def _generate_examples(self, pairs):
-    for index, (source, target) in enumerate(pairs):
-      yield index, {"source": source, "target": target}
 
 
 # --- Local parallel text. --------------------------------------------------------------------
@@ -259,7 +268,7 @@ def _file_stamp(path: str) -> str:
   return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-class TextPairs(tfds.core.GeneratorBasedBuilder):
+class TextPairs(PairBuilder):
   """Aligned sentence pairs from local files, one split per `data.<split>_files` key.
 
   Example i of a split is line i + 1 of its files.
@@ -278,20 +287,11 @@ class TextPairs(tfds.core.GeneratorBasedBuilder):
     digest = hashlib.sha256(stamps.encode()).hexdigest()[:16]
     return TextConfig(name=f"text-{digest}", files=files)
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self, description=__doc__, disable_shuffling=True,
-        features=tfds.features.FeaturesDict(_PAIR_FEATURES))
-
   def _split_generators(self, dl_manager):
     del dl_manager
     # Read (and check) every file before writing anything.
     pairs = {split: read_pairs(paths) for split, paths in self.builder_config.files}
     return {split: self._generate_examples(split_pairs) for split, split_pairs in pairs.items()}
-
-  def _generate_examples(self, pairs):
-    for index, (source, target) in enumerate(pairs):
-      yield index, {"source": source, "target": target}
 
 
 # --- Catalog datasets (WMT). -----------------------------------------------------------------

@@ -28,33 +28,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxformer.config import check_choice
-from jaxformer.errors import ConfigError
 from jaxformer.model import attention
 from jaxformer.model.attention import FULL, INIT_CACHE, STEP, MultiHeadAttention
-from jaxformer.tokens import BOS_ID, PAD_ID
 from jaxformer.model.embedding import (PositionalEncoding, TokenEmbedding, check_length,
                                        default_positions)
+from jaxformer.tokens import BOS_ID, PAD_ID
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}
 LAYER_NORM_EPSILON = 1e-6
+# The name of each stack's layers in the parameter tree: `layers` (scanned, a leading axis of N)
+# or `layers_0` .. `layers_{N-1}` (unrolled).
+LAYERS = "layers"
 # What each layer keeps for the backward pass under `model.remat` (None: recompute everything).
 REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def check_model_config(config: Any) -> None:
-  """Raises ConfigError for a setting the model cannot be built with."""
-  for key in ("pos_encoding", "norm", "activation", "dtype", "remat", "attention_kernel"):
-    check_choice(f"model.{key}", config[key])
-  if config.d_model % config.num_heads:
-    raise ConfigError(f"model.d_model={config.d_model} is not divisible by model.num_heads="
-                      f"{config.num_heads}; each head needs d_model / num_heads dimensions")
-  if config.pos_encoding == "sinusoidal" and config.d_model % 2:
-    raise ConfigError(f"model.d_model={config.d_model} must be even for "
-                      "model.pos_encoding='sinusoidal' (sin and cos pairs)")
 
 
 def shift_right(targets: jnp.ndarray, segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -160,7 +149,7 @@ def layer_stack(layer_cls: type[nn.Module], config: Any, name: str, remat: bool 
   `{name}_{N-1}`; with `config.scan_layers` they are one scanned module `{name}` whose
   parameters and recorded attention weights have a leading axis of N, while its cache entries
   keep the batch on axis 0 and put the layers on axis 1 (so that a beam search can treat every
-  cache entry alike). `stack_layers` and `unstack_layers` convert parameters between the two.
+  cache entry alike).
   """
   if remat and config.remat != "none":
     layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[config.remat],
@@ -202,7 +191,7 @@ class Encoder(nn.Module):
     positions = default_positions(ids) if positions is None else positions
     x = embed_with_positions(cfg, self.embedding, ids, positions, deterministic)
     mask = attention.encoder_self_mask(ids, segment_ids)
-    x = layer_stack(EncoderLayer, cfg, "layers", deterministic=deterministic)(x, mask)
+    x = layer_stack(EncoderLayer, cfg, LAYERS, deterministic=deterministic)(x, mask)
     if cfg.norm == "pre":
       x = layer_norm(cfg, "final_norm")(x)
     return x
@@ -221,7 +210,7 @@ class Decoder(nn.Module):
                deterministic: bool = True, mode: str = FULL):
     cfg = self.config
     check_length(decoder_inputs.shape[-1], cfg.max_len, "the target")
-    layers = layer_stack(DecoderLayer, cfg, "layers", remat=mode == FULL,
+    layers = layer_stack(DecoderLayer, cfg, LAYERS, remat=mode == FULL,
                          deterministic=deterministic, mode=mode)
     if mode == INIT_CACHE:
       batch, length = decoder_inputs.shape
@@ -250,12 +239,12 @@ class Decoder(nn.Module):
 
 
 class Transformer(nn.Module):
-  """The encoder-decoder Transformer. `config` is the model section of the config (frozen)."""
-  config: Any
+  """The encoder-decoder Transformer. `config` is the model section of the config (frozen).
 
-  def __post_init__(self):
-    check_model_config(self.config)  # Refuse a bad hand-made config when the model is built.
-    super().__post_init__()
+  The config is trusted as it is: `jaxformer.config.validate_model` checks it (a run's config
+  always passes `config.validate`).
+  """
+  config: Any
 
   def setup(self):
     cfg = self.config
@@ -319,32 +308,3 @@ class Transformer(nn.Module):
     Row b*n + j is hypothesis j of sentence b. Apply with mutable=['cache'].
     """
     return self.decoder(None, inputs, token_ids, mode=STEP)
-
-
-# --- Parameter layouts of scanned and unrolled stacks. ---------------------------------------
-
-STACKS = ("encoder", "decoder")
-LAYERS = "layers"
-
-
-def unstack_layers(params: dict, num_layers: int) -> dict:
-  """Scanned params (`{stack}/layers` with a leading axis N) -> unrolled (`{stack}/layers_i`)."""
-  params = dict(params)
-  for stack in STACKS:
-    tree = dict(params[stack])
-    stacked = tree.pop(LAYERS)
-    for i in range(num_layers):
-      tree[f"{LAYERS}_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
-    params[stack] = tree
-  return params
-
-
-def stack_layers(params: dict, num_layers: int) -> dict:
-  """Unrolled params (`{stack}/layers_i`) -> scanned (`{stack}/layers`, leading axis N)."""
-  params = dict(params)
-  for stack in STACKS:
-    tree = dict(params[stack])
-    layers = [tree.pop(f"{LAYERS}_{i}") for i in range(num_layers)]
-    tree[LAYERS] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
-    params[stack] = tree
-  return params

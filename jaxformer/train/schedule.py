@@ -9,11 +9,9 @@ gradient accumulation a step is one optimizer update (all its micro-batches toge
 
 from __future__ import annotations
 
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
 import optax
-
-from jaxformer.errors import ConfigError
 
 
 def rsqrt_warmup(step, *, d_model: int, warmup_steps: int, scale: float = 1.0):
@@ -31,6 +29,31 @@ def _from_update_count(schedule: optax.Schedule) -> optax.Schedule:
   return lambda count: schedule(count + 1)
 
 
+def _rsqrt_warmup(config: ml_collections.ConfigDict) -> optax.Schedule:
+  t = config.train
+  return lambda step: rsqrt_warmup(step, d_model=config.model.d_model,
+                                   warmup_steps=t.warmup_steps, scale=t.learning_rate)
+
+
+def _cosine(config: ml_collections.ConfigDict) -> optax.Schedule:
+  t = config.train
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
+      decay_steps=t.steps, end_value=0.0)
+
+
+def _constant(config: ml_collections.ConfigDict) -> optax.Schedule:
+  t = config.train
+  if t.warmup_steps > 0:
+    return optax.linear_schedule(init_value=0.0, end_value=t.learning_rate,
+                                 transition_steps=t.warmup_steps)
+  return optax.constant_schedule(t.learning_rate)
+
+
+# Each `train.schedule` choice, as a function of the 1-based step.
+SCHEDULES = {"rsqrt_warmup": _rsqrt_warmup, "cosine": _cosine, "constant": _constant}
+
+
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """The learning-rate schedule named by `train.schedule`, as a function of optax's count.
 
@@ -38,28 +61,8 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   - 'cosine': linear warmup from 0 to `train.learning_rate` over `train.warmup_steps`, then
     cosine decay to 0 at step `train.steps`.
   - 'constant': linear warmup from 0 to `train.learning_rate`, then constant.
+
+  `config` has passed `jaxformer.config.validate` (which refuses e.g. 'rsqrt_warmup' without
+  warmup, or 'cosine' with no steps after the warmup); nothing is checked here.
   """
-  t = config.train
-  name = t.schedule
-  if name == "rsqrt_warmup":
-    if t.warmup_steps <= 0:
-      raise ConfigError("train.schedule='rsqrt_warmup' needs train.warmup_steps > 0")
-    schedule = lambda step: rsqrt_warmup(step, d_model=config.model.d_model,
-                                         warmup_steps=t.warmup_steps, scale=t.learning_rate)
-  elif name == "cosine":
-    if t.steps <= t.warmup_steps:
-      raise ConfigError(f"train.schedule='cosine' needs train.steps={t.steps} > "
-                        f"train.warmup_steps={t.warmup_steps} (the decay follows the warmup)")
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
-        decay_steps=t.steps, end_value=0.0)
-  elif name == "constant":
-    if t.warmup_steps > 0:
-      schedule = optax.linear_schedule(init_value=0.0, end_value=t.learning_rate,
-                                       transition_steps=t.warmup_steps)
-    else:
-      schedule = optax.constant_schedule(t.learning_rate)
-  else:
-    raise ConfigError(f"train.schedule={name!r} is not allowed; choose one of "
-                      "'rsqrt_warmup', 'cosine', 'constant'")
-  return _from_update_count(schedule)
+  return _from_update_count(SCHEDULES[config.train.schedule](config))

@@ -1,4 +1,5 @@
-"""Tiny model configs, batches and parameters shared by the model tests.
+"""Tiny model configs, batches and parameters shared by the model tests, and the conversion of
+parameters between unrolled and scanned layer stacks (`stack_layers`, `unstack_layers`).
 
 Speed matters here (two shared CPU cores): parameters are drawn with NumPy into the shapes that
 `jax.eval_shape(model.init)` reports, which compiles nothing, and tests use the same few batch
@@ -13,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from jaxformer.config import get_default_config
-from jaxformer.model.transformer import Transformer
+from jaxformer.model.transformer import LAYERS, Transformer
 
 TINY = dict(vocab_size=40, num_layers=2, d_model=32, num_heads=4, d_ff=48, max_len=16,
             dropout_rate=0.0)
@@ -68,3 +69,31 @@ def random_params(config, seed: int = 0) -> dict:
 def init_params(config, seed: int = 0):
   """The model of `config` and random parameters for it."""
   return Transformer(config), random_params(config, seed)
+
+
+# --- Parameter layouts of scanned and unrolled stacks (model.scan_layers). -------------------
+
+STACKS = ("encoder", "decoder")
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+  """Scanned params (`{stack}/layers` with a leading axis N) -> unrolled (`{stack}/layers_i`)."""
+  params = dict(params)
+  for stack in STACKS:
+    tree = dict(params[stack])
+    stacked = tree.pop(LAYERS)
+    for i in range(num_layers):
+      tree[f"{LAYERS}_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+    params[stack] = tree
+  return params
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """Unrolled params (`{stack}/layers_i`) -> scanned (`{stack}/layers`, leading axis N)."""
+  params = dict(params)
+  for stack in STACKS:
+    tree = dict(params[stack])
+    layers = [tree.pop(f"{LAYERS}_{i}") for i in range(num_layers)]
+    tree[LAYERS] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+    params[stack] = tree
+  return params

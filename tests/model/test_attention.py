@@ -7,7 +7,7 @@ import pytest
 
 from jaxformer.model import attention
 from jaxformer.model.transformer import Transformer
-from model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
+from model.model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
 
 
 # --- Masks against brute force. ----------------------------------------------------------------

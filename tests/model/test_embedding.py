@@ -10,7 +10,7 @@ import pytest
 from jaxformer.errors import JaxformerError
 from jaxformer.model.embedding import PositionalEncoding, TokenEmbedding, sinusoidal_table
 from jaxformer.model.transformer import Transformer
-from model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
+from model.model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
 
 
 def paper_pe(pos: int, dim: int, d_model: int) -> float:

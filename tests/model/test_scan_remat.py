@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxformer.model.transformer import Transformer, stack_layers, unstack_layers
-from model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
+from jaxformer.model.transformer import Transformer
+from model.model_testing import (SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids,
+                                 stack_layers, tiny_config, unstack_layers)
 
 STEPS = 2
 LEARNING_RATE = 0.5

@@ -1,14 +1,14 @@
-"""The Transformer's masking behaviour, shift-right, packing and configuration errors."""
+"""The Transformer's masking behaviour, shift-right and packing (its configuration errors are
+tests/test_config.py's: the model trusts a validated config)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxformer.errors import ConfigError
 from jaxformer.model.transformer import Transformer, shift_right
 from jaxformer.tokens import BOS_ID, PAD_ID
-from model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
+from model.model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
 
 
 def test_shift_right_plain_and_packed():
@@ -89,20 +89,3 @@ def test_packed_rows_equal_the_sequences_run_separately(pos_encoding):
   check(packed[0, 3:], alone[1, :2])
   check(packed[1, :2], alone[1, :2])
   check(packed[1, 2:], alone[0, :3])
-
-
-BAD_SETTINGS = [
-    (dict(d_model=30, num_heads=4), "model.d_model=30 is not divisible by model.num_heads=4"),
-    (dict(pos_encoding="rotary"), "model.pos_encoding='rotary'.*'sinusoidal', 'learned'"),
-    (dict(norm="sandwich"), "model.norm='sandwich'.*'post', 'pre'"),
-    (dict(activation="swish"), "model.activation='swish'.*'relu', 'gelu'"),
-    (dict(dtype="float16"), "model.dtype='float16'.*'float32', 'bfloat16'"),
-    (dict(remat="some"), "model.remat='some'.*'none', 'full', 'dots'"),
-    (dict(d_model=15, num_heads=5), "model.d_model=15 must be even"),
-]
-
-
-@pytest.mark.parametrize("settings,message", BAD_SETTINGS)
-def test_bad_settings_are_refused_with_the_setting_named(settings, message):
-  with pytest.raises(ConfigError, match=message):
-    Transformer(tiny_config(**settings))

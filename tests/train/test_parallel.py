@@ -184,11 +184,8 @@ def test_indivisible_batch_is_a_config_error(strategy):
   devices.validate_for_devices(config, jax.devices()[:4])   # 12 rows do fit on 4 devices
 
 
-def test_fsdp_must_divide_the_devices_and_needs_mesh():
+def test_fsdp_and_eval_batch_must_divide_the_devices():
   with pytest.raises(ConfigError, match=r"parallel\.fsdp=3"):
     devices.validate_for_devices(tiny_config(**{"parallel.fsdp": 3}))
-  with pytest.raises(ConfigError, match=r"parallel\.fsdp=2 needs parallel\.strategy='mesh'"):
-    devices.validate_for_devices(tiny_config(**{"parallel.fsdp": 2,
-                                                 "parallel.strategy": "pmap"}))
   with pytest.raises(ConfigError, match=r"eval\.batch_size=4"):
     devices.validate_for_devices(tiny_config(**{"eval.batch_size": 4}))

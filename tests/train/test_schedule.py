@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from train_testing import tiny_config
 
-from jaxformer.errors import ConfigError
 from jaxformer.train.schedule import make_schedule
 from jaxformer.train.state import make_optimizer
 
@@ -47,13 +46,6 @@ def test_cosine_warms_up_then_decays_to_zero():
   np.testing.assert_allclose(schedule(59), 0.5 * 0.5 * (1 + np.cos(np.pi * 50 / 100)),
                              rtol=1e-5)                                 # step 60: halfway
   np.testing.assert_allclose(schedule(109), 0.0, atol=1e-7)             # step 110 = last
-
-
-def test_cosine_needs_steps_after_warmup():
-  config = tiny_config(**{"train.schedule": "cosine", "train.warmup_steps": 10,
-                          "train.steps": 10})
-  with pytest.raises(ConfigError, match="train.steps"):
-    make_schedule(config)
 
 
 def test_constant_with_and_without_warmup():
