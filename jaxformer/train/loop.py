@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxformer import checkpoint, evaluate, plots
+from jaxformer import checkpoint, evaluate, inference
 from jaxformer import devices
 from jaxformer import workdir as workdir_lib
 from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
@@ -122,8 +122,9 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
         writer.write_text(step, "validation/samples", " | ".join(
             f"{k}: {v}" for k, v in sample.items()))
       if samples:  # One attention map, of the first sample, as an image in TensorBoard.
-        plots.log_attention_to_tensorboard(writer, step, model, strategy.inference_params(state),
-                                           tokenizer, samples[0]["source"], config)
+        inference.log_attention_to_tensorboard(writer, step, model,
+                                               strategy.inference_params(state), tokenizer,
+                                               samples[0]["source"], config)
       return result
 
     def check_finite(pending: list[tuple[int, dict[str, Any]]]) -> None:
