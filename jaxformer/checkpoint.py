@@ -1,7 +1,7 @@
 """The orbax checkpoints of a run: save, restore, keep, and the damaged-checkpoint fallback.
 
 Everything that reads or writes `<workdir>/checkpoints/<step>/` and `<workdir>/averaged/<name>/`
-(their places are jaxformer.workdir's) is here, and nothing else: what a checkpoint is used for
+(paths from jaxformer.workdir) is here, and nothing else: what a checkpoint is used for
 (evaluation, translation, averaging, pictures) is jaxformer.inference's. This module knows the
 layout of a checkpoint (the `state` item holds the TrainState, `params` among its fields; the
 `data` item the grain iterator state of each process), but neither the model nor the tokenizer.
@@ -168,9 +168,9 @@ class Checkpointer:
     writes `<step>.orbax-checkpoint-tmp` and renames it). Call `wait()` before exiting.
   - a step is saved when `step % every_steps == 0`, or when orbax reached a multi-host
     preemption sync point, or with `force=True` (at the end of training, on preemption).
-  - the `keep` newest steps are kept; with `keep_best` ('loss', 'accuracy' or 'bleu': a key of
-    BEST_MODE, which config.validate checks) the best step by that validation metric (passed
-    to `save` as `metrics`) is kept as well.
+  - the `keep` newest steps are kept; with `keep_best` (a key of BEST_MODE: 'loss', 'accuracy'
+    or 'bleu'; config.validate checks the value) the best step by that validation metric
+    (passed to `save` as `metrics`) is kept as well.
   - every process calls every method (orbax synchronizes the processes); each saves the
     arrays it holds and its own iterator state.
 
@@ -181,7 +181,7 @@ class Checkpointer:
                async_save: bool = True):
     workdir = workdir_lib.absolute_workdir(workdir)
     self.workdir = workdir
-    self.directory = str(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR))
+    self.directory = _checkpoints_dir(workdir)
     self.keep_best = keep_best
     preserve = [ocp.checkpoint_managers.LatestN(n=keep)]
     best_fn = None
@@ -390,13 +390,13 @@ class Checkpointer:
 
 # --- The steps of a workdir, and their parameters. --------------------------------------------
 
+def _checkpoints_dir(workdir: str) -> str:
+  return str(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR))
+
+
 def saved_steps(workdir: str) -> list[int]:
   """The finished steps in `<workdir>/checkpoints`, oldest first (none when it is missing)."""
-  return sorted(ocp.utils.checkpoint_steps(_checkpoints(workdir)))
-
-
-def _checkpoints(workdir: str) -> str:
-  return str(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR))
+  return sorted(ocp.utils.checkpoint_steps(_checkpoints_dir(workdir)))
 
 
 def available(workdir: str) -> str:
@@ -432,7 +432,7 @@ def checkpoint_dir(workdir: str, step: int | str | None) -> tuple[epath.Path, in
       averaged = averaged_checkpoints(workdir)
       hint = (f"; averaged checkpoints: {', '.join(averaged)}" if averaged
               else "; train first (jaxformer train --workdir ...)")
-      raise CheckpointError(f"no checkpoints in {_checkpoints(workdir)}{hint}")
+      raise CheckpointError(f"no checkpoints in {_checkpoints_dir(workdir)}{hint}")
     step = steps[-1]
   if isinstance(step, str):
     name = step.removeprefix(workdir_lib.AVERAGED_DIR + "/").rstrip("/")
