@@ -7,6 +7,7 @@ encodings from the paper's formula written out again, curve points from the line
 writes.
 """
 
+import functools
 import json
 import math
 import os
@@ -118,15 +119,20 @@ def test_a_run_written_by_older_code_loads_for_inference(tmp_path):
 
 # --- Evaluation. ------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def tiny_params():
+  return tiny_run_testing.init_params(tiny_config())
+
+
 @pytest.mark.parametrize("batch_size, num_devices", [(8, 8), (4, 1)])
-def test_evaluation_step_sums_what_the_model_computes(batch_size, num_devices):
+def test_evaluation_step_sums_what_the_model_computes(tiny_params, batch_size, num_devices):
   """Parameters replicated over every device when eval.batch_size divides their number, else
   on one; either way the sums of the whole batch, as forward_sums gives them on one device."""
   c = tiny_config().to_dict()
   c["eval"]["batch_size"] = batch_size
   config = ml_collections.FrozenConfigDict(c)
   model = Transformer(config=config.model)
-  params = tiny_run_testing.init_params(config)
+  params = tiny_params
   rng = np.random.default_rng(0)
   inputs = rng.integers(4, 40, (batch_size, MAX_LEN)).astype(np.int32)
   targets = rng.integers(4, 40, (batch_size, MAX_LEN)).astype(np.int32)
@@ -140,9 +146,9 @@ def test_evaluation_step_sums_what_the_model_computes(batch_size, num_devices):
   assert all(len(leaf.sharding.device_set) == num_devices and leaf.sharding.is_fully_replicated
              for leaf in jax.tree.leaves(placed))
   sums = jax.device_get(eval_step(batch))
-  expected = jax.device_get(objective.forward_sums(
-      params, {k: batch[k] for k in objective.BATCH_KEYS}, model=model,
-      label_smoothing=config.train.label_smoothing, dropout_rng=None))
+  expected = jax.device_get(jax.jit(functools.partial(
+      objective.forward_sums, model=model, label_smoothing=config.train.label_smoothing,
+      dropout_rng=None))(params, {k: batch[k] for k in objective.BATCH_KEYS}))
   assert set(sums) == set(expected) and sums["num_tokens"] == batch_size * (MAX_LEN - 3)
   for key in expected:
     np.testing.assert_allclose(sums[key], expected[key], rtol=1e-5)
