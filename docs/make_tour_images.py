@@ -6,9 +6,9 @@
   python docs/make_tour_images.py --workdir DIR      # a trained run of the default experiment
 
 Three pictures are the `jaxformer plot` commands (curves, positions, attention), made by the
-same functions (jaxformer/plots.py). The others show one idea each with the model's own
-modules and functions: the embedding table, LayerNorm against BatchNorm, the masks, teacher
-forcing and beam search.
+same functions (jaxformer/inference.py, drawing with jaxformer/plots.py). The others show one
+idea each with the model's own modules and functions: the embedding table, LayerNorm against
+BatchNorm, the masks, teacher forcing and beam search.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from jaxformer import checkpoint, decode, plots  # noqa: E402
+from jaxformer import attention_maps, decode, inference, plots  # noqa: E402
 from jaxformer import config as config_lib  # noqa: E402
 from jaxformer import workdir as workdir_lib  # noqa: E402
 from jaxformer.model import attention  # noqa: E402
@@ -71,7 +71,7 @@ def padded_batch(tokenizer, texts) -> np.ndarray:
 
 # --- The pictures that are not `jaxformer plot` commands. -------------------------------------
 
-def embeddings_figure(run: checkpoint.InferenceRun) -> Figure:
+def embeddings_figure(run: inference.InferenceRun) -> Figure:
   """Cosine similarity of the learned embeddings of English and Spanish number words."""
   ids = [run.tokenizer.encode(w) for w in WORDS]
   keep = [(w, i[0]) for w, i in zip(WORDS, ids) if len(i) == 1]  # words that are one piece.
@@ -89,7 +89,7 @@ def embeddings_figure(run: checkpoint.InferenceRun) -> Figure:
   return figure
 
 
-def normalization_figure(run: checkpoint.InferenceRun) -> Figure:
+def normalization_figure(run: inference.InferenceRun) -> Figure:
   """LayerNorm and BatchNorm of the same sentence in two batches (embeddings + positions)."""
   cfg = run.config.model
 
@@ -125,7 +125,7 @@ def normalization_figure(run: checkpoint.InferenceRun) -> Figure:
   ]
   figure = Figure(figsize=(15, 3.75), layout="constrained")
   axes = figure.subplots(1, len(panels))
-  pieces = plots.pieces(run.tokenizer, ids[0, :length])
+  pieces = attention_maps.pieces(run.tokenizer, ids[0, :length])
   for ax, (title, values) in zip(axes, panels):
     image = ax.imshow(values, cmap=plots.TABLE_COLORMAP, vmin=-3, vmax=3, aspect="auto")
     ax.set_yticks(range(length), pieces)
@@ -137,14 +137,14 @@ def normalization_figure(run: checkpoint.InferenceRun) -> Figure:
   return figure
 
 
-def masks_figure(run: checkpoint.InferenceRun) -> Figure:
+def masks_figure(run: inference.InferenceRun) -> Figure:
   """The boolean masks of a padded batch, for its shortest sentence (True = may attend)."""
   source = padded_batch(run.tokenizer, BATCH_A)
   target = padded_batch(run.tokenizer, ("setecientos", "doce", "nueve mil ochenta y uno"))
   decoder_inputs = shift_right(jnp.asarray(target))
   row = 1  # "twelve" -> "doce": the most padding.
-  src = plots.pieces(run.tokenizer, source[row])
-  dec = plots.pieces(run.tokenizer, np.asarray(decoder_inputs)[row])
+  src = attention_maps.pieces(run.tokenizer, source[row])
+  dec = attention_maps.pieces(run.tokenizer, np.asarray(decoder_inputs)[row])
   panels = [
       ("encoder self-attention\n(padding)", attention.encoder_self_mask(source), src, src),
       ("decoder self-attention\n(causal and padding)", attention.decoder_self_mask(decoder_inputs),
@@ -162,16 +162,16 @@ def masks_figure(run: checkpoint.InferenceRun) -> Figure:
   return figure
 
 
-def teacher_forcing_figure(run: checkpoint.InferenceRun) -> Figure:
+def teacher_forcing_figure(run: inference.InferenceRun) -> Figure:
   """Teacher forcing: at every position the decoder reads the reference so far (shifted right)
   and predicts the next reference token; the bars are the probability it gives that token."""
   source = padded_batch(run.tokenizer, [SENTENCE])
   target = padded_batch(run.tokenizer, [REFERENCE])
   logits = run.model.apply({"params": run.params}, source, target)  # [1, T, V]
   probs = np.asarray(jax.nn.softmax(logits[0], axis=-1))
-  inputs = plots.pieces(run.tokenizer, np.asarray(shift_right(jnp.asarray(target)))[0])
-  wanted = plots.pieces(run.tokenizer, target[0])
-  best = plots.pieces(run.tokenizer, probs.argmax(-1))
+  inputs = attention_maps.pieces(run.tokenizer, np.asarray(shift_right(jnp.asarray(target)))[0])
+  wanted = attention_maps.pieces(run.tokenizer, target[0])
+  best = attention_maps.pieces(run.tokenizer, probs.argmax(-1))
   p_wanted = probs[np.arange(len(wanted)), target[0]]
   figure = Figure(figsize=(8, 4), layout="constrained")
   ax = figure.subplots()
@@ -185,7 +185,7 @@ def teacher_forcing_figure(run: checkpoint.InferenceRun) -> Figure:
   return figure
 
 
-def beam_figure(run: checkpoint.InferenceRun) -> Figure:
+def beam_figure(run: inference.InferenceRun) -> Figure:
   """The beam's hypotheses and their length-normalized scores, beside greedy search."""
   d = run.config.decode
   source = padded_batch(run.tokenizer, [SENTENCE])
@@ -221,10 +221,10 @@ def main() -> None:
   args = parser.parse_args()
   os.makedirs(IMAGES, exist_ok=True)
   ensure_trained(args.workdir)
-  run = checkpoint.load_for_inference(args.workdir, sharding=plots.inference_sharding())
-  plots.plot_curves([args.workdir], out=os.path.join(IMAGES, "curves.png"))
-  plots.plot_positions(run.config, out=os.path.join(IMAGES, "positions.png"))
-  plots.plot_attention(args.workdir, SENTENCE, out=os.path.join(IMAGES, "attention.png"))
+  run = inference.load_for_inference(args.workdir, sharding=inference.inference_sharding())
+  inference.plot_curves([args.workdir], out=os.path.join(IMAGES, "curves.png"))
+  inference.plot_positions(run.config, out=os.path.join(IMAGES, "positions.png"))
+  inference.plot_attention(args.workdir, SENTENCE, out=os.path.join(IMAGES, "attention.png"))
   for name, make in (("embeddings.png", embeddings_figure),
                      ("normalization.png", normalization_figure),
                      ("masks.png", masks_figure),

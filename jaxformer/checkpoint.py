@@ -1,43 +1,31 @@
-"""Checkpoints: save and exactly resume training, restore for inference, average, preemption.
+"""The orbax checkpoints of a run: save, restore, keep, and the damaged-checkpoint fallback.
 
-A workdir holds one run:
+Everything that reads or writes `<workdir>/checkpoints/<step>/` and `<workdir>/averaged/<name>/`
+(paths from jaxformer.workdir) is here, and nothing else: what a checkpoint is used for
+(evaluation, translation, averaging, pictures) is jaxformer.inference's. This module knows the
+layout of a checkpoint (the `state` item holds the TrainState, `params` among its fields; the
+`data` item the grain iterator state of each process), but neither the model nor the tokenizer.
 
-```
-<workdir>/config.json          the resolved config (written once by `write_run_files`)
-<workdir>/vocab.model          the SentencePiece vocabulary
-<workdir>/checkpoints/<step>/  orbax checkpoints, one directory per saved step, each with
-           state/              the whole TrainState (params, optimizer state, step)
-           data/               the grain iterator state, one JSON file per process
-<workdir>/averaged/<name>/     averaged parameters (`average_checkpoints`), e.g. last5_1000-5000
-<workdir>/damaged/<step>/      checkpoints found damaged on resume, moved aside (never deleted)
-<workdir>/superseded/<step>/   checkpoints newer than a `--restore-step`, moved aside (the run
-                               trains those steps again)
-```
-
-The pieces, in the order a run meets them:
-
-- `write_run_files` records the config; `check_compatible` refuses to resume a run whose config
-  changed in a way that breaks its checkpoints (model shape, vocabulary).
 - `Checkpointer` wraps an orbax `CheckpointManager`: it saves the train state and the data
   iterator together, asynchronously, every `checkpoint.every_steps`, keeps the `checkpoint.keep`
   newest (and the best by `checkpoint.keep_best`), and restores both onto the shardings of the
   current run, so a run saved on 8 devices with fsdp resumes on 1 (or the other way round).
   `Checkpointer.restore_or_none` resumes from the newest intact step: a damaged newest
   checkpoint is reported, moved aside to `<workdir>/damaged/`, and the previous one is used.
-- `PreemptionGuard` turns SIGTERM/SIGINT into "finish this step, save, exit 0".
-- `load_params` loads only the parameters (no optimizer state) of a step or of an averaged
-  checkpoint onto the devices of the current process, for evaluation and translation.
-- `average_checkpoints` writes the element-wise mean of the parameters of the last K checkpoints
-  as a new checkpoint, as the paper did (last 5 for base, last 20 for big).
+- `checkpoint_dir` resolves a step (the newest, a saved step or the name of an averaged
+  checkpoint) to its directory; `restore_params` reads only the parameters stored there (no
+  optimizer state), onto given shardings or into host memory.
+- `averaged_path` and `save_averaged` name and write a checkpoint of averaged parameters.
 
-Every failure a user can cause raises `CheckpointError` with a one-line message.
+Every failure a user can cause raises `CheckpointError` with a one-line message;
+`DamagedCheckpointError` when a checkpoint's files cannot be read.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import grain
 import jax
@@ -48,20 +36,10 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxformer import workdir as workdir_lib
-from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.errors import CheckpointError
 from jaxformer.log import log
-from jaxformer.model.transformer import Transformer
 
 PyTree = Any
-
-CONFIG_FILE = workdir_lib.CONFIG_FILE
-CHECKPOINTS_DIR = workdir_lib.CHECKPOINTS_DIR
-AVERAGED_DIR = workdir_lib.AVERAGED_DIR
-DAMAGED_DIR = workdir_lib.DAMAGED_DIR
-SUPERSEDED_DIR = workdir_lib.SUPERSEDED_DIR
-absolute_workdir = workdir_lib.absolute_workdir
-read_run_config = workdir_lib.read_run_config
 
 STATE_ITEM = "state"    # the TrainState, saved with orbax's StandardSave.
 DATA_ITEM = "data"      # the grain iterator state, one file per process.
@@ -109,7 +87,8 @@ def _damage_reason(error: BaseException, ckpt_dir: epath.Path) -> str:
   return _first_line(error)
 
 
-def _steps_text(steps: Sequence[int]) -> str:
+def steps_text(steps: Sequence[int]) -> str:
+  """'5, 10, 15' (or 'none'), for messages."""
   return ", ".join(str(s) for s in steps) if steps else "none"
 
 
@@ -121,7 +100,7 @@ def _key_name(entry: Any) -> str:
   return str(entry)
 
 
-def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+def flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
   """{'params.encoder.layer_0.kernel': (D, F), ...} for every array leaf of a pytree.
 
   Works alike for the state (dataclasses, optax's named tuples, including empty ones such as
@@ -132,8 +111,8 @@ def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
           for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
-def _describe_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple], limit: int = 3) -> str:
-  """A short list of the leaves that differ between two `_flat_shapes` results."""
+def describe_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple], limit: int = 3) -> str:
+  """A short list of the leaves that differ between two `flat_shapes` results."""
   problems = [f"{k} missing in the checkpoint" for k in wanted if k not in saved]
   problems += [f"{k} not in the model" for k in saved if k not in wanted]
   problems += [f"{k} is {saved[k]} in the checkpoint, {wanted[k]} in the model"
@@ -189,8 +168,9 @@ class Checkpointer:
     writes `<step>.orbax-checkpoint-tmp` and renames it). Call `wait()` before exiting.
   - a step is saved when `step % every_steps == 0`, or when orbax reached a multi-host
     preemption sync point, or with `force=True` (at the end of training, on preemption).
-  - the `keep` newest steps are kept; with `keep_best` ('loss', 'accuracy' or 'bleu') the
-    best step by that validation metric (passed to `save` as `metrics`) is kept as well.
+  - the `keep` newest steps are kept; with `keep_best` (a key of BEST_MODE: 'loss', 'accuracy'
+    or 'bleu'; config.validate checks the value) the best step by that validation metric
+    (passed to `save` as `metrics`) is kept as well.
   - every process calls every method (orbax synchronizes the processes); each saves the
     arrays it holds and its own iterator state.
 
@@ -199,12 +179,9 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, every_steps: int, keep: int, keep_best: str = "",
                async_save: bool = True):
-    if keep_best and keep_best not in BEST_MODE:
-      raise CheckpointError(f"checkpoint.keep_best={keep_best!r} is not one of "
-                            f"{', '.join(repr(m) for m in BEST_MODE)} (or '')")
-    workdir = absolute_workdir(workdir)
+    workdir = workdir_lib.absolute_workdir(workdir)
     self.workdir = workdir
-    self.directory = os.path.join(workdir, CHECKPOINTS_DIR)
+    self.directory = _checkpoints_dir(workdir)
     self.keep_best = keep_best
     preserve = [ocp.checkpoint_managers.LatestN(n=keep)]
     best_fn = None
@@ -254,10 +231,6 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
-
-  def best_step(self) -> int | None:
-    """The best step by `keep_best` among those with metrics (the newest without keep_best)."""
-    return self._manager.best_step()
 
   def unfinished_saves(self) -> list[str]:
     """Directories left by saves that never finished (the process died while writing)."""
@@ -332,14 +305,14 @@ class Checkpointer:
     steps = self.all_steps()
     if step not in steps:
       raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; available "
-                            f"steps: {_steps_text(steps)}")
+                            f"steps: {steps_text(steps)}")
     step_dir = epath.Path(self.directory) / str(step)
-    saved = _flat_shapes(_read_tree_metadata(step_dir, step, self.directory))
-    wanted = _flat_shapes(abstract_state)
+    saved = flat_shapes(_read_tree_metadata(step_dir, step, self.directory))
+    wanted = flat_shapes(abstract_state)
     if saved != wanted:
       raise CheckpointError(
           f"the checkpoint at step {step} in {self.directory} does not fit this model: "
-          f"{_describe_mismatch(saved, wanted)}; use the config it was trained with")
+          f"{describe_mismatch(saved, wanted)}; use the config it was trained with")
     _check_data_files(step_dir, step, self.directory)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**{
@@ -374,12 +347,12 @@ class Checkpointer:
       try:
         restored = self.restore(restore_step, abstract_state, data_iterator)
       except DamagedCheckpointError as e:
-        raise CheckpointError(f"{e}; available steps: {_steps_text(steps)}; choose another "
+        raise CheckpointError(f"{e}; available steps: {steps_text(steps)}; choose another "
                               "with --restore-step") from None
       newer = [s for s in steps if s > int(restore_step)]
       if newer:  # This run saves those steps again; the old ones must not stand in the way.
-        moved = [self._move_aside(s, SUPERSEDED_DIR) for s in newer]
-        log(f"restoring step {restore_step}: the newer checkpoints ({_steps_text(newer)}) "
+        moved = [self._move_aside(s, workdir_lib.SUPERSEDED_DIR) for s in newer]
+        log(f"restoring step {restore_step}: the newer checkpoints ({steps_text(newer)}) "
             f"are kept in {os.path.dirname(moved[0])}, out of this run's way", all_processes=True)
       return restored, int(restore_step)
     while steps:
@@ -394,13 +367,13 @@ class Checkpointer:
         log(f"{e}; falling back to step {steps[-1]} ({kept})", all_processes=True)
     return None
 
-  def _move_aside(self, step: int, folder: str = DAMAGED_DIR) -> str:
+  def _move_aside(self, step: int, folder: str = workdir_lib.DAMAGED_DIR) -> str:
     """Moves a step out of the manager's directory to `<workdir>/<folder>/<step>`; returns
     where (process 0 moves).
 
     Orbax would otherwise count it among the steps to keep, and a later save of that step
     would find it in the way (and be skipped)."""
-    target_root = epath.Path(self.workdir) / folder
+    target_root = workdir_lib.path(self.workdir, folder)
     target = target_root / str(step)
     n = 1
     while target.exists():
@@ -415,12 +388,20 @@ class Checkpointer:
     return str(target)
 
 
-# --- Parameters for inference, and averaging. -------------------------------------------------
+# --- The steps of a workdir, and their parameters. --------------------------------------------
+
+def _checkpoints_dir(workdir: str) -> str:
+  return str(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR))
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The finished steps in `<workdir>/checkpoints`, oldest first (none when it is missing)."""
+  return sorted(ocp.utils.checkpoint_steps(_checkpoints_dir(workdir)))
+
 
 def available(workdir: str) -> str:
   """'available steps: 20, 30, 40; averaged: last2_30-40', for messages."""
-  steps = ocp.utils.checkpoint_steps(os.path.join(workdir, CHECKPOINTS_DIR))
-  text = f"available steps: {_steps_text(sorted(steps))}"
+  text = f"available steps: {steps_text(saved_steps(workdir))}"
   averaged = averaged_checkpoints(workdir)
   if averaged:
     text += f"; averaged: {', '.join(averaged)}"
@@ -429,64 +410,63 @@ def available(workdir: str) -> str:
 
 def averaged_checkpoints(workdir: str) -> list[str]:
   """Names of the averaged checkpoints in `<workdir>/averaged`, e.g. ['last5_1000-5000']."""
-  root = epath.Path(workdir) / AVERAGED_DIR
+  root = workdir_lib.path(workdir, workdir_lib.AVERAGED_DIR)
   if not root.is_dir():
     return []
   return sorted((p.name for p in root.iterdir() if _AVERAGED_NAME.match(p.name)),
                 key=lambda n: tuple(int(g) for g in _AVERAGED_NAME.match(n).groups()))
 
 
-def _checkpoint_dir(workdir: str, step: int | str | None) -> tuple[epath.Path, int | str]:
-  """The directory of a step (newest when None) or of an averaged checkpoint, and its label."""
-  steps = sorted(ocp.utils.checkpoint_steps(os.path.join(workdir, CHECKPOINTS_DIR)))
+def checkpoint_dir(workdir: str, step: int | str | None) -> tuple[epath.Path, int | str]:
+  """The directory of a step (newest when None) or of an averaged checkpoint, and its label.
+
+  `step` is a saved step (int, or its digits as a string), None for the newest, or the name of
+  an averaged checkpoint (e.g. 'last5_1000-5000', also accepted as 'averaged/last5_1000-5000');
+  the label is that int or name. CheckpointError, listing what exists, when there is none.
+  """
+  steps = saved_steps(workdir)
   if isinstance(step, str) and step.isdigit():
     step = int(step)
   if step is None:
     if not steps:
-      where = os.path.join(workdir, CHECKPOINTS_DIR)
       averaged = averaged_checkpoints(workdir)
       hint = (f"; averaged checkpoints: {', '.join(averaged)}" if averaged
               else "; train first (jaxformer train --workdir ...)")
-      raise CheckpointError(f"no checkpoints in {where}{hint}")
+      raise CheckpointError(f"no checkpoints in {_checkpoints_dir(workdir)}{hint}")
     step = steps[-1]
   if isinstance(step, str):
-    name = step.removeprefix(AVERAGED_DIR + "/").rstrip("/")
-    path = epath.Path(workdir) / AVERAGED_DIR / name
+    name = step.removeprefix(workdir_lib.AVERAGED_DIR + "/").rstrip("/")
+    path = workdir_lib.path(workdir, workdir_lib.AVERAGED_DIR, name)
     if not _AVERAGED_NAME.match(name) or not path.is_dir():
       raise CheckpointError(f"no averaged checkpoint {step!r} in {workdir}; {available(workdir)}")
     return path, name
   if step not in steps:
     raise CheckpointError(f"no checkpoint at step {step} in {workdir}; {available(workdir)}")
-  return epath.Path(workdir) / CHECKPOINTS_DIR / str(step), int(step)
+  return workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR, str(step)), int(step)
 
 
-def _target_shardings(sharding: Any, shapes: PyTree) -> PyTree:
-  """One sharding per leaf of `shapes`: replicated on the local devices by default."""
-  if sharding is None:
-    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("replica",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  if isinstance(sharding, jax.sharding.Sharding):
-    return jax.tree.map(lambda _: sharding, shapes)
-  return sharding
-
-
-def _restore_params(ckpt_dir: epath.Path, label: int | str, workdir: str,
-                    sharding: Any = None, on_host: bool = False) -> PyTree:
+def restore_params(ckpt_dir: epath.Path, label: int | str, where: str,
+                   sharding: Any = None) -> PyTree:
   """Reads only `params` of the state in `ckpt_dir` (no optimizer state).
 
-  The arrays land on `sharding` (see `load_params`), or in host memory as NumPy arrays when
-  `on_host`.
+  The arrays land on `sharding`: one `jax.sharding.Sharding` for every leaf, or a pytree of
+  them shaped like the params, whatever devices and strategy saved them; with None they are
+  read into host memory as NumPy arrays. `label` (the step or the averaged checkpoint's name)
+  and `where` (the workdir) name the checkpoint in errors: CheckpointError when it holds no
+  parameters, DamagedCheckpointError when its files cannot be read.
   """
-  tree = _read_tree_metadata(ckpt_dir, label, workdir)
+  tree = _read_tree_metadata(ckpt_dir, label, where)
   if PARAMS_KEY not in tree:
-    raise CheckpointError(f"the checkpoint {label} in {workdir} holds no {PARAMS_KEY!r}")
+    raise CheckpointError(f"the checkpoint {label} in {where} holds no {PARAMS_KEY!r}")
   shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[PARAMS_KEY])
-  if on_host:
+  if sharding is None:
     restore_args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
   else:
+    if isinstance(sharding, jax.sharding.Sharding):
+      sharding = jax.tree.map(lambda _: sharding, shapes)
     shapes = jax.tree.map(
         lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-        shapes, _target_shardings(sharding, shapes))
+        shapes, sharding)
     restore_args = ocp.checkpoint_utils.construct_restore_args(shapes)
   try:
     restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
@@ -495,103 +475,24 @@ def _restore_params(ckpt_dir: epath.Path, label: int | str, workdir: str,
                                     restore_args={PARAMS_KEY: restore_args},
                                     partial_restore=True))
   except Exception as e:  # Unreadable files: see _read_tree_metadata.
-    raise DamagedCheckpointError(label, workdir, _damage_reason(e, ckpt_dir)) from e
+    raise DamagedCheckpointError(label, where, _damage_reason(e, ckpt_dir)) from e
   return restored[PARAMS_KEY]
 
 
-def load_params(workdir: str, step: int | str | None = None, sharding: Any = None
-                ) -> tuple[PyTree, int | str, ml_collections.FrozenConfigDict]:
-  """The parameters of a checkpoint, for evaluation and translation: (params, step, config).
+# --- Averaged parameters. ---------------------------------------------------------------------
 
-  `step` is a saved step (int, or its digits as a string), None for the newest, or the name of
-  an averaged checkpoint as `average_checkpoints` wrote it (e.g. 'last5_1000-5000', also
-  accepted as 'averaged/last5_1000-5000'); the returned `step` is that int or name. Only the
-  parameters are read (no optimizer state). They land on `sharding`: by default replicated on
-  every local device of this process; or one `jax.sharding.Sharding` for every leaf; or a
-  pytree of them shaped like the params; whatever devices, strategy or fsdp the run trained
-  with. `config` is the run's recorded config.json.
-  """
-  workdir = absolute_workdir(workdir)
-  if not epath.Path(workdir).is_dir():
-    raise CheckpointError(f"workdir {workdir} does not exist")
-  ckpt_dir, label = _checkpoint_dir(workdir, step)
-  run_config = read_run_config(workdir)
-  if run_config is None:
-    raise CheckpointError(f"{os.path.join(workdir, CONFIG_FILE)} is missing; the model cannot "
-                          "be rebuilt without the config the run was trained with")
-  return _restore_params(ckpt_dir, label, workdir, sharding=sharding), label, run_config
+def averaged_path(workdir: str, steps: Sequence[int]) -> epath.Path:
+  """Where the average of `steps` (oldest first) goes: `<workdir>/averaged/last<K>_<first>-<last>`
+  (e.g. `last5_1000-5000`: the 5 newest steps, 1000 to 5000), the name `checkpoint_dir` takes."""
+  name = f"last{len(steps)}_{steps[0]}-{steps[-1]}"
+  return workdir_lib.path(workdir, workdir_lib.AVERAGED_DIR, name)
 
 
-class InferenceRun(NamedTuple):
-  """What translating, evaluating or drawing with a checkpoint needs."""
-  model: Transformer
-  params: PyTree
-  config: ml_collections.FrozenConfigDict
-  tokenizer: Tokenizer
-  step: int | str
-
-
-def load_for_inference(workdir: str, step: int | str | None = None, sharding: Any = None
-                       ) -> InferenceRun:
-  """The model, parameters, config and vocabulary of a checkpoint in `workdir`.
-
-  `step` and `sharding` are those of `load_params`. Raises CheckpointError saying what to do
-  when the workdir does not exist or the checkpoint is missing or damaged, DataError when the
-  vocabulary is missing.
-  """
-  if not epath.Path(workdir).is_dir():  # The workdir may be on gs://.
-    raise CheckpointError(
-        f"workdir {workdir} does not exist; train first with `jaxformer train --workdir "
-        f"{workdir}` (or ./launch.sh EXPERIMENT --workdir {workdir})")
-  workdir = absolute_workdir(workdir)
-  try:
-    params, step, config = load_params(workdir, step=step, sharding=sharding)
-  except DamagedCheckpointError as e:
-    raise CheckpointError(f"{e}; choose another with --step ({available(workdir)})") from None
-  tokenizer = Tokenizer.load(os.path.join(workdir, workdir_lib.VOCAB_FILE))
-  return InferenceRun(Transformer(config=config.model), params, config, tokenizer, step)
-
-
-def average_checkpoints(workdir: str, last_k: int) -> str:
-  """Averages the parameters of the last `last_k` checkpoints into a new one; returns its path.
-
-  The mean is element-wise, accumulated in float64 on the host and stored in the parameters'
-  own dtype. The result goes to `<workdir>/averaged/last<K>_<first>-<last>` (e.g.
-  `last5_1000-5000`: the 5 newest steps, 1000 to 5000), written atomically by orbax with the
-  same layout as a training checkpoint's parameters (plus `info/` naming the steps); pass that
-  name as `load_params(workdir, step='last5_1000-5000')` (`--step last5_1000-5000` on the
-  command line). The original checkpoints are only read. Raises CheckpointError when there are
-  fewer than `last_k` checkpoints or when that averaged checkpoint already exists.
-  """
-  workdir = absolute_workdir(workdir)
-  directory = os.path.join(workdir, CHECKPOINTS_DIR)
-  steps = sorted(ocp.utils.checkpoint_steps(directory))
-  if last_k < 1:
-    raise CheckpointError(f"--last {last_k}: average at least 1 checkpoint")
-  if last_k > len(steps):
-    raise CheckpointError(f"cannot average the last {last_k} checkpoints: {directory} has "
-                          f"{len(steps)} (steps: {_steps_text(steps)})")
-  chosen = steps[-last_k:]
-  name = f"last{last_k}_{chosen[0]}-{chosen[-1]}"
-  out = epath.Path(workdir) / AVERAGED_DIR / name
-  if out.exists():
-    raise CheckpointError(f"{out} already exists; it is never overwritten (delete it yourself "
-                          "to recompute it)")
-  def read(step):
-    return _restore_params(epath.Path(directory) / str(step), step, workdir, on_host=True)
-
-  first = read(chosen[0])
-  shapes = _flat_shapes(first)
-  total = jax.tree.map(lambda x: x.astype(np.float64), first)
-  for step in chosen[1:]:
-    params = read(step)
-    if _flat_shapes(params) != shapes:
-      raise CheckpointError(f"cannot average step {step} with step {chosen[0]}: "
-                            f"{_describe_mismatch(_flat_shapes(params), shapes)}")
-    total = jax.tree.map(lambda t, x: t + x, total, params)
-  mean = jax.tree.map(lambda t, x: (t / last_k).astype(x.dtype), total, first)
+def save_averaged(out: epath.Path, params: PyTree, steps: Sequence[int], source: str) -> None:
+  """Writes `params` to `out` with the layout of a training checkpoint's parameters (read by
+  `restore_params`), plus `info/` naming the averaged `steps` and their `source` directory.
+  Written atomically by orbax (a half-written average never appears)."""
   ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(out, args=ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.PyTreeSave({PARAMS_KEY: mean}),
-      INFO_ITEM: ocp.args.JsonSave({"averaged_steps": chosen, "source": directory}),
+      STATE_ITEM: ocp.args.PyTreeSave({PARAMS_KEY: params}),
+      INFO_ITEM: ocp.args.JsonSave({"averaged_steps": list(steps), "source": source}),
   }))
-  return str(out)

@@ -53,12 +53,11 @@ def cmd_train(args, overrides) -> int:
 
 def cmd_evaluate(args, overrides) -> int:
   import json
-  from jaxformer import checkpoint, evaluate
+  from jaxformer import inference
   from jaxformer import workdir as workdir_lib
-  from jaxformer.data import sources
   from jaxformer.train.writer import MetricsWriter
-  _, params, config, tokenizer, step = checkpoint.load_for_inference(args.workdir, args.step)
-  metrics = evaluate.evaluate_checkpoint(
+  _, params, config, tokenizer, step = inference.load_for_inference(args.workdir, args.step)
+  metrics = inference.evaluate_checkpoint(
       config, params, tokenizer=tokenizer,
       data_dir=workdir_lib.resolve_data_dir(config, args.workdir), split=args.split,
       beam_size=args.beam_size, alpha=args.alpha, num_samples=args.samples)
@@ -79,8 +78,8 @@ def cmd_evaluate(args, overrides) -> int:
 
 
 def cmd_translate(args, overrides) -> int:
-  from jaxformer import checkpoint, decode
-  model, params, config, tokenizer, _ = checkpoint.load_for_inference(args.workdir, args.step)
+  from jaxformer import decode, inference
+  model, params, config, tokenizer, _ = inference.load_for_inference(args.workdir, args.step)
   if args.input:
     try:
       with open(args.input, encoding="utf-8") as f:
@@ -116,17 +115,17 @@ def cmd_prepare(args, overrides) -> int:
 
 
 def cmd_average(args, overrides) -> int:
-  from jaxformer import checkpoint
-  path = checkpoint.average_checkpoints(args.workdir, args.last)
+  from jaxformer import inference
+  path = inference.average_checkpoints(args.workdir, args.last)
   print(path)
   return 0
 
 
 def cmd_plot(args, overrides) -> int:
-  from jaxformer import plots
+  from jaxformer import inference
   if args.plot == "attention":
-    maps = plots.plot_attention(args.workdir, args.text, step=args.step, out=args.out,
-                                layer=args.layer)
+    maps = inference.plot_attention(args.workdir, args.text, step=args.step, out=args.out,
+                                    layer=args.layer)
     from jaxformer.log import log
     log(f"translation: {maps.translation}")
   elif args.plot == "positions":
@@ -137,9 +136,9 @@ def cmd_plot(args, overrides) -> int:
     elif overrides:
       raise JaxformerError("--config.KEY overrides need --config EXPERIMENT; with --workdir "
                            "alone the run's own config is used")
-    plots.plot_positions(config, args.workdir, out=args.out, step=args.step)
+    inference.plot_positions(config, args.workdir, out=args.out, step=args.step)
   else:
-    plots.plot_curves(args.workdir, out=args.out)
+    inference.plot_curves(args.workdir, out=args.out)
   print(args.out)
   return 0
 

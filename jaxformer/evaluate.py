@@ -1,14 +1,16 @@
 """Evaluation over a whole split: loss, token accuracy, exact match and BLEU.
 
 Two passes over the split, both distributed over every device of every process:
-1. teacher-forced: the strategy's eval step sums the cross entropy and the correct tokens of
+1. teacher-forced: the eval step sums the cross entropy and the correct tokens of
    every real target token (filler rows of the last batch are all padding and count nothing);
 2. decoding: beam search (or greedy) translates every source sentence; the detokenized
    hypotheses are compared with the raw reference text: exact match, and corpus BLEU by
    sacrebleu (its signature is reported so scores can be compared across papers).
 
 The training loop's periodic evaluation calls the same `evaluate` with a cap on how many
-sentences are decoded; `jaxformer evaluate` decodes all of them.
+sentences are decoded; `jaxformer evaluate` decodes all of them. Where the work runs is the
+caller's: `evaluate` takes an `eval_step` and a `translate_fn`, which the training loop builds
+from its strategy and jaxformer.inference.evaluate_checkpoint from an evaluation-only placement.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 import sacrebleu
 from jax.experimental import multihost_utils
@@ -119,28 +120,3 @@ def make_translate_fn(model, params, config, beam_size: int | None = None,
     return result.tokens[:, 0]
 
   return translate_fn
-
-
-def evaluate_checkpoint(config, params, *, tokenizer, data_dir: str, split: str,
-                        beam_size: int | None = None, alpha: float | None = None,
-                        num_samples: int = 0) -> dict[str, Any]:
-  """`evaluate` for restored parameters, on every device of this process that fits the batch.
-
-  The checkpoint may come from any strategy and device count: the parameters are replicated
-  over a data-parallel mesh of this process's devices (or one device, when `eval.batch_size`
-  does not divide their number).
-  """
-  from jaxformer.train import parallel
-  devices = jax.devices()
-  if config.eval.batch_size % len(devices):
-    devices = devices[:1]
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.parallel.strategy, config.parallel.fsdp = "mesh", 1
-  config.train.batch_size = config.eval.batch_size  # Training batch sizes do not matter here.
-  strategy = parallel.make_strategy(ml_collections.FrozenConfigDict(config), devices)
-  params = jax.device_put(params, strategy.replicated)
-  return evaluate(
-      config, tokenizer=tokenizer, data_dir=data_dir, split=split,
-      eval_step=lambda batch: strategy.eval_step(params, strategy.shard_eval_batch(batch)),
-      translate_fn=make_translate_fn(strategy.model, params, config, beam_size, alpha),
-      num_samples=num_samples)

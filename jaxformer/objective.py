@@ -17,16 +17,26 @@ reached when p = q, is the entropy of q, not 0.
 Every function returns SUMS over the real target tokens (`targets != PAD_ID`); pad tokens add
 nothing. The caller divides by the token count of the whole global batch, so that one device and
 64 devices make the same update (not a mean of per-device means).
+
+`forward_sums` runs the model on one batch (the keys of BATCH_KEYS) and returns those sums: the
+train step takes its gradient, the eval steps of training (jaxformer.train.step) and of a
+trained run (jaxformer.inference) add them up over a split.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxformer.tokens import PAD_ID
+
+Batch = dict[str, jax.Array]
+# The arrays of a batch that the model reads (see jaxformer.data.pipeline), each [B, L] int32.
+BATCH_KEYS = ("inputs", "targets", "inputs_positions", "targets_positions",
+              "inputs_segment_ids", "targets_segment_ids")
 
 
 def token_weights(targets: jax.Array) -> jax.Array:
@@ -130,3 +140,21 @@ def normalize_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
       "perplexity": jnp.exp(sums["nll"] / num_tokens),
       "num_tokens": sums["num_tokens"],
   }
+
+
+def forward_sums(params: Any, batch: Batch, *, model, label_smoothing: float,
+                 dropout_rng: jax.Array | None) -> dict[str, jax.Array]:
+  """Runs `model` (the flax Transformer) on one batch and returns the sums of `compute_metrics`.
+
+  `batch` holds the BATCH_KEYS arrays, [B, L] each. `dropout_rng=None` runs the model
+  deterministically (no dropout), as in evaluation.
+  """
+  logits = model.apply(
+      {"params": params}, batch["inputs"], batch["targets"],
+      inputs_positions=batch["inputs_positions"],
+      targets_positions=batch["targets_positions"],
+      inputs_segment_ids=batch["inputs_segment_ids"],
+      targets_segment_ids=batch["targets_segment_ids"],
+      deterministic=dropout_rng is None,
+      rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+  return compute_metrics(logits, batch["targets"], label_smoothing)

@@ -1,19 +1,17 @@
-"""Pictures of the Transformer: attention maps, positional encodings and training curves.
+"""Pictures of the Transformer, drawn from arrays: attention maps, positional encodings and
+training curves.
 
-Three things a learner wants to see, each one function that writes an image file:
+Only drawing (NumPy and matplotlib): what is drawn comes in as arrays. The attention weights
+come from jaxformer.attention_maps (an `AttentionMaps`), the tables of positional encodings
+`[max_len, D]` and the records of metrics.jsonl from jaxformer.inference, which also holds the
+`jaxformer plot` commands that put the two together.
 
-- `plot_attention(workdir, text)`: translates `text` with beam search, then runs the
-  teacher-forced model on (source, translation) and draws the attention weights that the
-  attention modules themselves record (`MultiHeadAttention` sows them, `[B, H, T, S]`, into the
-  'intermediates' collection when that collection is mutable). Nothing is recomputed here.
-- `plot_positions(config, workdir)`: the positional encoding table `[max_len, D]` (the paper's
-  sinusoids, or the learned table of a checkpoint) and the dot product between every two
-  positions.
-- `plot_curves(workdirs)`: loss, learning rate, tokens/s and BLEU against step, read from each
-  run's metrics.jsonl, several runs on one figure.
-
-During training, `log_attention_to_tensorboard` puts one attention map (`attention_image`) into
-the TensorBoard event files at every evaluation.
+- attention: `draw_attention` (every head of one layer's cross-attention and every layer's
+  cross, encoder and decoder self-attention), `attention_image` (one panel, as pixels for
+  TensorBoard);
+- positions: `draw_positions` (each table and the dot product between every two positions);
+- curves: `read_metrics`, `curve_series` and `draw_curves` (loss, learning rate, tokens/s and
+  BLEU against step, several runs on one figure).
 
 Figures are drawn with matplotlib's object-oriented API on the Agg canvas: no display and no
 global pyplot state, so this module is safe to import anywhere (training, tests, servers).
@@ -21,28 +19,21 @@ global pyplot state, so this module is safe to import anywhere (training, tests,
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
-import sys
-from typing import Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import jax
 import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from jaxformer import checkpoint, decode
-from jaxformer import workdir as workdir_lib
-from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.errors import InputError
-from jaxformer.model.embedding import sinusoidal_table
-from jaxformer.model.transformer import LAYERS, Transformer, shift_right
-from jaxformer.tokens import EOS_ID, UNK_ID
+
+if TYPE_CHECKING:  # Only for annotations: importing it would import jax and the model.
+  from jaxformer.attention_maps import AttentionMaps
 
 # --- Figure geometry. Sizes are whole quarter inches, so that inches * DPI is an exact pixel
 # count (the Agg canvas truncates a fractional one).
@@ -109,116 +100,6 @@ def figure_to_array(figure: Figure) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Attention.
 # ---------------------------------------------------------------------------------------------
-
-class AttentionMaps(NamedTuple):
-  """One sentence pair and every attention weight the model computed for it.
-
-  The target is the model's own translation, with its EOS (unless the search stopped at the
-  length limit first); the decoder's query at target
-  position t is the one that predicts token t (its input is token t-1, or BOS). Weights are
-  float32 probabilities, N layers, H heads, S source and T target tokens.
-  """
-  source_ids: np.ndarray      # [S] int32 token ids of the source, EOS included.
-  target_ids: np.ndarray      # [T] int32 token ids of the translation.
-  source_pieces: list[str]    # S subwords of the source, the closing '</s>' included.
-  target_pieces: list[str]    # T subwords of the translation.
-  decoder_input_pieces: list[str]  # T decoder inputs: '<s>', then the target shifted right.
-  translation: str            # the detokenized translation.
-  cross: np.ndarray           # [N, H, T, S] decoder queries over the encoder output.
-  encoder_self: np.ndarray    # [N, H, S, S] encoder self-attention.
-  decoder_self: np.ndarray    # [N, H, T, T] masked decoder self-attention.
-
-
-def inference_sharding() -> jax.sharding.Sharding:
-  """Where parameters for drawing go: the first local device (one sentence needs no more)."""
-  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-
-def check_not_empty(text: str) -> None:
-  """Raises InputError for an empty or blank text (checked before loading anything)."""
-  if not text.strip():
-    raise InputError("the text is empty; give a sentence to translate, e.g. --text \"...\"")
-
-
-def encode_source(tokenizer: Tokenizer, text: str, max_len: int) -> np.ndarray:
-  """`text` as source ids with the closing EOS, `[1, S]` int32.
-
-  Raises InputError for an empty text or one longer than `max_len` tokens (EOS included):
-  a picture of a truncated sentence would mislead, so it is refused rather than cut.
-  """
-  check_not_empty(text)
-  ids = list(tokenizer.encode(text)) + [EOS_ID]
-  if len(ids) > max_len:
-    raise InputError(f"the text has {len(ids)} tokens (EOS included), more than this model's "
-                     f"model.max_len={max_len}; give a shorter sentence")
-  return np.asarray([ids], np.int32)
-
-
-def pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
-  """The subword of each id ('▁' marks a word start); ids past the vocabulary show as unk."""
-  return [tokenizer.id_to_piece(i if 0 <= i < tokenizer.vocab_size else UNK_ID)
-          for i in map(int, ids)]
-
-
-@functools.partial(jax.jit, static_argnames="model")
-def _teacher_forced_intermediates(model: Transformer, params: Any, inputs: jax.Array,
-                                  targets: jax.Array) -> Any:
-  """The 'intermediates' collection of one teacher-forced forward pass (the sown weights)."""
-  _, variables = model.apply({"params": params}, inputs, targets, mutable=["intermediates"])
-  return variables["intermediates"]
-
-
-def to_host(tree: Any) -> Any:
-  """NumPy copies of the arrays of `tree`, also of those spread over several processes (the
-  parameters of a multi-host run may be; then every process must call this)."""
-  def copy(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x)
-  return jax.tree.map(copy, tree)
-
-
-def sown_weights(stack: dict, module: str) -> np.ndarray:
-  """Stack the weights one attention module of every layer sowed: `[N, H, Q, K]`.
-
-  `stack` is the intermediates of the encoder or the decoder, `module` 'self_attention' or
-  'cross_attention'. Unrolled layers sow under `layers_0` .. `layers_{N-1}`, each `[B, H, Q, K]`;
-  a scanned stack (model.scan_layers) sows once under `layers`, `[N, B, H, Q, K]`. B is 1 here.
-  """
-  if LAYERS in stack:
-    return np.asarray(stack[LAYERS][module]["attention_weights"][0])[:, 0]
-  names = sorted((k for k in stack if k.startswith(LAYERS + "_")),
-                 key=lambda k: int(k.rsplit("_", 1)[1]))
-  return np.stack([np.asarray(stack[k][module]["attention_weights"][0])[0] for k in names])
-
-
-def attention_maps(model: Transformer, params: Any, tokenizer: Tokenizer, text: str, *,
-                   beam_size: int, alpha: float, max_extra_len: int) -> AttentionMaps:
-  """Translates `text` with beam search, then records the model's attention on the pair.
-
-  1. `decode.decode_batch` finds the best translation (with its EOS, unless the search hit
-     the length limit first).
-  2. The teacher-forced model runs once on (source, translation) with the 'intermediates'
-     collection mutable, so each attention module sows its softmax weights.
-  Raises InputError for an empty text or one that does not fit the model.
-  """
-  inputs = encode_source(tokenizer, text, model.config.max_len)
-  result = decode.decode_batch(model, params, inputs, beam_size=beam_size, alpha=alpha,
-                               max_extra_len=max_extra_len, max_len=model.config.max_len)
-  tokens, lengths = to_host((result.tokens, result.lengths))
-  target_ids = tokens[0, 0, :int(lengths[0, 0])].astype(np.int32)
-  intermediates = to_host(_teacher_forced_intermediates(model, params, inputs, target_ids[None]))
-  return AttentionMaps(
-      source_ids=inputs[0],
-      target_ids=target_ids,
-      source_pieces=pieces(tokenizer, inputs[0]),
-      target_pieces=pieces(tokenizer, target_ids),
-      decoder_input_pieces=pieces(tokenizer, np.asarray(shift_right(target_ids[None]))[0]),
-      translation=tokenizer.decode(target_ids.tolist()),
-      cross=sown_weights(intermediates["decoder"], "cross_attention"),
-      encoder_self=sown_weights(intermediates["encoder"], "self_attention"),
-      decoder_self=sown_weights(intermediates["decoder"], "self_attention"))
-
 
 def check_layer(layer: int, num_layers: int) -> int:
   """`layer` as an index in 0..N-1 (negative counts from the top, -1 = the last layer)."""
@@ -291,20 +172,6 @@ def draw_attention(maps: AttentionMaps, layer: int = -1) -> Figure:
   return figure
 
 
-def plot_attention(workdir: str, text: str, step: int | str | None = None,
-                   out: str = "attention.png", layer: int = -1) -> AttentionMaps:
-  """Translates `text` with a checkpoint of `workdir` and draws its attention (`draw_attention`)
-  to `out`. Returns the weights it drew. Decoding uses the run's config.decode settings."""
-  check_not_empty(text)
-  run = checkpoint.load_for_inference(workdir, step, sharding=inference_sharding())
-  check_layer(layer, run.config.model.num_layers)
-  d = run.config.decode
-  maps = attention_maps(run.model, run.params, run.tokenizer, text, beam_size=d.beam_size,
-                        alpha=d.alpha, max_extra_len=d.max_extra_len)
-  save_figure(draw_attention(maps, layer), out)
-  return maps
-
-
 def attention_image(maps: AttentionMaps, layer: int = -1) -> np.ndarray:
   """One picture for TensorBoard: cross-attention of `layer`, mean over heads, labelled.
 
@@ -321,68 +188,9 @@ def attention_image(maps: AttentionMaps, layer: int = -1) -> np.ndarray:
   return figure_to_array(figure)
 
 
-def log_attention_to_tensorboard(writer: Any, step: int, model: Transformer, params: Any,
-                                 tokenizer: Tokenizer, source_text: str, config: Any) -> None:
-  """Writes the attention map of `source_text` (`attention_image`) and its translation to
-  TensorBoard, as `validation/attention` and `validation/attention_translation`.
-
-  For the training loop's evaluation. Every process calls it (the parameters may be sharded
-  over all of them); the writer writes on process 0 only. A text that does not fit the model
-  is reported on stderr and skipped: a picture must never stop a training run.
-  """
-  d = config.decode
-  try:
-    maps = attention_maps(model, params, tokenizer, source_text, beam_size=d.beam_size,
-                          alpha=d.alpha, max_extra_len=d.max_extra_len)
-  except InputError as e:
-    if jax.process_index() == 0:
-      print(f"warning: no attention image at step {step}: {e}", file=sys.stderr)
-    return
-  writer.write_image(step, "validation/attention", attention_image(maps))
-  writer.write_text(step, "validation/attention_translation",
-                    f"{source_text} -> {maps.translation}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Positional encodings.
 # ---------------------------------------------------------------------------------------------
-
-POSITION_STACKS = ("encoder", "decoder")  # each has its own learned table.
-POSITIONS_MODULE, POSITIONS_PARAM = "positions", "pos_embedding"
-
-
-def position_tables(config: Any, workdir: str | None = None, step: int | str | None = None
-                    ) -> dict[str, np.ndarray]:
-  """{name: table `[max_len, D]`} to draw for `config.model`.
-
-  Sinusoidal: the one fixed table. Learned: the encoder's and the decoder's tables from the
-  checkpoint of `workdir` (InputError without one; CheckpointError when it does not match).
-  """
-  m = config.model
-  if m.pos_encoding == "sinusoidal":
-    return {"sinusoidal": sinusoidal_table(m.max_len, m.d_model)}
-  if workdir is None:
-    raise InputError("model.pos_encoding='learned': the table is learned, so it comes from a "
-                     "checkpoint; give --workdir of a trained run")
-  params, step, _ = checkpoint.load_params(workdir, step=step,
-                                           sharding=inference_sharding())
-  tables = {}
-  for stack in POSITION_STACKS:
-    try:
-      table = np.asarray(params[stack][POSITIONS_MODULE][POSITIONS_PARAM])
-    except KeyError:
-      raise checkpoint.CheckpointError(
-          f"the checkpoint {step} in {workdir} has no learned positions ({stack}/"
-          f"{POSITIONS_MODULE}/{POSITIONS_PARAM}); was it trained with "
-          "model.pos_encoding='sinusoidal'? Drop --config to use the run's own config") from None
-    if table.shape != (m.max_len, m.d_model):
-      raise checkpoint.CheckpointError(
-          f"the learned positions in {workdir} are {table.shape}, the config says "
-          f"[{m.max_len}, {m.d_model}] (model.max_len, model.d_model); drop --config to use "
-          "the run's own config")
-    tables[f"learned {stack} (step {step})"] = table
-  return tables
-
 
 def position_similarity(table: np.ndarray) -> np.ndarray:
   """The dot product of every two positions' encodings: `[L, D]` -> `[L, L]`."""
@@ -410,23 +218,6 @@ def draw_positions(tables: dict[str, np.ndarray]) -> Figure:
                      ylabel="position")
     figure.colorbar(image, ax=axes[row, 1])
   return figure
-
-
-def plot_positions(config: Any = None, workdir: str | None = None, out: str = "positions.png",
-                   step: int | str | None = None) -> dict[str, np.ndarray]:
-  """Draws the positional encodings of `config` (default: the run config of `workdir`) to
-  `out`; a learned table comes from `workdir`'s checkpoint. Returns the tables drawn."""
-  if config is None:
-    if workdir is None:
-      raise InputError("give a config (--config EXPERIMENT) or a trained run (--workdir DIR)")
-    config = workdir_lib.read_run_config(workdir)
-    if config is None:
-      raise checkpoint.CheckpointError(
-          f"{os.path.join(workdir, workdir_lib.CONFIG_FILE)} is missing; give --config "
-          "EXPERIMENT, or the workdir of a run")
-  tables = position_tables(config, workdir, step)
-  save_figure(draw_positions(tables), out)
-  return tables
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,24 +322,3 @@ def draw_curves(runs: dict[str, list[dict[str, Any]]]) -> Figure:
                      markersize=3, label=s) for s in SPLIT_STYLES]
   axes[0].legend(handles=handles, fontsize=TICK_FONT_SIZE + 1)
   return figure
-
-
-def plot_curves(workdirs: Sequence[str], out: str = "curves.png") -> dict[str, list[dict]]:
-  """Draws the training curves of every workdir's metrics.jsonl on one figure to `out`.
-
-  Lines that cannot be read are reported on stderr, one 'file:line: why' each, and the valid
-  ones are still drawn. Returns {run name: valid records}. InputError when no workdir is
-  given, a metrics file is missing, or no file holds a single valid record.
-  """
-  if not workdirs:
-    raise InputError("give at least one --workdir")
-  runs = {}
-  for name, workdir in zip(run_names(workdirs), workdirs):
-    records, problems = read_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE))
-    for problem in problems:
-      print(f"warning: skipped {problem}", file=sys.stderr)
-    runs[name] = records
-  if not any(runs.values()):
-    raise InputError(f"no valid metrics in {', '.join(workdirs)}; nothing to draw")
-  save_figure(draw_curves(runs), out)
-  return runs

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxformer import checkpoint, config as config_lib, devices, launcher
+from jaxformer import config as config_lib, devices, inference, launcher
 from jaxformer import workdir as workdir_lib
 from jaxformer.data import pipeline
 from jaxformer.data.tokenizer import Tokenizer
@@ -91,7 +91,7 @@ def run_pod(shared, strategy, workdir) -> str:
 
 def saved_params(workdir, step=STEPS):
   """The parameters of a pod's checkpoint, as numpy arrays."""
-  params, _, _ = checkpoint.load_params(str(workdir), step=step)
+  params, _, _ = inference.load_params(str(workdir), step=step)
   return jax.tree.map(np.asarray, params)
 
 

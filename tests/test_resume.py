@@ -18,7 +18,7 @@ import pytest
 import run_testing
 from run_testing import REFERENCE, REFERENCE_STEPS
 
-from jaxformer import checkpoint
+from jaxformer import checkpoint, inference
 from jaxformer import workdir as workdir_lib
 from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
 from jaxformer.train import parallel
@@ -140,11 +140,11 @@ ONE_DEVICE_LOGITS = textwrap.dedent("""
     import sys
     import jax
     import numpy as np
-    from jaxformer import checkpoint
+    from jaxformer import inference
     from jaxformer.model.transformer import Transformer
     workdir, batch_file, out_file = sys.argv[1:]
     assert jax.device_count() == 1, jax.devices()
-    params, step, config = checkpoint.load_params(workdir)
+    params, step, config = inference.load_params(workdir)
     batch = dict(np.load(batch_file))
     logits = Transformer(config=config.model).apply(
         {"params": params}, batch["inputs"], batch["targets"], deterministic=True)
@@ -216,9 +216,9 @@ def test_average_last_two_through_the_cli_and_use_it(runs, tmp_path):
   assert result.stdout.strip() == os.path.join(workdir, "averaged", name)
 
   # The element-wise mean, computed here in float64 from the two checkpoints' parameters.
-  averaged, label, _ = checkpoint.load_params(workdir, step=name)
-  a, _, _ = checkpoint.load_params(workdir, step=first)
-  b, _, _ = checkpoint.load_params(workdir, step=last)
+  averaged, label, _ = inference.load_params(workdir, step=name)
+  a, _, _ = inference.load_params(workdir, step=first)
+  b, _, _ = inference.load_params(workdir, step=last)
   expected = jax.tree.map(
       lambda x, y: ((np.float64(x) + np.float64(y)) / 2).astype(np.asarray(x).dtype), a, b)
   assert label == name

@@ -29,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxformer import checkpoint, evaluate, plots
+from jaxformer import checkpoint, evaluate, inference
 from jaxformer import devices
 from jaxformer import workdir as workdir_lib
 from jaxformer.data import pipeline, vocab
@@ -277,7 +277,8 @@ def _evaluate(run: _Run, state: TrainState, step: int) -> dict[str, Any]:
     writer.write_text(step, "validation/samples", " | ".join(
         f"{k}: {v}" for k, v in sample.items()))
   if samples:  # One attention map, of the first sample, as an image in TensorBoard.
-    plots.log_attention_to_tensorboard(writer, step, model, strategy.inference_params(state),
+    inference.log_attention_to_tensorboard(writer, step, model,
+                                           strategy.inference_params(state),
                                        tokenizer, samples[0]["source"], config)
   return result
 

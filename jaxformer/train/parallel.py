@@ -48,6 +48,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxformer import devices as devices_lib
+from jaxformer import objective
 from jaxformer.tokens import PAD_ID
 from jaxformer.train import state as state_lib
 from jaxformer.train import step as step_lib
@@ -60,9 +61,9 @@ Batch = dict[str, jax.Array]
 
 
 def _check_rows(host_batch: HostBatch, rows: int, what: str) -> None:
-  for key in step_lib.BATCH_KEYS:
+  for key in objective.BATCH_KEYS:
     if key not in host_batch:
-      raise ValueError(f"{what} batch has no {key!r}; it needs {step_lib.BATCH_KEYS}")
+      raise ValueError(f"{what} batch has no {key!r}; it needs {objective.BATCH_KEYS}")
     if host_batch[key].shape[0] != rows:
       raise ValueError(f"{what} batch {key!r} has {host_batch[key].shape[0]} rows; this host "
                        f"feeds {rows} rows per step")
@@ -75,7 +76,7 @@ def _pad_rows(host_batch: HostBatch, rows: int) -> HostBatch:
     if x.shape[0] > rows:
       raise ValueError(f"eval batch has {x.shape[0]} rows; this host feeds at most {rows}")
     return np.concatenate([x, np.full((rows - x.shape[0],) + x.shape[1:], PAD_ID, np.int32)])
-  return {key: pad(host_batch[key]) for key in step_lib.BATCH_KEYS}
+  return {key: pad(host_batch[key]) for key in objective.BATCH_KEYS}
 
 
 # --- The interface. ----------------------------------------------------------------------------
@@ -111,7 +112,7 @@ class Strategy(abc.ABC):
     accum = self.config.train.grad_accum_steps
     return {key: np.asarray(host_batch[key], np.int32).reshape(
         (accum, self.micro_batch_rows) + host_batch[key].shape[1:])
-            for key in step_lib.BATCH_KEYS}
+            for key in objective.BATCH_KEYS}
 
   @abc.abstractmethod
   def init_state(self, rng: jax.Array) -> TrainState:

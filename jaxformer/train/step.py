@@ -4,9 +4,10 @@ These functions know nothing about devices. jaxformer.train.parallel compiles th
 with a device mesh they see the whole global batch at once; under `pmap` each device sees its
 own slice and `axis_name` names the device axis over which sums are taken.
 
-Batches are dicts of int32 arrays with the keys of BATCH_KEYS (see jaxformer.data.pipeline).
-The train step takes them with a leading micro-batch axis, `[A, B, L]` for A =
-`train.grad_accum_steps` micro-batches of B rows; the eval step takes `[B, L]`.
+Batches are dicts of int32 arrays with the keys of objective.BATCH_KEYS (see
+jaxformer.data.pipeline), which objective.forward_sums runs the model on. The train step takes
+them with a leading micro-batch axis, `[A, B, L]` for A = `train.grad_accum_steps` micro-batches
+of B rows; the eval step takes `[B, L]`.
 
 Normalization. Gradients and metrics are first SUMMED over every real target token of every
 micro-batch (and, under pmap, of every device), then divided once by that total token count.
@@ -41,8 +42,6 @@ from jaxformer.train.schedule import make_schedule
 from jaxformer.train.state import Params, TrainState
 
 Batch = dict[str, jax.Array]
-BATCH_KEYS = ("inputs", "targets", "inputs_positions", "targets_positions",
-              "inputs_segment_ids", "targets_segment_ids")
 
 
 def dropout_key(seed: int, step: jax.Array, device_index: jax.Array | None = None) -> jax.Array:
@@ -51,23 +50,6 @@ def dropout_key(seed: int, step: jax.Array, device_index: jax.Array | None = Non
   if device_index is not None:
     key = jax.random.fold_in(key, device_index)
   return key
-
-
-def forward_sums(params: Params, batch: Batch, *, model, label_smoothing: float,
-                 dropout_rng: jax.Array | None) -> dict[str, jax.Array]:
-  """Runs the model on one batch and returns the metric sums of objective.compute_metrics.
-
-  `dropout_rng=None` runs the model deterministically (no dropout), as in evaluation.
-  """
-  logits = model.apply(
-      {"params": params}, batch["inputs"], batch["targets"],
-      inputs_positions=batch["inputs_positions"],
-      targets_positions=batch["targets_positions"],
-      inputs_segment_ids=batch["inputs_segment_ids"],
-      targets_segment_ids=batch["targets_segment_ids"],
-      deterministic=dropout_rng is None,
-      rngs=None if dropout_rng is None else {"dropout": dropout_rng})
-  return objective.compute_metrics(logits, batch["targets"], label_smoothing)
 
 
 def gradient_sums(params: Params, micro_batches: Batch, *, model, label_smoothing: float,
@@ -86,8 +68,8 @@ def gradient_sums(params: Params, micro_batches: Batch, *, model, label_smoothin
 
   def one_micro_batch(a, batch):
     def loss_sum(p):
-      sums = forward_sums(p, batch, model=model, label_smoothing=label_smoothing,
-                          dropout_rng=jax.random.fold_in(rng, a))
+      sums = objective.forward_sums(p, batch, model=model, label_smoothing=label_smoothing,
+                                    dropout_rng=jax.random.fold_in(rng, a))
       return sums["loss"], sums
     return jax.grad(loss_sum, has_aux=True)(params)
 
@@ -152,8 +134,8 @@ def eval_step(params: Params, batch: Batch, *, model, config: ml_collections.Con
   Sum them over the batches of a split and call objective.normalize_metrics once at the end.
   The loss is label-smoothed like the training loss, so the two can be compared.
   """
-  sums = forward_sums(params, batch, model=model,
-                      label_smoothing=config.train.label_smoothing, dropout_rng=None)
+  sums = objective.forward_sums(params, batch, model=model,
+                                label_smoothing=config.train.label_smoothing, dropout_rng=None)
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
   return sums

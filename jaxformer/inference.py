@@ -1,0 +1,322 @@
+"""Using a trained run: its parameters, its model, evaluation, averaging and pictures.
+
+Everything that reads a workdir to do something with what was trained:
+
+- `load_params`: only the parameters (no optimizer state) of a step or of an averaged
+  checkpoint, onto the devices of this process (or given shardings), with the run's config;
+  `load_for_inference` adds the model and the vocabulary (`InferenceRun`).
+- `average_checkpoints`: the element-wise mean of the parameters of the last K checkpoints, as
+  the paper did (last 5 for base, last 20 for big), saved as a new checkpoint.
+- `evaluate_checkpoint`: jaxformer.evaluate's metrics of a split, on an evaluation-only
+  placement (parameters replicated over a mesh of the devices, batches split over it; no
+  optimizer, whatever strategy the run trained with).
+- `plot_attention`, `plot_positions`, `plot_curves`: the `jaxformer plot` commands, which get the
+  arrays (jaxformer.attention_maps, a checkpoint's tables, metrics.jsonl) and draw them with
+  jaxformer.plots; `log_attention_to_tensorboard`, the training loop's attention image.
+
+jaxformer.checkpoint reads and writes the checkpoint directories; this module decides what to
+read and what to do with it. It knows nothing of training (no import of jaxformer.train).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxformer import attention_maps as attention_lib
+from jaxformer import checkpoint, evaluate, objective, plots
+from jaxformer import devices as devices_lib
+from jaxformer import workdir as workdir_lib
+from jaxformer.data.tokenizer import Tokenizer
+from jaxformer.errors import CheckpointError, InputError
+from jaxformer.log import log
+from jaxformer.model.embedding import sinusoidal_table
+from jaxformer.model.transformer import Transformer
+
+PyTree = Any
+
+
+# --- A trained run's parameters and model. ---------------------------------------------------
+
+def _replicated_on_local_devices() -> jax.sharding.Sharding:
+  return NamedSharding(Mesh(np.array(jax.local_devices()), ("replica",)), P())
+
+
+def load_params(workdir: str, step: int | str | None = None, sharding: Any = None
+                ) -> tuple[PyTree, int | str, ml_collections.FrozenConfigDict]:
+  """The parameters of a checkpoint, for evaluation and translation: (params, step, config).
+
+  `step` is a saved step (int, or its digits as a string), None for the newest, or the name of
+  an averaged checkpoint as `average_checkpoints` wrote it (e.g. 'last5_1000-5000', also
+  accepted as 'averaged/last5_1000-5000'); the returned `step` is that int or name. Only the
+  parameters are read (no optimizer state). They land on `sharding`: by default replicated on
+  every local device of this process; or one `jax.sharding.Sharding` for every leaf; or a
+  pytree of them shaped like the params; whatever devices, strategy or fsdp the run trained
+  with. `config` is the run's recorded config.json.
+  """
+  workdir = workdir_lib.absolute_workdir(workdir)
+  if not workdir_lib.path(workdir).is_dir():
+    raise CheckpointError(f"workdir {workdir} does not exist")
+  ckpt_dir, label = checkpoint.checkpoint_dir(workdir, step)
+  run_config = workdir_lib.read_run_config(workdir)
+  if run_config is None:
+    raise CheckpointError(f"{workdir_lib.path(workdir, workdir_lib.CONFIG_FILE)} is missing; "
+                          "the model cannot be rebuilt without the config the run was trained "
+                          "with")
+  sharding = _replicated_on_local_devices() if sharding is None else sharding
+  return checkpoint.restore_params(ckpt_dir, label, workdir, sharding), label, run_config
+
+
+class InferenceRun(NamedTuple):
+  """What translating, evaluating or drawing with a checkpoint needs."""
+  model: Transformer
+  params: PyTree
+  config: ml_collections.FrozenConfigDict
+  tokenizer: Tokenizer
+  step: int | str
+
+
+def load_for_inference(workdir: str, step: int | str | None = None, sharding: Any = None
+                       ) -> InferenceRun:
+  """The model, parameters, config and vocabulary of a checkpoint in `workdir`.
+
+  `step` and `sharding` are those of `load_params`. Raises CheckpointError saying what to do
+  when the workdir does not exist or the checkpoint is missing or damaged, DataError when the
+  vocabulary is missing.
+  """
+  if not workdir_lib.path(workdir).is_dir():  # The workdir may be on gs://.
+    raise CheckpointError(
+        f"workdir {workdir} does not exist; train first with `jaxformer train --workdir "
+        f"{workdir}` (or ./launch.sh EXPERIMENT --workdir {workdir})")
+  workdir = workdir_lib.absolute_workdir(workdir)
+  try:
+    params, step, config = load_params(workdir, step=step, sharding=sharding)
+  except checkpoint.DamagedCheckpointError as e:
+    raise CheckpointError(f"{e}; choose another with --step "
+                          f"({checkpoint.available(workdir)})") from None
+  tokenizer = Tokenizer.load(workdir_lib.path(workdir, workdir_lib.VOCAB_FILE))
+  return InferenceRun(Transformer(config=config.model), params, config, tokenizer, step)
+
+
+def inference_sharding() -> jax.sharding.Sharding:
+  """Where parameters for drawing go: the first local device (one sentence needs no more)."""
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+# --- Averaging. -------------------------------------------------------------------------------
+
+def _mean_params(workdir: str, steps: Sequence[int]) -> PyTree:
+  """The element-wise mean of the parameters of `steps`, accumulated in float64 on the host and
+  returned in the parameters' own dtype."""
+  def read(step):
+    ckpt_dir, _ = checkpoint.checkpoint_dir(workdir, step)
+    return checkpoint.restore_params(ckpt_dir, step, workdir)  # NumPy, in host memory.
+
+  first = read(steps[0])
+  shapes = checkpoint.flat_shapes(first)
+  total = jax.tree.map(lambda x: x.astype(np.float64), first)
+  for step in steps[1:]:
+    params = read(step)
+    if checkpoint.flat_shapes(params) != shapes:
+      mismatch = checkpoint.describe_mismatch(checkpoint.flat_shapes(params), shapes)
+      raise CheckpointError(f"cannot average step {step} with step {steps[0]}: {mismatch}")
+    total = jax.tree.map(lambda t, x: t + x, total, params)
+  return jax.tree.map(lambda t, x: (t / len(steps)).astype(x.dtype), total, first)
+
+
+def average_checkpoints(workdir: str, last_k: int) -> str:
+  """Averages the parameters of the last `last_k` checkpoints into a new one; returns its path.
+
+  The mean is element-wise, accumulated in float64 on the host and stored in the parameters'
+  own dtype. The result goes to `<workdir>/averaged/last<K>_<first>-<last>` (e.g.
+  `last5_1000-5000`: the 5 newest steps, 1000 to 5000), written atomically by orbax with the
+  same layout as a training checkpoint's parameters (plus `info/` naming the steps); pass that
+  name as `load_params(workdir, step='last5_1000-5000')` (`--step last5_1000-5000` on the
+  command line). The original checkpoints are only read. Raises CheckpointError when there are
+  fewer than `last_k` checkpoints or when that averaged checkpoint already exists.
+  """
+  workdir = workdir_lib.absolute_workdir(workdir)
+  directory = str(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR))
+  steps = checkpoint.saved_steps(workdir)
+  if last_k < 1:
+    raise CheckpointError(f"--last {last_k}: average at least 1 checkpoint")
+  if last_k > len(steps):
+    raise CheckpointError(f"cannot average the last {last_k} checkpoints: {directory} has "
+                          f"{len(steps)} (steps: {checkpoint.steps_text(steps)})")
+  chosen = steps[-last_k:]
+  out = checkpoint.averaged_path(workdir, chosen)
+  if out.exists():
+    raise CheckpointError(f"{out} already exists; it is never overwritten (delete it yourself "
+                          "to recompute it)")
+  checkpoint.save_averaged(out, _mean_params(workdir, chosen), chosen, source=directory)
+  return str(out)
+
+
+# --- Evaluating a checkpoint. -----------------------------------------------------------------
+
+def evaluation_step(config: Any, model: Transformer, params: PyTree
+                    ) -> tuple[PyTree, Callable[[dict], dict]]:
+  """An evaluation-only placement of `model`: (params on the devices, eval_step).
+
+  The parameters are replicated over a mesh of every device (of every process), or of one
+  device when `eval.batch_size` does not divide their number; `eval_step(host_batch)` splits
+  this process's rows of a batch (`eval.batch_size / process_count`, the BATCH_KEYS arrays)
+  over the mesh and returns the global metric sums of objective.forward_sums, without dropout.
+  No optimizer and no training batch: whatever strategy the run trained with.
+  """
+  devices = jax.devices()
+  if config.eval.batch_size % len(devices):
+    devices = devices[:1]
+  axes = devices_lib.MESH_AXES  # ('data', 'fsdp'), as in training; nothing is split over fsdp.
+  mesh = jax.make_mesh((len(devices), 1), axes, axis_types=(AxisType.Auto,) * len(axes),
+                       devices=devices)
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(axes))  # [B, L]: rows over every device.
+  sums = jax.jit(functools.partial(objective.forward_sums, model=model,
+                                   label_smoothing=config.train.label_smoothing,
+                                   dropout_rng=None),
+                 in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+  params = jax.device_put(params, replicated)
+
+  def eval_step(host_batch: dict) -> dict:
+    batch = {key: jax.make_array_from_process_local_data(
+        batch_sharding, np.asarray(host_batch[key], np.int32),
+        (config.eval.batch_size,) + host_batch[key].shape[1:]) for key in objective.BATCH_KEYS}
+    return sums(params, batch)
+
+  return params, eval_step
+
+
+def evaluate_checkpoint(config, params, *, tokenizer, data_dir: str, split: str,
+                        beam_size: int | None = None, alpha: float | None = None,
+                        num_samples: int = 0) -> dict[str, Any]:
+  """`evaluate.evaluate` for restored parameters, on every device that fits the batch.
+
+  The checkpoint may come from any strategy and device count: see `evaluation_step`.
+  """
+  model = Transformer(config=config.model)
+  params, eval_step = evaluation_step(config, model, params)
+  return evaluate.evaluate(
+      config, tokenizer=tokenizer, data_dir=data_dir, split=split, eval_step=eval_step,
+      translate_fn=evaluate.make_translate_fn(model, params, config, beam_size, alpha),
+      num_samples=num_samples)
+
+
+# --- Pictures. --------------------------------------------------------------------------------
+
+def plot_attention(workdir: str, text: str, step: int | str | None = None,
+                   out: str = "attention.png", layer: int = -1) -> attention_lib.AttentionMaps:
+  """Translates `text` with a checkpoint of `workdir` and draws its attention
+  (`plots.draw_attention`) to `out`. Returns the weights it drew. Decoding uses the run's
+  config.decode settings."""
+  attention_lib.check_not_empty(text)
+  run = load_for_inference(workdir, step, sharding=inference_sharding())
+  plots.check_layer(layer, run.config.model.num_layers)
+  d = run.config.decode
+  maps = attention_lib.attention_maps(run.model, run.params, run.tokenizer, text,
+                                      beam_size=d.beam_size, alpha=d.alpha,
+                                      max_extra_len=d.max_extra_len)
+  plots.save_figure(plots.draw_attention(maps, layer), out)
+  return maps
+
+
+def log_attention_to_tensorboard(writer: Any, step: int, model: Transformer, params: Any,
+                                 tokenizer: Tokenizer, source_text: str, config: Any) -> None:
+  """Writes the attention map of `source_text` (`plots.attention_image`) and its translation to
+  TensorBoard, as `validation/attention` and `validation/attention_translation`.
+
+  For the training loop's evaluation. Every process calls it (the parameters may be sharded
+  over all of them); the writer writes on process 0 only. A text that does not fit the model
+  is reported on stderr and skipped: a picture must never stop a training run.
+  """
+  d = config.decode
+  try:
+    maps = attention_lib.attention_maps(model, params, tokenizer, source_text,
+                                        beam_size=d.beam_size, alpha=d.alpha,
+                                        max_extra_len=d.max_extra_len)
+  except InputError as e:
+    log(f"warning: no attention image at step {step}: {e}")
+    return
+  writer.write_image(step, "validation/attention", plots.attention_image(maps))
+  writer.write_text(step, "validation/attention_translation",
+                    f"{source_text} -> {maps.translation}")
+
+
+POSITION_STACKS = ("encoder", "decoder")  # each has its own learned table.
+POSITIONS_MODULE, POSITIONS_PARAM = "positions", "pos_embedding"
+
+
+def position_tables(config: Any, workdir: str | None = None, step: int | str | None = None
+                    ) -> dict[str, np.ndarray]:
+  """{name: table `[max_len, D]`} to draw for `config.model`.
+
+  Sinusoidal: the one fixed table. Learned: the encoder's and the decoder's tables from the
+  checkpoint of `workdir` (InputError without one; CheckpointError when it does not match).
+  """
+  m = config.model
+  if m.pos_encoding == "sinusoidal":
+    return {"sinusoidal": sinusoidal_table(m.max_len, m.d_model)}
+  if workdir is None:
+    raise InputError("model.pos_encoding='learned': the table is learned, so it comes from a "
+                     "checkpoint; give --workdir of a trained run")
+  params, step, _ = load_params(workdir, step=step, sharding=inference_sharding())
+  tables = {}
+  for stack in POSITION_STACKS:
+    try:
+      table = np.asarray(params[stack][POSITIONS_MODULE][POSITIONS_PARAM])
+    except KeyError:
+      raise CheckpointError(
+          f"the checkpoint {step} in {workdir} has no learned positions ({stack}/"
+          f"{POSITIONS_MODULE}/{POSITIONS_PARAM}); was it trained with "
+          "model.pos_encoding='sinusoidal'? Drop --config to use the run's own config") from None
+    if table.shape != (m.max_len, m.d_model):
+      raise CheckpointError(
+          f"the learned positions in {workdir} are {table.shape}, the config says "
+          f"[{m.max_len}, {m.d_model}] (model.max_len, model.d_model); drop --config to use "
+          "the run's own config")
+    tables[f"learned {stack} (step {step})"] = table
+  return tables
+
+
+def plot_positions(config: Any = None, workdir: str | None = None, out: str = "positions.png",
+                   step: int | str | None = None) -> dict[str, np.ndarray]:
+  """Draws the positional encodings of `config` (default: the run config of `workdir`) to
+  `out`; a learned table comes from `workdir`'s checkpoint. Returns the tables drawn."""
+  if config is None:
+    if workdir is None:
+      raise InputError("give a config (--config EXPERIMENT) or a trained run (--workdir DIR)")
+    config = workdir_lib.read_run_config(workdir)
+    if config is None:
+      raise CheckpointError(
+          f"{workdir_lib.path(workdir, workdir_lib.CONFIG_FILE)} is missing; give --config "
+          "EXPERIMENT, or the workdir of a run")
+  tables = position_tables(config, workdir, step)
+  plots.save_figure(plots.draw_positions(tables), out)
+  return tables
+
+
+def plot_curves(workdirs: Sequence[str], out: str = "curves.png") -> dict[str, list[dict]]:
+  """Draws the training curves of every workdir's metrics.jsonl on one figure to `out`.
+
+  Lines that cannot be read are reported on stderr, one 'file:line: why' each, and the valid
+  ones are still drawn. Returns {run name: valid records}. InputError when no workdir is
+  given, a metrics file is missing, or no file holds a single valid record.
+  """
+  if not workdirs:
+    raise InputError("give at least one --workdir")
+  runs = {}
+  for name, workdir in zip(plots.run_names(workdirs), workdirs):
+    records, problems = plots.read_metrics(
+        str(workdir_lib.path(workdir, workdir_lib.METRICS_FILE)))
+    for problem in problems:
+      log(f"warning: skipped {problem}")
+    runs[name] = records
+  if not any(runs.values()):
+    raise InputError(f"no valid metrics in {', '.join(workdirs)}; nothing to draw")
+  plots.save_figure(plots.draw_curves(runs), out)
+  return runs

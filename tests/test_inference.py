@@ -1,0 +1,411 @@
+"""Tests of jaxformer/inference.py and of the `jaxformer plot ...` commands it carries out.
+
+Parameters: loaded from any layout, averaged, and a run written by older code loads. Pictures:
+a tiny run (vocabulary, config.json and one checkpoint of a 2-layer, 4-head model) is made once
+per module. Expectations come from outside the code under test: image sizes from the PNG header,
+encodings from the paper's formula written out again, curve points from the lines this file
+writes.
+"""
+
+import functools
+import json
+import math
+import os
+import struct
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+import checkpoint_testing
+import tiny_run_testing
+from checkpoint_testing import assert_trees_identical, one_device, save_steps, write_config
+from jaxformer import checkpoint, cli, inference, objective, plots
+from jaxformer import config as config_lib
+from jaxformer import workdir as workdir_lib
+from jaxformer.errors import CheckpointError
+from jaxformer.model.transformer import Transformer
+from jaxformer.tokens import PAD_ID
+from tiny_run_testing import (MAX_LEN, NUM_HEADS, NUM_LAYERS, STEP, TEXT, make_run, tiny_config,
+                              train_line, write_metrics)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# --- Parameters. -----------------------------------------------------------------------------
+
+def test_fsdp_params_on_8_devices_load_onto_1_device(tmp_path):
+  state = checkpoint_testing.save_fsdp_state(str(tmp_path), step=2)
+  target = one_device()
+  # Inference: the params alone, on one device, whatever the training layout was.
+  write_config(tmp_path)
+  params, step, _ = inference.load_params(str(tmp_path), sharding=target)
+  assert step == 2
+  assert_trees_identical(params, state.params)
+  assert all(leaf.sharding == target for leaf in jax.tree.leaves(params))
+
+
+def test_load_params_replicates_on_local_devices_without_optimizer_state(tmp_path):
+  states = save_steps(str(tmp_path), [1, 2])
+  config = write_config(tmp_path, **{"model.d_model": 64})
+  params, step, loaded_config = inference.load_params(str(tmp_path), step=1)
+  assert step == 1 and loaded_config.model.d_model == config.model.d_model == 64
+  assert set(params) == {"embed", "dense"}  # Params only: no step, no optimizer moments.
+  assert_trees_identical(params, states[1].params)
+  kernel = params["dense"]["kernel"]
+  assert len(kernel.sharding.device_set) == jax.local_device_count()
+  assert kernel.sharding.is_fully_replicated
+  newest, newest_step, _ = inference.load_params(str(tmp_path))
+  assert newest_step == 2
+  assert_trees_identical(newest, states[2].params)
+
+
+def test_average_of_two_checkpoints_is_the_elementwise_mean(tmp_path):
+  workdir = str(tmp_path)
+  states = save_steps(workdir, [10, 20, 30])
+  write_config(tmp_path)
+  path = inference.average_checkpoints(workdir, 2)
+  assert path == os.path.join(workdir, "averaged", "last2_20-30")
+  assert checkpoint.averaged_checkpoints(workdir) == ["last2_20-30"]
+
+  averaged, label, _ = inference.load_params(workdir, step="last2_20-30")
+  assert label == "last2_20-30"
+  expected = jax.tree.map(
+      lambda a, b: ((np.asarray(a, np.float64) + np.asarray(b, np.float64)) / 2).astype(a.dtype),
+      states[20].params, states[30].params)
+  assert_trees_identical(averaged, expected)
+  assert not np.array_equal(expected["dense"]["kernel"], states[30].params["dense"]["kernel"])
+
+  for step in (10, 20, 30):  # The originals are unchanged.
+    params, _, _ = inference.load_params(workdir, step=step)
+    assert_trees_identical(params, states[step].params)
+
+  with pytest.raises(CheckpointError, match=r"last2_20-30 already exists; it is never overwritten"):
+    inference.average_checkpoints(workdir, 2)
+  with pytest.raises(CheckpointError, match=r"cannot average the last 4 checkpoints: .* has 3 "
+                                            r"\(steps: 10, 20, 30\)"):
+    inference.average_checkpoints(workdir, 4)
+
+
+def test_load_params_without_checkpoints_is_a_clear_error(tmp_path):
+  write_config(tmp_path)
+  with pytest.raises(CheckpointError, match=r"no checkpoints in .*checkpoints; train first"):
+    inference.load_params(str(tmp_path))
+  with pytest.raises(CheckpointError, match=r"does not exist"):
+    inference.load_params(str(tmp_path / "missing"))
+
+
+def test_load_params_of_a_missing_step_lists_the_available_ones(tmp_path):
+  save_steps(str(tmp_path), [3, 6])
+  write_config(tmp_path)
+  with pytest.raises(CheckpointError, match=r"no checkpoint at step 4 .*available steps: 3, 6$"):
+    inference.load_params(str(tmp_path), step=4)
+  with pytest.raises(CheckpointError, match=r"no averaged checkpoint 'last9_1-2'"):
+    inference.load_params(str(tmp_path), step="last9_1-2")
+
+
+def test_a_run_written_by_older_code_loads_for_inference(tmp_path):
+  workdir = checkpoint_testing.copy_checkpoint_v0(tmp_path / "v0")
+  expected = checkpoint_testing.checkpoint_v0_expected()
+  run = inference.load_for_inference(workdir)
+  assert run.step == expected["step"]
+  params, params_digest = checkpoint_testing.digest(run.params)
+  assert params == expected["params"]
+  assert params_digest == expected["params_sha256"]
+  assert run.model.config == run.config.model == workdir_lib.read_run_config(workdir).model
+  assert run.tokenizer.decode(run.tokenizer.encode("one hundred")) == "one hundred"
+
+
+# --- Evaluation. ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  return tiny_run_testing.init_params(tiny_config())
+
+
+@pytest.mark.parametrize("batch_size, num_devices", [(8, 8), (4, 1)])
+def test_evaluation_step_sums_what_the_model_computes(tiny_params, batch_size, num_devices):
+  """Parameters replicated over every device when eval.batch_size divides their number, else
+  on one; either way the sums of the whole batch, as forward_sums gives them on one device."""
+  c = tiny_config().to_dict()
+  c["eval"]["batch_size"] = batch_size
+  config = ml_collections.FrozenConfigDict(c)
+  model = Transformer(config=config.model)
+  params = tiny_params
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(4, 40, (batch_size, MAX_LEN)).astype(np.int32)
+  targets = rng.integers(4, 40, (batch_size, MAX_LEN)).astype(np.int32)
+  targets[:, -3:] = PAD_ID  # Some padding, which counts for nothing.
+  positions = np.tile(np.arange(MAX_LEN, dtype=np.int32), (batch_size, 1))
+  batch = {"inputs": inputs, "targets": targets, "inputs_positions": positions,
+           "targets_positions": positions, "inputs_segment_ids": np.ones_like(inputs),
+           "targets_segment_ids": (targets != PAD_ID).astype(np.int32),
+           "example_ids": np.arange(batch_size, dtype=np.int32)}  # As the pipeline gives them.
+  placed, eval_step = inference.evaluation_step(config, model, params)
+  assert all(len(leaf.sharding.device_set) == num_devices and leaf.sharding.is_fully_replicated
+             for leaf in jax.tree.leaves(placed))
+  sums = jax.device_get(eval_step(batch))
+  expected = jax.device_get(jax.jit(functools.partial(
+      objective.forward_sums, model=model, label_smoothing=config.train.label_smoothing,
+      dropout_rng=None))(params, {k: batch[k] for k in objective.BATCH_KEYS}))
+  assert set(sums) == set(expected) and sums["num_tokens"] == batch_size * (MAX_LEN - 3)
+  for key in expected:
+    np.testing.assert_allclose(sums[key], expected[key], rtol=1e-5)
+
+
+# --- Pictures. --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return tiny_run_testing.number_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tokenizer):
+  """(workdir, config, params) of a tiny run with one checkpoint."""
+  workdir = str(tmp_path_factory.mktemp("runs") / "tiny")
+  config = tiny_config()
+  return workdir, config, make_run(workdir, config, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def maps(run, tmp_path_factory):
+  """plot_attention on the tiny run: (maps, path of the PNG)."""
+  out = str(tmp_path_factory.mktemp("plots") / "attention.png")
+  return inference.plot_attention(run[0], TEXT, out=out), out
+
+
+def png_size(path):
+  """(width, height) from the PNG's IHDR chunk."""
+  with open(path, "rb") as f:
+    header = f.read(24)
+  assert header[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+  return struct.unpack(">II", header[16:24])
+
+
+def run_cli(capsys, *args):
+  """(exit status, stdout, stderr lines) of `jaxformer ARGS` run in this process."""
+  status = cli.main(list(args))
+  captured = capsys.readouterr()
+  return status, captured.out, captured.err.splitlines()
+
+
+# --- plot attention. -------------------------------------------------------------------------
+
+def test_attention_png_has_one_square_panel_per_matrix(maps):
+  maps, out = maps
+  source_len = len(maps.source_pieces)
+  target_len = len(maps.target_pieces)
+  side = plots.panel_inches(max(source_len, target_len)) * plots.DPI
+  # Row 1: the 4 heads; rows 2-4: the 2 layers of cross, encoder and decoder attention.
+  assert png_size(out) == (max(NUM_HEADS, NUM_LAYERS) * side, 4 * side)
+  assert os.path.getsize(out) > 10_000
+
+
+def test_cli_plot_attention(run, tmp_path, capsys, monkeypatch):
+  out = str(tmp_path / "a.png")
+  monkeypatch.chdir(os.path.dirname(run[0]))  # A relative --workdir, as ./launch.sh makes them.
+  status, stdout, err = run_cli(capsys, "plot", "attention", "--workdir",
+                                os.path.basename(run[0]), "--text", TEXT, "--out", out,
+                                "--layer", "0", "--step", str(STEP))
+  assert status == 0, err
+  assert stdout.strip() == out
+  assert err[-1].startswith("translation: ")
+  width, height = png_size(out)
+  assert width * 4 == height * max(NUM_HEADS, NUM_LAYERS)  # 4 rows of square panels.
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text", ""], "empty"),
+    (["--text", "   "], "empty"),
+    (["--text", " ".join(["seven hundred"] * 8)], "model.max_len=16"),
+    (["--text", TEXT, "--layer", "2"], "--layer 2"),
+    (["--text", TEXT, "--step", "99"], "no checkpoint at step 99"),
+])
+def test_cli_plot_attention_bad_input(run, tmp_path, capsys, args, message):
+  out = tmp_path / "a.png"
+  status, _, err = run_cli(capsys, "plot", "attention", "--workdir", run[0], "--out", str(out),
+                           *args)
+  assert status == 2
+  assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+  assert not out.exists()
+
+
+def test_cli_plot_attention_without_a_checkpoint(tmp_path, capsys, tokenizer):
+  missing = str(tmp_path / "missing")
+  status, _, err = run_cli(capsys, "plot", "attention", "--workdir", missing, "--text", TEXT)
+  assert status == 2 and len(err) == 1 and "does not exist" in err[0], err
+  empty = tmp_path / "empty"  # A run that has not saved a checkpoint yet.
+  empty.mkdir()
+  workdir_lib.write_run_config(str(empty), tiny_config())
+  tokenizer.save(str(empty / workdir_lib.VOCAB_FILE))
+  status, _, err = run_cli(capsys, "plot", "attention", "--workdir", str(empty), "--text", TEXT)
+  assert status == 2 and len(err) == 1 and "no checkpoints" in err[0], err
+
+
+class RecordingWriter:
+  """Stands in for MetricsWriter: remembers what was written."""
+
+  def __init__(self):
+    self.images, self.texts = {}, {}
+
+  def write_image(self, step, tag, image):
+    self.images[(step, tag)] = image
+
+  def write_text(self, step, tag, text):
+    self.texts[(step, tag)] = text
+
+
+def test_tensorboard_hook_writes_an_attention_image(run, tokenizer, capsys):
+  _, config, params = run
+  writer = RecordingWriter()
+  model = Transformer(config=config.model)
+  inference.log_attention_to_tensorboard(writer, 10, model, params, tokenizer, TEXT, config)
+  image = writer.images[(10, "validation/attention")]
+  assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+  assert image.shape[0] >= plots.MIN_PANEL_INCHES * plots.DPI
+  assert len(np.unique(image.reshape(-1, 3), axis=0)) > 10  # A picture, not a blank.
+  assert writer.texts[(10, "validation/attention_translation")].startswith(TEXT + " -> ")
+  # A sentence that does not fit is skipped with a warning; training goes on.
+  inference.log_attention_to_tensorboard(writer, 20, model, params, tokenizer,
+                                     " ".join(["seven hundred"] * 8), config)
+  assert (20, "validation/attention") not in writer.images
+  assert "model.max_len" in capsys.readouterr().err
+
+
+# --- plot positions. -------------------------------------------------------------------------
+
+def paper_encoding(max_len, d_model):
+  """PE[p, 2i] = sin(p / 10000^(2i/D)), PE[p, 2i+1] = cos(p / 10000^(2i/D)), written out."""
+  table = np.zeros((max_len, d_model))
+  for p in range(max_len):
+    for i in range(d_model // 2):
+      angle = p / 10000 ** (2 * i / d_model)
+      table[p, 2 * i], table[p, 2 * i + 1] = math.sin(angle), math.cos(angle)
+  return table
+
+
+def test_plot_positions_sinusoidal(tmp_path):
+  config = tiny_config()
+  out = str(tmp_path / "p.png")
+  tables = inference.plot_positions(config, out=out)
+  (table,) = tables.values()
+  np.testing.assert_allclose(table, paper_encoding(MAX_LEN, 16), atol=1e-6)
+  # The dot product of two sinusoidal encodings depends only on their distance:
+  # sum_i sin(a p) sin(a q) + cos(a p) cos(a q) = sum_i cos(a (p - q)).
+  rates = 1 / 10000 ** (np.arange(0, 16, 2) / 16)
+  distance = np.arange(MAX_LEN)[:, None] - np.arange(MAX_LEN)[None, :]
+  expected = np.cos(distance[..., None] * rates).sum(-1)
+  np.testing.assert_allclose(plots.position_similarity(table), expected, atol=1e-5)
+  width, height = plots.POSITIONS_PANEL_INCHES
+  assert png_size(out) == (2 * width * plots.DPI, height * plots.DPI)
+
+
+def test_plot_positions_learned_comes_from_the_checkpoint(tmp_path, tokenizer):
+  workdir = str(tmp_path / "learned")
+  params = make_run(workdir, tiny_config(pos_encoding="learned"), tokenizer, seed=1)
+  out = str(tmp_path / "p.png")
+  tables = inference.plot_positions(workdir=workdir, out=out)  # The run's own config.
+  assert len(tables) == 2
+  for name, stack in zip(tables, ("encoder", "decoder")):
+    assert stack in name
+    np.testing.assert_array_equal(tables[name], params[stack]["positions"]["pos_embedding"])
+  width, height = plots.POSITIONS_PANEL_INCHES
+  assert png_size(out) == (2 * width * plots.DPI, 2 * height * plots.DPI)
+
+
+def test_cli_plot_positions(tmp_path, capsys):
+  out = str(tmp_path / "p.png")
+  status, stdout, err = run_cli(capsys, "plot", "positions", "--config", "default",
+                                "--config.model.d_model=32", "--out", out)
+  assert status == 0, err
+  assert stdout.strip() == out and png_size(out) == (1000, 400)
+  status, _, err = run_cli(capsys, "plot", "positions", "--config", "default",
+                           "--config.model.pos_encoding=learned", "--out", out)
+  assert status == 2 and len(err) == 1 and "--workdir" in err[0], err
+
+
+# --- plot curves. ----------------------------------------------------------------------------
+
+def test_plot_curves_reports_bad_lines_and_draws_the_good_ones(tmp_path, capsys):
+  workdir = str(tmp_path / "run_a")
+  write_metrics(workdir, [
+      train_line(10, 3.0),
+      '{"step": 20, "split": "train", "loss": 2.',                          # 2: cut short
+      train_line(30, 2.5),
+      "",                                                                   # 4: empty
+      '{"split": "train", "loss": 2.0}',                                    # 5: no step
+      '[1, 2, 3]',                                                          # 6: not an object
+      '{"step": 40, "split": "train", "loss": "nan", "learning_rate": 0.04}',  # 7: nan loss
+      json.dumps({"step": 40, "split": "validation", "loss": 2.4, "bleu": 12.5}),
+      train_line(50, 2.0),
+  ])
+  other = str(tmp_path / "run_b")
+  write_metrics(other, [train_line(10, 4.0), train_line(20, 3.5)])
+  out = str(tmp_path / "c.png")
+  status, stdout, err = run_cli(capsys, "plot", "curves", "--workdir", workdir, "--workdir",
+                                other, "--out", out)
+  assert status == 0
+  path = os.path.join(workdir, "metrics.jsonl")
+  reported = sorted(int(line.split(path + ":")[1].split(":")[0]) for line in err)
+  assert reported == [2, 4, 5, 6, 7], err
+  assert png_size(out) == (1200, 800)
+
+  runs = inference.plot_curves([workdir, other], out=out)
+  assert list(runs) == ["run_a", "run_b"]
+  figure = plots.draw_curves(runs)
+  loss_axes, lr_axes = figure.axes[0], figure.axes[1]
+  curves = [(list(line.get_xdata()), list(line.get_ydata())) for line in loss_axes.lines]
+  assert curves == [([10, 30, 50], [3.0, 2.5, 2.0]),   # run_a train
+                    ([40], [2.4]),                     # run_a validation
+                    ([10, 20], [4.0, 3.5])]            # run_b train
+  # Line 7's loss is dropped, its valid learning rate is kept.
+  assert list(lr_axes.lines[0].get_xdata()) == [10, 30, 40, 50]
+  legend = [t.get_text() for t in loss_axes.get_legend().get_texts()]
+  assert legend[:2] == ["run_a", "run_b"]
+
+
+def test_cli_plot_curves_without_metrics(tmp_path, capsys):
+  status, _, err = run_cli(capsys, "plot", "curves", "--workdir", str(tmp_path))
+  assert status == 2 and len(err) == 1 and "metrics.jsonl does not exist" in err[0], err
+  write_metrics(str(tmp_path), ["not json"])
+  status, _, err = run_cli(capsys, "plot", "curves", "--workdir", str(tmp_path))
+  assert status == 2 and err[-1].startswith("error: no valid metrics"), err
+
+
+# --- During training. ------------------------------------------------------------------------
+
+def read_event_tags(directory):
+  """{(tag, kind): [steps]} of the TensorBoard event files in `directory` (TFRecord framing:
+  length u64, its crc u32, the Event proto, its crc u32), read without TensorFlow."""
+  from tensorboardX.proto import event_pb2
+  tags = {}
+  for name in os.listdir(directory):
+    with open(os.path.join(directory, name), "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        tags.setdefault((value.tag, value.WhichOneof("value")), []).append(event.step)
+  return tags
+
+
+@pytest.mark.slow
+def test_training_writes_an_attention_image_at_each_evaluation(tmp_path):
+  from jaxformer.train import loop
+  config = config_lib.load_config("reverse", {
+      "data.num_train": "64", "data.num_validation": "8", "data.num_test": "8",
+      "model.num_layers": "1", "model.d_model": "16", "model.d_ff": "32",
+      "train.steps": "2", "train.batch_size": "8", "train.eval_every_steps": "1",
+      "train.log_every_steps": "1", "train.peak_flops": "1e12", "eval.batch_size": "8",
+      "eval.bleu_examples": "8", "eval.num_samples": "2", "checkpoint.every_steps": "2"})
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(config, workdir)
+  tags = read_event_tags(os.path.join(workdir, "tensorboard"))
+  assert tags[("validation/attention", "image")] == [1, 2]
+  assert tags[("validation/attention_translation/text_summary", "tensor")] == [1, 2]
+  assert tags[("validation/samples/text_summary", "tensor")] == [1, 1, 2, 2]
