@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import tiny_run_testing
 from jaxformer import attention_maps, decode
 from jaxformer.model.transformer import Transformer
-from model.model_testing import stack_layers
 from jaxformer.tokens import EOS_ID
-from tiny_run_testing import NUM_HEADS, NUM_LAYERS, TEXT, tiny_config
+
+from tests import tiny_run_testing
+from tests.model.model_testing import stack_layers
+from tests.tiny_run_testing import NUM_HEADS, NUM_LAYERS, TEXT, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import checkpoint_testing
-from checkpoint_testing import (TrainState, abstract, assert_trees_identical, make_iterator,
-                                make_state, one_device, save_steps)
 from jaxformer import checkpoint
 from jaxformer import config as config_lib
 from jaxformer import workdir as workdir_lib
 from jaxformer.errors import CheckpointError
 from jaxformer.train import jax_internals
 from jaxformer.train import state as state_lib
+
+from tests import checkpoint_testing
+from tests.checkpoint_testing import (TrainState, abstract, assert_trees_identical, make_iterator,
+                                make_state, one_device, save_steps)
 
 
 def test_round_trip_is_bit_identical_and_the_iterator_continues(tmp_path):

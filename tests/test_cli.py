@@ -11,11 +11,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-import run_testing
-from run_testing import HALF, REFERENCE_STEPS
 
 from jaxformer import cli
 from jaxformer.data import tokenizer as tokenizer_lib
+
+from tests import run_testing
+from tests.run_testing import HALF, REFERENCE_STEPS
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,8 @@ import pytest
 
 from jaxformer import config as config_lib
 from jaxformer.errors import ConfigError
-from model.model_testing import tiny_config as tiny_model_config
+
+from tests.model.model_testing import tiny_config as tiny_model_config
 
 
 def default_config_with(**settings):

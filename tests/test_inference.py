@@ -18,16 +18,17 @@ import ml_collections
 import numpy as np
 import pytest
 
-import checkpoint_testing
-import tiny_run_testing
-from checkpoint_testing import assert_trees_identical, one_device, save_steps, write_config
 from jaxformer import checkpoint, cli, inference, objective, plots
 from jaxformer import config as config_lib
 from jaxformer import workdir as workdir_lib
 from jaxformer.errors import CheckpointError
 from jaxformer.model.transformer import Transformer
 from jaxformer.tokens import PAD_ID
-from tiny_run_testing import (MAX_LEN, NUM_HEADS, NUM_LAYERS, STEP, TEXT, make_run, tiny_config,
+
+from tests import checkpoint_testing
+from tests import tiny_run_testing
+from tests.checkpoint_testing import assert_trees_identical, one_device, save_steps, write_config
+from tests.tiny_run_testing import (MAX_LEN, NUM_HEADS, NUM_LAYERS, STEP, TEXT, make_run, tiny_config,
                               train_line, write_metrics)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -23,7 +23,8 @@ from jaxformer.model import attention
 from jaxformer.model.transformer import Transformer
 from jaxformer.tokens import EOS_ID
 from jaxformer.train import jax_internals, parallel, state as state_lib, step as step_lib
-from model.model_testing import stack_layers, unstack_layers
+
+from tests.model.model_testing import stack_layers, unstack_layers
 
 STEPS = 3
 ROWS, LENGTH, VOCAB = 8, 8, 32

@@ -12,7 +12,8 @@ import numpy as np
 
 from jaxformer import plots
 from jaxformer.attention_maps import AttentionMaps
-from tiny_run_testing import train_line, write_metrics
+
+from tests.tiny_run_testing import train_line, write_metrics
 
 NUM_LAYERS, NUM_HEADS = 2, 4
 

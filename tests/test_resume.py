@@ -15,13 +15,14 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-import run_testing
-from run_testing import REFERENCE, REFERENCE_STEPS
 
 from jaxformer import checkpoint, inference
 from jaxformer import workdir as workdir_lib
 from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
 from jaxformer.train import parallel
+
+from tests import run_testing
+from tests.run_testing import REFERENCE, REFERENCE_STEPS
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from jaxformer.model.transformer import Transformer
-from model.model_testing import (SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids,
+
+from tests.model.model_testing import (SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids,
                                  stack_layers, tiny_config, unstack_layers)
 
 STEPS = 2

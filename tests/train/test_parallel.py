@@ -10,12 +10,12 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
-from train_testing import random_batch, tiny_config
 
 from jaxformer import devices
 from jaxformer.errors import ConfigError
 from jaxformer.train import parallel
+
+from tests.train.train_testing import random_batch, tiny_config
 
 STEPS = 3
 TOLERANCE = 1e-5   # relative, per parameter array: ||a - b|| / ||b||
@@ -132,15 +132,6 @@ def test_fsdp_shards_parameters_and_optimizer_state():
   assert relative_error(host.params, one_device_reference()[0].params) == 0.0
 
 
-def test_fsdp_partition_spec_picks_the_largest_divisible_dimension():
-  assert devices.fsdp_partition_spec((6, 8), 4) == P(None, "fsdp")
-  assert devices.fsdp_partition_spec((8, 8), 4) == P("fsdp", None)
-  assert devices.fsdp_partition_spec((12, 6), 4) == P("fsdp", None)
-  assert devices.fsdp_partition_spec((3, 5), 4) == P()
-  assert devices.fsdp_partition_spec((), 4) == P()
-  assert devices.fsdp_partition_spec((8, 8), 1) == P()
-
-
 def test_mesh_dropout_does_not_depend_on_the_device_count():
   """Under jit the dropout masks are one global random array, split over the devices."""
   config = equivalence_config(**{"model.dropout_rate": 0.3})
@@ -182,10 +173,3 @@ def test_indivisible_batch_is_a_config_error(strategy):
   with pytest.raises(ConfigError, match=r"train\.batch_size"):
     parallel.make_strategy(config)
   devices.validate_for_devices(config, jax.devices()[:4])   # 12 rows do fit on 4 devices
-
-
-def test_fsdp_and_eval_batch_must_divide_the_devices():
-  with pytest.raises(ConfigError, match=r"parallel\.fsdp=3"):
-    devices.validate_for_devices(tiny_config(**{"parallel.fsdp": 3}))
-  with pytest.raises(ConfigError, match=r"eval\.batch_size=4"):
-    devices.validate_for_devices(tiny_config(**{"eval.batch_size": 4}))

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-from train_testing import tiny_config
 
 from jaxformer.train.schedule import make_schedule
 from jaxformer.train.state import make_optimizer
+
+from tests.train.train_testing import tiny_config
 
 
 def paper_rate(step, d_model, warmup):

@@ -4,9 +4,10 @@ import functools
 
 import jax
 import numpy as np
-from train_testing import tiny_config
 
 from jaxformer.train import state as state_lib
+
+from tests.train.train_testing import tiny_config
 
 
 def test_init_state_and_parameter_counts():
