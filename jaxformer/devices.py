@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 from jaxformer.errors import ConfigError
 
@@ -78,6 +78,13 @@ def validate_for_devices(config: ml_collections.ConfigDict,
     if batch_size % num_devices or batch_size % num_processes:
       raise ConfigError(f"{key}={batch_size} is not divisible by the {num_devices} devices "
                         f"({num_processes} processes); use a multiple of {num_devices}")
+
+
+def make_mesh(devices: Sequence[jax.Device], fsdp: int = 1) -> Mesh:
+  """The ('data', 'fsdp') mesh of `devices`: groups of `fsdp` devices share the parameters'
+  shards, and the batch is split over both axes."""
+  return jax.make_mesh((len(devices) // fsdp, fsdp), MESH_AXES,
+                       axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def fsdp_partition_spec(shape: tuple[int, ...], fsdp: int) -> P:

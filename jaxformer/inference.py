@@ -21,12 +21,13 @@ read and what to do with it. It knows nothing of training (no import of jaxforme
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxformer import attention_maps as attention_lib
 from jaxformer import checkpoint, evaluate, objective, plots
@@ -172,11 +173,9 @@ def evaluation_step(config: Any, model: Transformer, params: PyTree
   devices = jax.devices()
   if config.eval.batch_size % len(devices):
     devices = devices[:1]
-  axes = devices_lib.MESH_AXES  # ('data', 'fsdp'), as in training; nothing is split over fsdp.
-  mesh = jax.make_mesh((len(devices), 1), axes, axis_types=(AxisType.Auto,) * len(axes),
-                       devices=devices)
+  mesh = devices_lib.make_mesh(devices)  # The training mesh's axes; nothing split over fsdp.
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(axes))  # [B, L]: rows over every device.
+  batch_sharding = NamedSharding(mesh, P(devices_lib.MESH_AXES))  # [B, L]: rows over all.
   sums = jax.jit(functools.partial(objective.forward_sums, model=model,
                                    label_smoothing=config.train.label_smoothing,
                                    dropout_rng=None),
@@ -293,7 +292,7 @@ def plot_positions(config: Any = None, workdir: str | None = None, out: str = "p
     config = workdir_lib.read_run_config(workdir)
     if config is None:
       raise CheckpointError(
-          f"{workdir_lib.path(workdir, workdir_lib.CONFIG_FILE)} is missing; give --config "
+          f"{os.path.join(workdir, workdir_lib.CONFIG_FILE)} is missing; give --config "
           "EXPERIMENT, or the workdir of a run")
   tables = position_tables(config, workdir, step)
   plots.save_figure(plots.draw_positions(tables), out)
@@ -311,8 +310,8 @@ def plot_curves(workdirs: Sequence[str], out: str = "curves.png") -> dict[str, l
     raise InputError("give at least one --workdir")
   runs = {}
   for name, workdir in zip(plots.run_names(workdirs), workdirs):
-    records, problems = plots.read_metrics(
-        str(workdir_lib.path(workdir, workdir_lib.METRICS_FILE)))
+    # The path as the user wrote it, in messages ('./runs/x/metrics.jsonl').
+    records, problems = plots.read_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE))
     for problem in problems:
       log(f"warning: skipped {problem}")
     runs[name] = records

@@ -32,8 +32,7 @@ import numpy as np
 from jaxformer import checkpoint
 from jaxformer import config as config_lib
 from jaxformer import workdir as workdir_lib
-from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
-from jaxformer.data import vocab
+from jaxformer.data import pipeline, tokenizer as tokenizer_lib, vocab
 from jaxformer.train import parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

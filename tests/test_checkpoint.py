@@ -21,8 +21,8 @@ from jaxformer.train import jax_internals
 from jaxformer.train import state as state_lib
 
 from tests import checkpoint_testing
-from tests.checkpoint_testing import (TrainState, abstract, assert_trees_identical, make_iterator,
-                                make_state, one_device, save_steps)
+from tests.checkpoint_testing import (TrainState, abstract, assert_trees_identical,
+                                      make_iterator, make_state, one_device, save_steps)
 
 
 def test_round_trip_is_bit_identical_and_the_iterator_continues(tmp_path):

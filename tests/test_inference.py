@@ -28,8 +28,8 @@ from jaxformer.tokens import PAD_ID
 from tests import checkpoint_testing
 from tests import tiny_run_testing
 from tests.checkpoint_testing import assert_trees_identical, one_device, save_steps, write_config
-from tests.tiny_run_testing import (MAX_LEN, NUM_HEADS, NUM_LAYERS, STEP, TEXT, make_run, tiny_config,
-                              train_line, write_metrics)
+from tests.tiny_run_testing import (MAX_LEN, NUM_HEADS, NUM_LAYERS, STEP, TEXT, make_run,
+                                    tiny_config, train_line, write_metrics)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -4,8 +4,8 @@
   step, through the real compiled train step (jaxformer.train.parallel's strategy);
 - the attention kernel: the einsum path matches `jax.nn.dot_product_attention`, and 'auto'
   picks cuDNN's fused kernel only where it can run;
-- the unrolled threefry lowering (jaxformer/train/jax_internals.py) draws the same random bits as the
-  reference Threefry-2x32 (Salmon et al. 2011, the Random123 known-answer vectors).
+- the unrolled threefry lowering (jaxformer/train/jax_internals.py) draws the same random bits
+  as the reference Threefry-2x32 (Salmon et al. 2011, the Random123 known-answer vectors).
 
 bfloat16 training quality is tested by tests/test_bf16_quality.py (two real training runs).
 """

@@ -18,7 +18,7 @@ import pytest
 
 from jaxformer import checkpoint, inference
 from jaxformer import workdir as workdir_lib
-from jaxformer.data import pipeline, sources, tokenizer as tokenizer_lib
+from jaxformer.data import pipeline, tokenizer as tokenizer_lib
 from jaxformer.train import parallel
 
 from tests import run_testing

@@ -45,7 +45,7 @@ import flax.jax_utils
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxformer import devices as devices_lib
 from jaxformer import objective
@@ -180,9 +180,7 @@ class MeshStrategy(Strategy):
                devices: Sequence[jax.Device] | None = None):
     super().__init__(config, devices)
     fsdp = self.config.parallel.fsdp
-    self.mesh = jax.make_mesh((len(self.devices) // fsdp, fsdp), devices_lib.MESH_AXES,
-                              axis_types=(AxisType.Auto,) * len(devices_lib.MESH_AXES),
-                              devices=self.devices)
+    self.mesh = devices_lib.make_mesh(self.devices, fsdp)
     self.replicated = NamedSharding(self.mesh, P())
     axes = devices_lib.MESH_AXES
     self.eval_batch_sharding = NamedSharding(self.mesh, P(axes))        # [B, L]

@@ -4,7 +4,6 @@ import pytest
 
 from jaxformer import workdir as workdir_lib
 from jaxformer.config import get_default_config
-from jaxformer.data import sources, tokenizer
 from jaxformer.data import vocab
 
 

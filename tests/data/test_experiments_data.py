@@ -5,8 +5,7 @@ import pytest
 
 from jaxformer import config as config_lib
 from jaxformer import workdir as workdir_lib
-from jaxformer.data import pipeline, sources, tokenizer
-from jaxformer.data import vocab
+from jaxformer.data import pipeline, sources, vocab
 
 
 @pytest.mark.parametrize("name", ["default", "copy", "reverse", "sort", "addition",

@@ -13,8 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxformer import workdir as workdir_lib
-from jaxformer.data import pipeline, sources, tokenizer
-from jaxformer.data import vocab
+from jaxformer.data import pipeline, sources, vocab
 from jaxformer.errors import ConfigError, DataError
 from jaxformer.tokens import BOS_ID, EOS_ID, PAD_ID
 

@@ -8,7 +8,8 @@ import pytest
 from jaxformer.model import attention
 from jaxformer.model.transformer import Transformer
 
-from tests.model.model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
+from tests.model.model_testing import (SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids,
+                                       tiny_config)
 
 
 # --- Masks against brute force. ----------------------------------------------------------------

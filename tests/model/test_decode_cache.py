@@ -14,7 +14,8 @@ import pytest
 from jaxformer.model.transformer import Transformer, shift_right
 from jaxformer.tokens import PAD_ID
 
-from tests.model.model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
+from tests.model.model_testing import (SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids,
+                                       tiny_config)
 
 SELF_ENTRIES = {"cached_key", "cached_value", "cache_index"}
 CROSS_ENTRIES = {"cross_key", "cross_value"}

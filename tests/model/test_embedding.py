@@ -11,7 +11,8 @@ from jaxformer.errors import JaxformerError
 from jaxformer.model.embedding import PositionalEncoding, TokenEmbedding, sinusoidal_table
 from jaxformer.model.transformer import Transformer
 
-from tests.model.model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
+from tests.model.model_testing import (SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids,
+                                       tiny_config)
 
 
 def paper_pe(pos: int, dim: int, d_model: int) -> float:

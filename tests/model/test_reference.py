@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from tests.model.model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
+from tests.model.model_testing import (SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids,
+                                       tiny_config)
 
 
 BOS = 2          # the start token of the decoder (jaxformer.tokens.BOS_ID)

@@ -8,7 +8,7 @@ import pytest
 from jaxformer.model.transformer import Transformer
 
 from tests.model.model_testing import (SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids,
-                                 stack_layers, tiny_config, unstack_layers)
+                                       stack_layers, tiny_config, unstack_layers)
 
 STEPS = 2
 LEARNING_RATE = 0.5

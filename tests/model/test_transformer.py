@@ -9,7 +9,8 @@ import pytest
 from jaxformer.model.transformer import Transformer, shift_right
 from jaxformer.tokens import BOS_ID, PAD_ID
 
-from tests.model.model_testing import SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids, tiny_config
+from tests.model.model_testing import (SOURCE_SHAPE, TARGET_SHAPE, init_params, random_ids,
+                                       tiny_config)
 
 
 def test_shift_right_plain_and_packed():
