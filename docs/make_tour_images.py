@@ -33,6 +33,7 @@ from jaxformer.model import attention  # noqa: E402
 from jaxformer.model.embedding import PositionalEncoding, TokenEmbedding  # noqa: E402
 from jaxformer.model.transformer import shift_right  # noqa: E402
 from jaxformer.tokens import EOS_ID, PAD_ID  # noqa: E402
+from jaxformer.train import jax_internals  # noqa: E402
 
 IMAGES = os.path.join(ROOT, "docs", "images")
 EXPERIMENT = "default"
@@ -219,6 +220,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", EXPERIMENT))
   args = parser.parse_args()
+  jax_internals.install()  # As every entry point does, before the first compilation.
   os.makedirs(IMAGES, exist_ok=True)
   ensure_trained(args.workdir)
   run = inference.load_for_inference(args.workdir, sharding=inference.inference_sharding())
