@@ -19,7 +19,9 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import math
 import os
+import traceback
 from typing import Any, Callable, Iterable
 
 import ml_collections
@@ -174,14 +176,30 @@ CHOICES = {
 # Settings that count something (sizes, steps, devices) and must be at least 1.
 POSITIVE = (
     "model.vocab_size", "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
-    "model.max_len", "data.max_len", "data.num_train", "data.vocab_sample_size", "train.steps",
-    "train.batch_size", "train.grad_accum_steps", "train.log_every_steps",
-    "train.eval_every_steps", "parallel.fsdp", "checkpoint.every_steps", "checkpoint.keep",
-    "decode.beam_size", "eval.batch_size",
+    "model.max_len", "data.max_len", "data.num_train", "data.num_validation", "data.num_test",
+    "data.vocab_sample_size", "train.steps", "train.batch_size", "train.grad_accum_steps",
+    "train.log_every_steps", "train.eval_every_steps", "parallel.fsdp", "checkpoint.every_steps",
+    "checkpoint.keep", "decode.beam_size", "eval.batch_size", "eval.bleu_examples",
+    "train.learning_rate", "train.adam_eps",
+)
+
+# Settings that may be 0 (off, none) but not negative.
+NON_NEGATIVE = (
+    "train.seed", "train.warmup_steps", "train.weight_decay", "train.grad_clip_norm",
+    "train.peak_flops", "decode.max_extra_len", "eval.num_samples",
 )
 
 # Rates and shares that must lie in [0, 1).
-FRACTIONS = ("model.dropout_rate", "model.attention_dropout_rate", "train.label_smoothing")
+FRACTIONS = ("model.dropout_rate", "model.attention_dropout_rate", "train.label_smoothing",
+             "train.adam_b1", "train.adam_b2")
+
+# (min, max) length pairs of the generated tasks: 1 <= min <= max.
+LENGTH_RANGES = ("data.train_lengths", "data.eval_lengths")
+
+# The files of the 'text' task, one key per split; the training run needs train and validation.
+TEXT_FILES = {"train": "data.train_files", "validation": "data.validation_files",
+              "test": "data.test_files"}
+TEXT_FILES_NEEDED = ("train", "validation")
 
 
 def _check_choice(key: str, value: Any) -> None:
@@ -192,13 +210,24 @@ def _check_choice(key: str, value: Any) -> None:
                       f"{', '.join(repr(a) for a in allowed)}")
 
 
+def _float_keys() -> list[str]:
+  """The keys whose schema type is float (every one must be finite)."""
+  return [k for k, v in flatten(get_default_config()).items() if isinstance(v, float)]
+
+
 def _check_keys(get: Callable[[str], Any], selected: Callable[[str], bool]) -> None:
-  """The choice, positive and [0, 1) checks of the keys that `selected` keeps; `get` reads one."""
+  """The range checks of the keys that `selected` keeps; `get` reads one."""
   for key in filter(selected, CHOICES):
     _check_choice(key, get(key))
+  for key, value in ((k, get(k)) for k in filter(selected, _float_keys())):
+    if not math.isfinite(value):  # NaN passes every comparison below.
+      raise ConfigError(f"{key}={value} must be a finite number")
   for key in filter(selected, POSITIVE):
     if get(key) <= 0:
       raise ConfigError(f"{key}={get(key)} must be positive")
+  for key in filter(selected, NON_NEGATIVE):
+    if get(key) < 0:
+      raise ConfigError(f"{key}={get(key)} must be >= 0")
   for key in filter(selected, FRACTIONS):
     if not 0.0 <= get(key) < 1.0:
       raise ConfigError(f"{key}={get(key)} must be in [0, 1)")
@@ -231,6 +260,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """
   validate_model(config.model)
   _check_keys(lambda key: get_key(config, key), lambda key: not _in_model(key))
+  _check_data(config.data)
   if not 0.0 < config.data.vocab_character_coverage <= 1.0:
     raise ConfigError(f"data.vocab_character_coverage={config.data.vocab_character_coverage} "
                       "must be in (0, 1]")
@@ -249,6 +279,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if p.strategy == "pmap" and p.fsdp != 1:
     raise ConfigError(f"parallel.fsdp={p.fsdp} needs parallel.strategy='mesh'; pmap keeps a full "
                       "copy of the parameters on every device (set parallel.fsdp=1)")
+
+
+def text_file_paths(spec: str, key: str) -> tuple[str, ...]:
+  """'a.src,a.tgt' -> two absolute paths; 'a.tsv' -> one. `key` names the config key in errors.
+
+  The one reading of a `data.*_files` value: validate checks it, the text dataset opens it.
+  """
+  paths = tuple(os.path.abspath(os.path.expanduser(p.strip())) for p in spec.split(",")
+                if p.strip())
+  if len(paths) not in (1, 2) or (len(paths) == 1 and not paths[0].endswith(".tsv")):
+    raise ConfigError(f"{key}={spec!r} must be '<source file>,<target file>' or "
+                      "'<file>.tsv' (source TAB target per line)")
+  return paths
+
+
+def _check_data(d: ml_collections.ConfigDict) -> None:
+  """The data section's checks beyond single values: length ranges, seeds, the text files."""
+  for key in LENGTH_RANGES:
+    low, high = get_key(d, key.removeprefix("data."))
+    if not 1 <= low <= high:
+      raise ConfigError(f"{key}={(low, high)} must be (min, max) with 1 <= min <= max")
+  if d.shuffle_seed < -1:
+    raise ConfigError(f"data.shuffle_seed={d.shuffle_seed} must be >= 0, or -1 for train.seed")
+  if d.task != "text":
+    return
+  for split, key in TEXT_FILES.items():
+    spec = get_key(d, key.removeprefix("data."))
+    if spec:
+      text_file_paths(spec, key)
+    elif split in TEXT_FILES_NEEDED:
+      raise ConfigError(f"data.task='text' needs {key} ('<src>,<tgt>' or '<file>.tsv'): "
+                        f"training reads the {split} split")
 
 
 # --- Keys, overrides, loading. ---------------------------------------------------------------
@@ -278,6 +340,26 @@ def get_key(config: ml_collections.ConfigDict, key: str) -> Any:
   return node
 
 
+def _type_name(default: Any) -> str:
+  """'int', 'float', 'tuple of 2 ints' ...: the schema's type of a key, for messages."""
+  if isinstance(default, tuple):
+    return f"tuple of {len(default)} {type(default[0]).__name__}s"
+  return type(default).__name__
+
+
+def _has_type(value: Any, default: Any) -> bool:
+  """Whether `value` has the schema type of `default`. An int stands for a float; a bool is no
+  int; a tuple (or a list, as JSON gives it back) needs the default's length and element type."""
+  if isinstance(default, tuple):
+    return (isinstance(value, (tuple, list)) and len(value) == len(default)
+            and all(_has_type(v, d) for v, d in zip(value, default)))
+  if isinstance(value, bool) != isinstance(default, bool):
+    return False
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  return isinstance(value, type(default))
+
+
 def _parse_value(key: str, text: str, default: Any) -> Any:
   """Parses `text` as the type of `default` (the schema's type for `key`)."""
   try:
@@ -294,10 +376,13 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
       return float(text)
     if isinstance(default, tuple):
       parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
-      return tuple(type(default[0])(p) if default else int(p) for p in parts)
+      value = tuple(type(default[0])(p) for p in parts)
+      if len(value) != len(default):
+        raise ValueError
+      return value
     return text
   except ValueError:
-    raise ConfigError(f"{key}={text!r} is not a valid {type(default).__name__} "
+    raise ConfigError(f"{key}={text!r} is not a valid {_type_name(default)} "
                       f"(default {default!r})") from None
 
 
@@ -315,22 +400,22 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
     node[leaf] = value
 
 
-def check_schema(config: ml_collections.ConfigDict, where: str) -> None:
-  """Every key of `config` exists in the defaults with a value of the same type."""
+def check_schema(config: ml_collections.ConfigDict, where: str,
+                 unknown_keys_allowed: bool = False) -> None:
+  """Every key of `config` exists in the defaults with a value of the same type.
+
+  `where` (the experiment file or config.json) starts each message. With `unknown_keys_allowed`
+  (a run config written by another version of jaxformer) keys the schema lacks are skipped.
+  """
   defaults = flatten(get_default_config())
   for key, value in flatten(config).items():
     if key not in defaults:
+      if unknown_keys_allowed:
+        continue
       raise ConfigError(f"{where}: " + str(_unknown_key(key, defaults)))
-    default = defaults[key]
-    ok = (isinstance(value, type(default)) or
-          (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)))
-    if isinstance(default, int) and isinstance(value, bool) and not isinstance(default, bool):
-      ok = False
-    if isinstance(default, tuple) and isinstance(value, list):
-      ok = True
-    if not ok:
-      raise ConfigError(f"{where}: {key}={value!r} should be a {type(default).__name__} "
-                        f"(default {default!r})")
+    if not _has_type(value, defaults[key]):
+      raise ConfigError(f"{where}: {key}={value!r} should be a {_type_name(defaults[key])} "
+                        f"(default {defaults[key]!r})")
 
 
 def resolve_experiment(name_or_path: str) -> str:
@@ -347,15 +432,41 @@ def resolve_experiment(name_or_path: str) -> str:
   return path
 
 
+def _where_it_failed(error: BaseException, path: str) -> str:
+  """'path:line' of the deepest frame of `error`'s traceback inside the experiment file `path`
+  (or of a file it loaded), else `path`."""
+  frames = traceback.extract_tb(error.__traceback__)
+  inside = [f for f in frames if f.filename == path] or frames[-1:]
+  return f"{inside[-1].filename}:{inside[-1].lineno}" if inside else path
+
+
 def load_experiment(name_or_path: str) -> ml_collections.ConfigDict:
-  """Runs the experiment file's get_config()."""
+  """Runs the experiment file's get_config(); checks what it returns against the schema.
+
+  Whatever the file does wrong (a syntax error, an exception while it runs, a get_config that
+  returns no ConfigDict, a key or type the schema does not have) is one ConfigError naming the
+  file (and line).
+  """
   path = resolve_experiment(name_or_path)
   spec = importlib.util.spec_from_file_location(f"jaxformer_experiment_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"{path} defines no get_config()")
-  config = module.get_config()
+  try:
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise ConfigError(f"{path} defines no get_config()")
+    config = module.get_config()
+  except ConfigError:
+    raise  # Already names its file (e.g. an experiment it builds on).
+  except SyntaxError as e:
+    raise ConfigError(f"{e.filename}:{e.lineno}: syntax error in the experiment file: "
+                      f"{e.msg}") from None
+  except Exception as e:  # Anything the user's code raises: its place and message.
+    first_line = (str(e).strip().splitlines() or [""])[0]
+    raise ConfigError(f"{_where_it_failed(e, path)}: the experiment file raised "
+                      f"{type(e).__name__}: {first_line}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config() returned a {type(config).__name__}; return the "
+                      "ConfigDict of jaxformer.config.get_default_config() with your changes")
   check_schema(config, path)
   return config
 
@@ -395,17 +506,31 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
-def from_json(text: str) -> ml_collections.FrozenConfigDict:
-  """The inverse of to_json (lists become tuples, as in the schema), validated and frozen."""
+def from_json(text: str, where: str = "the run config") -> ml_collections.FrozenConfigDict:
+  """The inverse of to_json (lists become tuples, as in the schema), validated and frozen.
+
+  `where` names the file in errors: ConfigError for a wrong type or value, ValueError (from
+  json) when the text is not JSON.
+  """
   raw = json.loads(text)
+  if not isinstance(raw, dict):
+    raise ConfigError(f"{where} holds a JSON {type(raw).__name__}, not a config object")
+  loaded = ml_collections.ConfigDict(raw)
+  # A file may have been edited by hand, or written by another version (unknown keys: skipped).
+  check_schema(loaded, where, unknown_keys_allowed=True)
   config = get_default_config()
-  for key, value in flatten(ml_collections.ConfigDict(raw)).items():
+  for key, value in flatten(loaded).items():
     *parents, leaf = key.split(".")
     node = config
     for part in parents:
+      if part not in node:
+        break
       node = node[part]
-    if leaf not in node:
-      continue  # A key from an older version of jaxformer; the default stands.
-    node[leaf] = tuple(value) if isinstance(value, list) else value
-  validate(config)  # A file may have been edited by hand, or written by another version.
+    else:
+      if leaf in node:
+        node[leaf] = tuple(value) if isinstance(value, list) else value
+  try:
+    validate(config)
+  except ConfigError as e:
+    raise ConfigError(f"{where}: {e}") from None
   return ml_collections.FrozenConfigDict(config)

@@ -36,6 +36,7 @@ import jax
 import ml_collections
 import tensorflow_datasets as tfds
 
+from jaxformer import config as config_lib
 from jaxformer.data import tasks
 from jaxformer.errors import ConfigError, DataError
 
@@ -167,14 +168,7 @@ class GeneratedTask(PairBuilder):
 
   @staticmethod
   def config_for(config: Config) -> TaskConfig:
-    d = config.data
-    for key in ("num_validation", "num_test"):
-      if d[key] <= 0:
-        raise ConfigError(f"data.{key}={d[key]} must be positive for generated tasks")
-    for key in ("train_lengths", "eval_lengths"):
-      low, high = d[key]
-      if not 1 <= low <= high:
-        raise ConfigError(f"data.{key}={tuple(d[key])} must be (min, max) with 1 <= min <= max")
+    d = config.data  # config.validate checked the sizes and the length ranges.
     sizes = (d.num_train, d.num_validation, d.num_test)
     seed = shuffle_seed(config)
     name = f"{d.task}-seed{seed}-sizes{'_'.join(map(str, sizes))}"
@@ -194,16 +188,6 @@ class GeneratedTask(PairBuilder):
 
 
 # --- Local parallel text. --------------------------------------------------------------------
-
-def parse_files(spec: str, key: str) -> tuple[str, ...]:
-  """'a.src,a.tgt' -> two paths; 'a.tsv' -> one path. `key` names the config key in errors."""
-  paths = tuple(os.path.abspath(os.path.expanduser(p.strip())) for p in spec.split(",")
-                if p.strip())
-  if len(paths) not in (1, 2) or (len(paths) == 1 and not paths[0].endswith(".tsv")):
-    raise ConfigError(f"data.{key}={spec!r} must be '<source file>,<target file>' or "
-                      "'<file>.tsv' (source TAB target per line)")
-  return paths
-
 
 def read_lines(path: str) -> list[str]:
   """The lines of a UTF-8 text file, without line ends. DataError naming file and line."""
@@ -279,10 +263,9 @@ class TextPairs(PairBuilder):
 
   @staticmethod
   def config_for(config: Config) -> TextConfig:
-    files = tuple((split, parse_files(config.data[f"{split}_files"], f"{split}_files"))
-                  for split in SPLITS if config.data[f"{split}_files"])
-    if not any(split == "train" for split, _ in files):
-      raise ConfigError("data.task='text' needs data.train_files ('<src>,<tgt>' or '<file>.tsv')")
+    # config.validate checked the form of each value, and that train and validation have one.
+    files = tuple((split, config_lib.text_file_paths(config.data[f"{split}_files"], key))
+                  for split, key in config_lib.TEXT_FILES.items() if config.data[f"{split}_files"])
     stamps = "\n".join(f"{split}={_file_stamp(p)}" for split, paths in files for p in paths)
     digest = hashlib.sha256(stamps.encode()).hexdigest()[:16]
     return TextConfig(name=f"text-{digest}", files=files)
@@ -363,6 +346,31 @@ def prepare(config: Config, data_dir: str) -> tfds.core.DatasetBuilder:
                       f"failed: {e}; check the internet connection and free disk space, then "
                       "run the same command again (finished downloads are kept)") from e
   return builder
+
+
+def check_ready(config: Config, data_dir: str) -> None:
+  """Checks, writing nothing, that the data of a run can be had; called before a run writes.
+
+  - 'tfds': the catalog dataset is prepared in `data_dir` (training never downloads it) and
+    data.direction fits its languages;
+  - 'text': every file of every split exists and holds aligned UTF-8 pairs, unless the dataset
+    was already built from these files (process 0 reads them; the others wait for its build);
+  - generated tasks: nothing to read (config.validate checked the sizes and lengths).
+  Raises ConfigError or DataError naming the key or the file (and line).
+  """
+  if config.data.task == "tfds":
+    builder = catalog_builder(config, data_dir)
+    direction_keys(config, builder)
+    with _quiet_tfds():
+      if not builder.is_prepared():
+        raise _not_prepared(config, data_dir)
+  elif config.data.task == "text" and jax.process_index() == 0:
+    builder = local_builder(config, data_dir)  # Finds every file (their stamps name the data).
+    with _quiet_tfds():
+      prepared = builder.is_prepared()
+    if not prepared:
+      for _, paths in builder.builder_config.files:
+        read_pairs(paths)
 
 
 def _open_local(config: Config, data_dir: str) -> tfds.core.DatasetBuilder:

@@ -114,7 +114,7 @@ def test_shipped_sample_files_load():
   from jaxformer import config as config_lib  # pylint: disable=import-outside-toplevel
   config = config_lib.load_config("text_files")
   for split in sources.SPLITS:
-    paths = sources.parse_files(config.data[f"{split}_files"], f"{split}_files")
+    paths = config_lib.text_file_paths(config.data[f"{split}_files"], f"data.{split}_files")
     assert all(os.path.isfile(p) for p in paths), paths
     pairs = sources.read_pairs(paths)
     assert len(pairs) >= 50
