@@ -27,7 +27,10 @@ vocabulary), and lets every other key change (steps, learning rate, logging, par
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
 from typing import Any
 
 import jax
@@ -35,7 +38,11 @@ import ml_collections
 from etils import epath
 
 from jaxformer import config as config_lib
-from jaxformer.errors import CheckpointError
+from jaxformer.errors import CheckpointError, ConfigError, JaxformerError
+
+class WorkdirError(JaxformerError):
+  """A workdir that cannot be used: a file, not writable, or in use."""
+
 
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.model"
@@ -60,6 +67,8 @@ MODEL_SHAPE_KEYS = (
 MODEL_FUNCTION_KEYS = ("model.norm", "model.activation")
 # The vocabulary in the workdir was trained for this data with these settings.
 TOKENIZER_KEYS = ("data.vocab_type", "data.task", "data.tfds_name", "data.direction")
+# The size the vocabulary was trained to.
+VOCAB_SIZE_KEY = "model.vocab_size"
 # Learned positions: one embedding row per position, so max_len is part of the shape.
 LEARNED_POSITIONS_KEY = "model.max_len"
 
@@ -79,6 +88,80 @@ def path(workdir: str, *names: str) -> epath.Path:
 def resolve_data_dir(config: Any, workdir: str) -> str:
   """Where the run's tfds datasets live: `data.data_dir`, or `<workdir>/tfds` when it is empty."""
   return config.data.data_dir or os.path.join(workdir, TFDS_DIR)
+
+
+def check_can_write(workdir: str) -> None:
+  """Raises WorkdirError unless `workdir` is (or can be made) a directory this process can write.
+
+  Called before a run writes anything, so that a workdir that is a file, sits under a file, or
+  lies on a read-only file system is one line, not a traceback half way through the set-up.
+  URLs (gs://) are checked by their first write.
+  """
+  if "://" in str(workdir):
+    return
+  where = os.path.abspath(workdir)
+  if os.path.exists(where) and not os.path.isdir(where):
+    raise WorkdirError(f"--workdir {workdir} is a file, not a directory; give a directory "
+                       "(it is created when missing)")
+  existing = where
+  while not os.path.exists(existing):  # The nearest part of the path that exists.
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise WorkdirError(f"--workdir {workdir} cannot be created: {existing} is a file")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    reason = "a read-only file system" if _read_only(existing) else "no write permission"
+    raise WorkdirError(f"--workdir {workdir} cannot be written ({reason} at {existing}); "
+                       "choose a directory you can write")
+
+
+# Why a write fails when the storage, not the program, is at fault.
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                   errno.EPERM: "operation not permitted"}
+# tensorstore (orbax's array writer) reports OS errors in its message, not as an OSError.
+_TENSORSTORE_WRITE = re.compile(r'Failed writing: "([^"]+)".*?os_error_code=\'(\d+)\'')
+
+
+def storage_problem(error: BaseException, where: str | None = None) -> str | None:
+  """'no space left on device writing PATH (12 MB free)' when `error`, or an error it was raised
+  from, is a write that the storage refused (full disk, quota, read-only, permissions); None
+  for any other error (a bug keeps its traceback). `where` stands for PATH when the error does
+  not name the file."""
+  seen, default = error, where
+  for _ in range(8):  # The error and the errors it was raised from.
+    if seen is None:
+      return None
+    code, where = None, None
+    if isinstance(seen, OSError) and seen.errno in _STORAGE_ERRNOS:
+      code, where = seen.errno, seen.filename
+    else:
+      match = _TENSORSTORE_WRITE.search(str(seen))
+      if match and int(match.group(2)) in _STORAGE_ERRNOS:
+        code, where = int(match.group(2)), match.group(1)
+    if code is not None:
+      where = where or default
+      return f"{_STORAGE_ERRNOS[code]} writing {where or 'a file'}{_free_space(where)}"
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
+def _free_space(where: str | None) -> str:
+  """' (12.3 MB free)' on the file system of `where`, or '' when it cannot be told."""
+  directory = where
+  while directory and not os.path.isdir(directory):
+    directory = os.path.dirname(directory)
+  if not directory:
+    return ""
+  free = shutil.disk_usage(directory).free
+  for unit in ("B", "kB", "MB", "GB"):
+    if free < 1000 or unit == "GB":
+      return f" ({free:.4g} {unit} free)"
+    free /= 1000
+  return ""
+
+
+def _read_only(directory: str) -> bool:
+  return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
 
 
 # --- The run's config. ------------------------------------------------------------------------
@@ -122,25 +205,57 @@ def read_run_config(workdir: str) -> ml_collections.FrozenConfigDict | None:
   config_path = path(workdir, CONFIG_FILE)
   if not config_path.exists():
     return None
-  text = config_path.read_text()
   try:
-    return config_lib.from_json(text)
-  except ValueError as e:
+    return config_lib.from_json(config_path.read_text(), where=str(config_path))
+  except ConfigError as e:  # A hand edit gave a key a wrong type or value: the message names it.
+    raise CheckpointError(f"{e}; correct the file (it records the run's settings) or use a new "
+                          "--workdir") from None
+  except (OSError, ValueError) as e:  # Not readable, not UTF-8 or not JSON.
     raise CheckpointError(f"{config_path} is not a valid config file ({e}); restore it from a "
                           "backup or use a new --workdir") from None
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `<workdir>/checkpoints` holds a finished step (a directory named by its number)."""
+  directory = path(workdir, CHECKPOINTS_DIR)
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _check_vocabulary(workdir: str, saved: ml_collections.ConfigDict,
+                      new: ml_collections.ConfigDict) -> list[str]:
+  """The keys that differ between two configs of a workdir without checkpoints; CheckpointError
+  when its vocab.model was trained for other data or another size than `new` asks for."""
+  saved_flat = {k: _normalize(v) for k, v in config_lib.flatten(saved).items()}
+  new_flat = {k: _normalize(v) for k, v in config_lib.flatten(new).items()}
+  if path(workdir, VOCAB_FILE).exists():
+    breaking = [k for k in TOKENIZER_KEYS + (VOCAB_SIZE_KEY,)
+                if saved_flat.get(k) != new_flat.get(k)]
+    if breaking:
+      changes = ", ".join(f"{k} ({saved_flat.get(k)!r} -> {new_flat.get(k)!r})" for k in breaking)
+      raise CheckpointError(
+          f"{path(workdir, VOCAB_FILE)} was trained for other data: {changes}; put these values "
+          f"back, or move {VOCAB_FILE} out of the workdir to train a new vocabulary")
+  return sorted(k for k in set(saved_flat) | set(new_flat) if saved_flat.get(k) != new_flat.get(k))
 
 
 def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
   """Records `config` as `<workdir>/config.json` at the start of a run (written by process 0).
 
-  A new workdir gets the file. A workdir that has one keeps going only when the two configs are
-  compatible (`check_compatible`, else CheckpointError and the file is left alone); when they
-  differ harmlessly, the old file is kept as `config.<n>.json` (n = 1, 2, ...) and the new
-  config becomes `config.json`, so evaluation uses the settings of the latest run. Returns the
-  keys that changed.
+  A new workdir gets the file. A workdir that has one and checkpoints keeps going only when the
+  two configs are compatible (`check_compatible`, else CheckpointError and the file is left
+  alone); a workdir without checkpoints (its run stopped before the first save) is taken as new,
+  except that a vocab.model there must fit (same data and size). When the configs differ and
+  the run may go on, the old file is kept as `config.<n>.json` (n = 1, 2, ...) and the new config
+  becomes `config.json`, so evaluation uses the settings of the latest run. Returns the keys
+  that changed.
   """
   saved = read_run_config(workdir)
-  changed = [] if saved is None else check_compatible(saved, config)
+  if saved is None:
+    changed = []
+  elif has_checkpoints(workdir):
+    changed = check_compatible(saved, config)
+  else:  # A run that stopped before its first checkpoint: only its vocabulary may stay.
+    changed = _check_vocabulary(workdir, saved, config)
   if jax.process_index() != 0 or (saved is not None and not changed):
     return changed
   directory = epath.Path(workdir)

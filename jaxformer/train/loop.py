@@ -6,8 +6,8 @@
   -> stop at train.steps, or at the step the hosts agreed on after a preemption signal
 
 Everything that can fail because of the user's input (config against the devices, a workdir
-whose checkpoints the config does not fit, data files) fails before the first step, and nothing
-is written to the workdir before the config is checked against the devices. `train_and_evaluate`
+that cannot be written or whose checkpoints the config does not fit, data files) fails before
+the first step, and the checks that need no writing come before the first write. `train_and_evaluate`
 does the distributed set-up and the device check itself, once, so that every caller (the CLI,
 the benchmarks, the tour script) gets them. Only process 0 writes logs, metrics and event files;
 every process takes part in checkpoints.
@@ -32,7 +32,7 @@ import numpy as np
 from jaxformer import checkpoint, evaluate, inference
 from jaxformer import devices
 from jaxformer import workdir as workdir_lib
-from jaxformer.data import pipeline, vocab
+from jaxformer.data import pipeline, sources, vocab
 from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.errors import JaxformerError
 from jaxformer.log import log
@@ -130,12 +130,16 @@ def _set_up(config, workdir: str) -> _Run:
   """Joins the processes, checks the config against the devices and the workdir, then opens
   the run's vocabulary, data, checkpoints and metrics (in this order)."""
   devices.initialize_distributed()
-  strategy = parallel.make_strategy(config)  # Checks the config against the devices first.
-  workdir_lib.write_run_config(workdir, config)  # Refuses a config its checkpoints do not fit.
+  # Everything that can be checked is checked before the first write: the devices, the
+  # workdir, the data; then the run config (refused when the checkpoints do not fit it).
+  strategy = parallel.make_strategy(config)
+  data_dir = workdir_lib.resolve_data_dir(config, workdir)
+  workdir_lib.check_can_write(workdir)
+  sources.check_ready(config, data_dir)
+  workdir_lib.write_run_config(workdir, config)
   log(f"jaxformer: {jax.process_count()} process(es), {jax.device_count()} device(s) "
       f"({jax.devices()[0].platform}), strategy {config.parallel.strategy}")
   tokenizer = vocab.load_or_train(config, workdir)
-  data_dir = workdir_lib.resolve_data_dir(config, workdir)
   train_iter = pipeline.make_train_iterator(config, tokenizer, data_dir)
   model = Transformer(config=config.model)
   checkpointer = checkpoint.Checkpointer.from_config(workdir, config)
