@@ -9,9 +9,11 @@ needs when it runs, so that `--help` and a wrong argument answer without loading
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
-from jaxformer.errors import JaxformerError
+from jaxformer.errors import InputError, JaxformerError, StorageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,6 +26,44 @@ class _Parser(argparse.ArgumentParser):
 def _config_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--config", default="default",
                       help="experiment name (experiments/NAME.py) or path to an experiment file")
+
+
+def _at_least(minimum: int):
+  """An argparse type: a whole number >= `minimum` (`--beam-size 0` is refused, not ignored)."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+    return value
+  parse.__name__ = f"integer >= {minimum}"
+  return parse
+
+
+def _finite(text: str) -> float:
+  """An argparse type: a finite number."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not math.isfinite(value):
+    raise argparse.ArgumentTypeError(f"{text} must be a finite number")
+  return value
+
+
+def check_output_file(path: str, flag: str) -> None:
+  """Refuses, before any work starts, an output file that cannot be written."""
+  if os.path.isdir(path):
+    raise InputError(f"{flag} {path} is a directory; give a file name")
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    raise InputError(f"{flag} {path}: the directory {directory} does not exist; create it first")
+  writable = os.access(path if os.path.exists(path) else directory, os.W_OK)
+  if not writable or os.statvfs(directory).f_flag & os.ST_RDONLY:
+    raise InputError(f"{flag} {path} cannot be written (no permission, or a read-only file "
+                     "system); choose another place")
 
 
 def cmd_info(args, overrides) -> int:
@@ -45,10 +85,29 @@ def cmd_train(args, overrides) -> int:
   from jaxformer import config as config_lib
   config = config_lib.load_config(args.config, overrides)
   from jaxformer.train import loop
-  # The loop joins the processes and checks the config against the devices, before it writes
-  # to the workdir.
-  loop.train_and_evaluate(config, args.workdir, restore_step=args.restore_step)
+  # The loop joins the processes and checks the config against the devices, the workdir and
+  # the data before it writes to the workdir.
+  try:
+    loop.train_and_evaluate(config, args.workdir, restore_step=args.restore_step)
+  except Exception as e:
+    _raise_if_storage_failure(e, args.workdir)
+    raise
   return 0
+
+
+def _raise_if_storage_failure(error: Exception, workdir: str) -> None:
+  """A full disk (or a read-only one) during training: one line with the path, the free space
+  and the last good checkpoint, from which the same command resumes."""
+  from jaxformer import checkpoint, workdir as workdir_lib
+  problem = workdir_lib.storage_problem(error, where=workdir)
+  if problem is None:
+    return
+  steps = checkpoint.saved_steps(workdir)
+  last = (f"the last good checkpoint is step {steps[-1]} in "
+          f"{workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR)}" if steps
+          else "no checkpoint was saved yet")
+  raise StorageError(f"{problem}; {last}; make room (or fix the permissions), then run the "
+                     "same command to resume") from None
 
 
 def cmd_evaluate(args, overrides) -> int:
@@ -65,10 +124,14 @@ def cmd_evaluate(args, overrides) -> int:
   metrics["checkpoint"] = step
   metrics["beam_size"] = args.beam_size or config.decode.beam_size
   metrics["alpha"] = config.decode.alpha if args.alpha is None else args.alpha
-  writer = MetricsWriter(args.workdir)
-  writer.write(step if isinstance(step, int) else -1, args.split, metrics)
-  writer.close()
   from jaxformer.log import log
+  try:
+    writer = MetricsWriter(args.workdir)
+    writer.write(step if isinstance(step, int) else -1, args.split, metrics)
+    writer.close()
+  except OSError as e:  # A read-only workdir: the result still goes to stdout.
+    log(f"jaxformer: could not update {workdir_lib.path(args.workdir, workdir_lib.METRICS_FILE)} "
+        f"({e.strerror or e}); the result is printed below only")
   for sample in samples:
     log(f"  source:      {sample['source']}\n  reference:   {sample['reference']}\n"
         f"  translation: {sample['translation']}\n")
@@ -78,6 +141,8 @@ def cmd_evaluate(args, overrides) -> int:
 
 
 def cmd_translate(args, overrides) -> int:
+  if args.output:
+    check_output_file(args.output, "--output")
   from jaxformer import decode, inference
   model, params, config, tokenizer, _ = inference.load_for_inference(args.workdir, args.step)
   if args.input:
@@ -122,6 +187,9 @@ def cmd_average(args, overrides) -> int:
 
 
 def cmd_plot(args, overrides) -> int:
+  check_output_file(args.out, "--out")
+  from jaxformer import plots
+  plots.check_format(args.out)
   from jaxformer import inference
   if args.plot == "attention":
     maps = inference.plot_attention(args.workdir, args.text, step=args.step, out=args.out,
@@ -161,7 +229,7 @@ def _add_info(sub) -> None:
   p = sub.add_parser("info", help="parameter count per module, or every config key")
   _config_args(p)
   p.add_argument("--keys", action="store_true", help="list every config key with its default")
-  p.add_argument("--depth", type=int, default=2,
+  p.add_argument("--depth", type=_at_least(1), default=2,
                  help="module levels to break the count down into (default 2: layers)")
   p.set_defaults(run=cmd_info, takes_overrides=True)
 
@@ -170,7 +238,7 @@ def _add_train(sub) -> None:
   p = sub.add_parser("train", help="train (or resume) an experiment in a workdir")
   _config_args(p)
   p.add_argument("--workdir", required=True)
-  p.add_argument("--restore-step", type=int, default=None,
+  p.add_argument("--restore-step", type=_at_least(0), default=None,
                  help="resume from this checkpoint step instead of the newest")
   p.set_defaults(run=cmd_train, takes_overrides=True)
 
@@ -181,9 +249,10 @@ def _add_evaluate(sub) -> None:
   p.add_argument("--step", type=_step_arg, default=None,
                  help="checkpoint step or averaged checkpoint name (default: newest)")
   p.add_argument("--split", default="test", choices=("train", "validation", "test"))
-  p.add_argument("--beam-size", type=int, default=None)
-  p.add_argument("--alpha", type=float, default=None)
-  p.add_argument("--samples", type=int, default=0, help="print this many sample translations")
+  p.add_argument("--beam-size", type=_at_least(1), default=None)
+  p.add_argument("--alpha", type=_finite, default=None)
+  p.add_argument("--samples", type=_at_least(0), default=0,
+                 help="print this many sample translations")
   p.set_defaults(run=cmd_evaluate)
 
 
@@ -191,8 +260,8 @@ def _add_translate(sub) -> None:
   p = sub.add_parser("translate", help="translate lines of text with beam search")
   p.add_argument("--workdir", required=True)
   p.add_argument("--step", type=_step_arg, default=None)
-  p.add_argument("--beam-size", type=int, default=None)
-  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--beam-size", type=_at_least(1), default=None)
+  p.add_argument("--batch-size", type=_at_least(1), default=32)
   p.add_argument("--input", default=None, help="file of source lines (default: stdin)")
   p.add_argument("--output", default=None, help="file for the translations (default: stdout)")
   p.set_defaults(run=cmd_translate)
@@ -209,7 +278,7 @@ def _add_prepare(sub) -> None:
 def _add_average(sub) -> None:
   p = sub.add_parser("average", help="average the parameters of the last K checkpoints")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--last", type=int, required=True)
+  p.add_argument("--last", type=_at_least(1), required=True)
   p.set_defaults(run=cmd_average)
 
 
@@ -242,7 +311,24 @@ def _add_plot(sub) -> None:
   k.set_defaults(run=cmd_plot)
 
 
+def _run(args, overrides) -> int:
+  """Runs the command; a full disk or an unwritable file is a JaxformerError naming the path."""
+  from jaxformer import log
+  log.one_line_library_errors()  # jaxformer reports what failed itself, in one line.
+  try:
+    return args.run(args, overrides)
+  except JaxformerError:
+    raise
+  except Exception as e:
+    from jaxformer import workdir as workdir_lib
+    problem = workdir_lib.storage_problem(e)
+    if problem is None:
+      raise  # A bug: keep its traceback.
+    raise StorageError(problem) from None
+
+
 def main(argv: list[str] | None = None) -> int:
+  as_program = argv is None  # The console script or `python -m jaxformer`, not a caller.
   argv = sys.argv[1:] if argv is None else argv
   parser = build_parser()
   try:
@@ -255,7 +341,15 @@ def main(argv: list[str] | None = None) -> int:
       overrides = parse_override_args(rest)
     from jaxformer.train import jax_internals
     jax_internals.install()  # jaxformer's process-wide hooks, before the first compilation.
-    return args.run(args, overrides)
+    return _run(args, overrides)
+  except StorageError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    if as_program:
+      # Nothing more can be written: leave now, so that no library retries its buffered writes
+      # at exit (TensorBoard's event writer does) and prints their tracebacks after this line.
+      sys.stdout.flush()
+      os._exit(2)
+    return 2
   except JaxformerError as e:
     # A print, not jaxformer.log: every process of a pod reports its own error (log() speaks
     # from process 0 only), and an argument error comes before jax is loaded.

@@ -25,3 +25,7 @@ class CheckpointError(JaxformerError):
 
 class InputError(JaxformerError):
   """Text or arguments given to a command that cannot be used as they are."""
+
+
+class StorageError(JaxformerError):
+  """A write the storage refused: a full disk, a quota, a read-only file system, permissions."""

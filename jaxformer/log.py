@@ -8,6 +8,7 @@ prefixed with the process index when there are several. stdout is kept for resul
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import jax
@@ -31,3 +32,21 @@ def log(message: str, *, all_processes: bool = False) -> None:
     return
   prefix = f"[process {index}] " if all_processes and count > 1 else ""
   print(prefix + message, file=sys.stderr, flush=True)
+
+
+class _FirstLineOnly(logging.Filter):
+  """Drops the traceback and all but the first line of a library's log record."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    record.msg = (record.getMessage().strip().splitlines() or [""])[0]
+    record.args, record.exc_info, record.exc_text, record.stack_info = None, None, None, None
+    return True
+
+
+def one_line_library_errors() -> None:
+  """Makes the errors that libraries log (orbax logs a failed background save with its whole
+  traceback through absl) one line each: the failure reaches jaxformer as an exception too, and
+  is reported there, once, with what to do."""
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _FirstLineOnly) for f in logger.filters):
+    logger.addFilter(_FirstLineOnly())

@@ -79,6 +79,15 @@ def panel_inches(num_tokens: int) -> float:
   return max(MIN_PANEL_INCHES, _quarter_inches(INCHES_PER_TOKEN * num_tokens + LABEL_INCHES))
 
 
+def check_format(out: str) -> None:
+  """Refuses, before any drawing, a file name whose extension matplotlib cannot write."""
+  formats = FigureCanvasAgg.get_supported_filetypes()
+  extension = os.path.splitext(out)[1].lstrip(".").lower()
+  if extension not in formats:
+    raise InputError(f"cannot write {out}: {extension or 'no extension'} is not an image format; "
+                     f"end the name with one of .{', .'.join(sorted(formats))}")
+
+
 def save_figure(figure: Figure, out: str) -> str:
   """Writes `figure` to `out` (format from the extension, e.g. .png) at DPI; returns `out`."""
   FigureCanvasAgg(figure)
