@@ -172,7 +172,9 @@ def cmd_prepare(args, overrides) -> int:
   from jaxformer import workdir as workdir_lib
   from jaxformer.data import sources
   config = config_lib.load_config(args.config, overrides)
-  builder = sources.prepare(config, workdir_lib.resolve_data_dir(config, args.workdir))
+  data_dir = workdir_lib.resolve_data_dir(config, args.workdir)
+  workdir_lib.check_can_write(data_dir, name="the data directory")
+  builder = sources.prepare(config, data_dir)
   for split, info in builder.info.splits.items():
     print(f"{split}: {info.num_examples} examples")
   print(f"prepared in {builder.data_dir}")

@@ -90,10 +90,7 @@ def load_for_inference(workdir: str, step: int | str | None = None, sharding: An
   when the workdir does not exist or the checkpoint is missing or damaged, DataError when the
   vocabulary is missing.
   """
-  if not workdir_lib.path(workdir).is_dir():  # The workdir may be on gs://.
-    raise CheckpointError(
-        f"workdir {workdir} does not exist; train first with `jaxformer train --workdir "
-        f"{workdir}` (or ./launch.sh EXPERIMENT --workdir {workdir})")
+  workdir_lib.check_run_dir(workdir)
   workdir = workdir_lib.absolute_workdir(workdir)
   try:
     params, step, config = load_params(workdir, step=step, sharding=sharding)
@@ -141,6 +138,7 @@ def average_checkpoints(workdir: str, last_k: int) -> str:
   command line). The original checkpoints are only read. Raises CheckpointError when there are
   fewer than `last_k` checkpoints or when that averaged checkpoint already exists.
   """
+  workdir_lib.check_run_dir(workdir)
   workdir = workdir_lib.absolute_workdir(workdir)
   directory = str(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR))
   steps = checkpoint.saved_steps(workdir)
@@ -289,6 +287,7 @@ def plot_positions(config: Any = None, workdir: str | None = None, out: str = "p
   if config is None:
     if workdir is None:
       raise InputError("give a config (--config EXPERIMENT) or a trained run (--workdir DIR)")
+    workdir_lib.check_run_dir(workdir)
     config = workdir_lib.read_run_config(workdir)
     if config is None:
       raise CheckpointError(
@@ -310,6 +309,7 @@ def plot_curves(workdirs: Sequence[str], out: str = "curves.png") -> dict[str, l
     raise InputError("give at least one --workdir")
   runs = {}
   for name, workdir in zip(plots.run_names(workdirs), workdirs):
+    workdir_lib.check_run_dir(workdir)
     # The path as the user wrote it, in messages ('./runs/x/metrics.jsonl').
     records, problems = plots.read_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE))
     for problem in problems:

@@ -90,28 +90,40 @@ def resolve_data_dir(config: Any, workdir: str) -> str:
   return config.data.data_dir or os.path.join(workdir, TFDS_DIR)
 
 
-def check_can_write(workdir: str) -> None:
+def check_can_write(workdir: str, name: str = "--workdir") -> None:
   """Raises WorkdirError unless `workdir` is (or can be made) a directory this process can write.
 
   Called before a run writes anything, so that a workdir that is a file, sits under a file, or
   lies on a read-only file system is one line, not a traceback half way through the set-up.
-  URLs (gs://) are checked by their first write.
+  URLs (gs://) are checked by their first write. `name` says what the directory is, in errors.
   """
   if "://" in str(workdir):
     return
   where = os.path.abspath(workdir)
   if os.path.exists(where) and not os.path.isdir(where):
-    raise WorkdirError(f"--workdir {workdir} is a file, not a directory; give a directory "
+    raise WorkdirError(f"{name} {workdir} is a file, not a directory; give a directory "
                        "(it is created when missing)")
   existing = where
   while not os.path.exists(existing):  # The nearest part of the path that exists.
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
-    raise WorkdirError(f"--workdir {workdir} cannot be created: {existing} is a file")
+    raise WorkdirError(f"{name} {workdir} cannot be created: {existing} is a file")
   if not os.access(existing, os.W_OK | os.X_OK):
     reason = "a read-only file system" if _read_only(existing) else "no write permission"
-    raise WorkdirError(f"--workdir {workdir} cannot be written ({reason} at {existing}); "
+    raise WorkdirError(f"{name} {workdir} cannot be written ({reason} at {existing}); "
                        "choose a directory you can write")
+
+
+def check_run_dir(workdir: str) -> None:
+  """Raises CheckpointError unless `workdir` is the directory of a run (for the commands that
+  read one: evaluate, translate, average, plot)."""
+  if path(workdir).is_file():
+    raise CheckpointError(f"--workdir {workdir} is a file, not a workdir; give the directory a "
+                          "run was trained in")
+  if not path(workdir).is_dir():  # The workdir may be on gs://.
+    raise CheckpointError(
+        f"workdir {workdir} does not exist; train first with `jaxformer train --workdir "
+        f"{workdir}` (or ./launch.sh EXPERIMENT --workdir {workdir})")
 
 
 # Why a write fails when the storage, not the program, is at fault.

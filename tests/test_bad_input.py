@@ -199,6 +199,17 @@ def test_a_bad_flag_or_output_path_is_one_line_before_any_work(trained, tmp_path
   assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("command", [["evaluate"], ["translate"], ["plot", "positions"],
+                                     ["plot", "curves"], ["average", "--last", "1"],
+                                     ["prepare"]])
+def test_a_workdir_that_is_a_file_is_one_line_for_every_command(files, capsys, command):
+  a_file = os.path.join(files, "a_file")
+  status = cli.main(command[:2] + ["--workdir", a_file] + command[2:] if command[0] == "plot"
+                    else command[:1] + ["--workdir", a_file] + command[1:])
+  one_error_line(capsys, status, a_file, "is a file")
+  assert open(a_file).read() == "not a directory\n"
+
+
 def test_info_depth_zero_is_one_line(capsys):
   one_error_line(capsys, cli.main(["info", "--depth", "0"]), "--depth: 0 must be at least 1")
 
