@@ -2,7 +2,7 @@
 
   set up: join the processes, check the config against the devices, the workdir and the data,
           lock the workdir
-  -> resume or start
+  -> resume or start (metrics of the steps it trains again set aside)
   -> for each step: next batch, train step, (NaN check) (log) (evaluate) (checkpoint)
   -> stop at train.steps, or at the step the hosts agreed on after a preemption signal
 
@@ -85,6 +85,7 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
   try:
     run = _set_up(config, workdir, lock)
     state, start_step = _restore_or_init(run, restore_step)
+    run.writer.start_at(start_step)  # Sets aside the metrics of the steps this run trains again.
     if start_step >= config.train.steps:
       log(f"jaxformer: the checkpoint at step {start_step} already reaches train.steps="
           f"{config.train.steps}; raise --config.train.steps to train on")
