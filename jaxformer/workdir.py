@@ -366,8 +366,14 @@ class WorkdirLock:
     _share_outcome(error)
 
   def release(self) -> None:
-    """Lets another trainer have the workdir (closing the file releases its flock)."""
+    """Lets another trainer have the workdir (closing the file releases its flock). The file is
+    emptied first, so that a run that wrote nothing else (a refused config) leaves the workdir
+    as it found it, and a name in the file is that of a running trainer, or of a killed one."""
     if self._fd is not None:
+      try:
+        os.ftruncate(self._fd, 0)
+      except OSError:  # The lock is released all the same.
+        pass
       os.close(self._fd)
       self._fd = None
 

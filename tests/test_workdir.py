@@ -174,7 +174,8 @@ def test_a_second_lock_names_the_holder_and_a_killed_holder_leaves_no_stale_lock
     assert json.load(open(lock.path))["pid"] == os.getpid()
     with pytest.raises(workdir_lib.WorkdirBusyError, match=rf"\(pid {os.getpid()} on host "):
       workdir_lib.WorkdirLock(workdir).acquire()  # A second open file: flock is per file.
-  workdir_lib.WorkdirLock(workdir).acquire()  # Released at the end of the `with`.
+  assert open(lock.path).read() == ""  # Released, and no longer naming this process.
+  workdir_lib.WorkdirLock(workdir).acquire()
 
 
 def test_a_file_in_place_of_the_workdir_is_a_one_line_error(tmp_path):
