@@ -418,8 +418,12 @@ def _lock(lock_file: str, workdir: str) -> int | None:
     return None
   holder = {"host": socket.gethostname(), "pid": os.getpid(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-  os.ftruncate(fd, 0)
-  os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+  try:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+  except OSError:  # A full disk, say: do not keep holding a lock nobody can release.
+    os.close(fd)
+    raise
   return fd
 
 
@@ -461,9 +465,10 @@ def _share_outcome(error: Exception | None) -> None:
     return
   message = np.zeros(_MESSAGE_BYTES, np.uint8)
   if error is not None:
+    problem = None if isinstance(error, WorkdirError) else storage_problem(error)
     kind = (_BUSY if isinstance(error, WorkdirBusyError) else
-            _UNUSABLE if isinstance(error, WorkdirError) else _FAILED)
-    text = str(error).encode()[:_MESSAGE_BYTES - 1]
+            _UNUSABLE if isinstance(error, WorkdirError) or problem else _FAILED)
+    text = (problem or str(error)).encode()[:_MESSAGE_BYTES - 1]
     message[0], message[1:1 + len(text)] = kind, np.frombuffer(text, np.uint8)
   shared = np.asarray(multihost_utils.broadcast_one_to_all(message))
   kind = int(shared[0])
