@@ -18,7 +18,7 @@ A workdir holds one run; this module is the only one that knows its layout:
 <workdir>/tensorboard/         TensorBoard event files
 <workdir>/tfds/                the run's datasets, unless data.data_dir names another place
 <workdir>/logs/                one log file per pod worker
-<workdir>/lock                 held (an OS file lock) by the one trainer of the workdir; names it
+<workdir>/lock                 flocked by the one trainer of the workdir, and naming it
 ```
 
 The workdir may be a local directory or a gs:// URL (etils.epath reads and writes both).
@@ -391,13 +391,13 @@ def _open_lock_file(lock_file: str, workdir: str) -> int:
   directory = os.path.dirname(lock_file)
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise WorkdirError(f"--workdir {workdir} is a file, not a directory; give a directory (a "
-                     "run's, or a new one)")
+                       "run's, or a new one)")
   try:
     os.makedirs(directory, exist_ok=True)
     return os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
   except OSError as e:
     raise WorkdirError(f"cannot create the lock file {lock_file} ({e.strerror or e}); --workdir "
-                     "must be a directory this user can write to") from None
+                       "must be a directory this user can write to") from None
 
 
 def _lock(lock_file: str, workdir: str) -> int | None:
@@ -448,6 +448,7 @@ def _read_holder(fd: int) -> str:
 
 
 def _is_running(pid: int) -> bool:
+  """Whether a process `pid` exists on this host."""
   try:
     os.kill(pid, 0)  # Signal 0 only asks whether the process exists.
   except ProcessLookupError:
