@@ -12,10 +12,13 @@ A workdir holds one run; this module is the only one that knows its layout:
 <workdir>/averaged/<name>/     averaged parameters, e.g. last5_1000-5000
 <workdir>/damaged/<step>/      checkpoints found damaged on resume, moved aside (never deleted)
 <workdir>/superseded/<step>/   checkpoints newer than a `--restore-step`, moved aside
+<workdir>/superseded/metrics.<n>.jsonl  records of metrics.jsonl past the step a run restarted
+                               from (they are trained, and logged, again)
 <workdir>/metrics.jsonl        one JSON object per logged step and per evaluation
 <workdir>/tensorboard/         TensorBoard event files
 <workdir>/tfds/                the run's datasets, unless data.data_dir names another place
 <workdir>/logs/                one log file per pod worker
+<workdir>/lock                 flocked by the one trainer of the workdir, and naming it
 ```
 
 The workdir may be a local directory or a gs:// URL (etils.epath reads and writes both).
@@ -23,22 +26,35 @@ The workdir may be a local directory or a gs:// URL (etils.epath reads and write
 A resume must not change what the checkpoints hold: `check_compatible` names every config key
 whose change would make them unusable (the model's shape, what its parameters compute, the
 vocabulary), and lets every other key change (steps, learning rate, logging, parallelism ...).
+
+One trainer per workdir: `WorkdirLock` keeps a second one out (see there). The commands that
+only read (evaluate, translate, plot, average) take no lock and run beside a trainer: they read
+only finished checkpoints, which orbax renames into place once complete.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
+import json
 import os
 import re
 import shutil
+import socket
+import tempfile
+import time
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from jaxformer import config as config_lib
 from jaxformer.errors import CheckpointError, ConfigError, JaxformerError
+from jaxformer.log import log
 
 class WorkdirError(JaxformerError):
   """A workdir that cannot be used: a file, not writable, or in use."""
@@ -54,6 +70,8 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 TFDS_DIR = "tfds"
 LOGS_DIR = "logs"
+LOCK_FILE = "lock"
+SUPERSEDED_METRICS = "metrics.{n}.jsonl"  # in SUPERSEDED_DIR, n = 1, 2, ...
 
 # Config keys whose change makes the checkpoints of a workdir unusable, with the reason.
 # Any other key (train.steps, logging, evaluation, dropout, learning rate, checkpoint.*,
@@ -83,6 +101,14 @@ def absolute_workdir(workdir: str) -> str:
 def path(workdir: str, *names: str) -> epath.Path:
   """`<workdir>/<names...>`, local or gs://, e.g. `path(w, CHECKPOINTS_DIR, '1000')`."""
   return epath.Path(workdir).joinpath(*names)
+
+
+def superseded_metrics_path(workdir: str) -> epath.Path:
+  """The first free `<workdir>/superseded/metrics.<n>.jsonl` (n = 1, 2, ...)."""
+  n = 1
+  while path(workdir, SUPERSEDED_DIR, SUPERSEDED_METRICS.format(n=n)).exists():
+    n += 1
+  return path(workdir, SUPERSEDED_DIR, SUPERSEDED_METRICS.format(n=n))
 
 
 def resolve_data_dir(config: Any, workdir: str) -> str:
@@ -282,3 +308,176 @@ def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> list[st
   tmp_path.write_text(config_lib.to_json(config) + "\n")
   tmp_path.replace(config_path)  # Atomic on a local disk: config.json is never half written.
   return changed
+
+
+# --- One trainer per workdir. -------------------------------------------------------------------
+
+class WorkdirBusyError(WorkdirError):
+  """Another trainer holds the workdir's lock."""
+
+
+# How long a trainer that finds the workdir locked waits for the holder to write its name (it
+# does so right after taking the lock), and the longest message shared with the other processes.
+_HOLDER_WAIT_S = 2.0
+_MESSAGE_BYTES = 2048
+# The outcome process 0 shares: the lock is held, or which error every process raises.
+_HELD, _BUSY, _UNUSABLE, _FAILED = range(4)
+
+
+def lock_path(workdir: str) -> str:
+  """The file `WorkdirLock` locks: `<workdir>/lock` for a local workdir; for a URL (gs://),
+  which cannot be locked, a file in this machine's temporary directory named by its hash."""
+  if "://" not in str(workdir):
+    return os.path.join(absolute_workdir(workdir), LOCK_FILE)
+  digest = hashlib.sha256(str(workdir).rstrip("/").encode()).hexdigest()[:16]
+  return os.path.join(tempfile.gettempdir(), f"jaxformer-{digest}.lock")
+
+
+class WorkdirLock:
+  """Keeps a second trainer out of a workdir: an OS file lock (flock) that process 0 holds for
+  the whole run, on `<workdir>/lock`, which also names the holder (host, pid, start time).
+
+  The kernel releases a flock when its process dies, so a crash or a kill -9 never leaves a
+  stale lock, and nothing needs cleaning up: the file stays, and a new trainer takes it. Only
+  process 0 of a pod locks; `acquire` shares the outcome, so every process of a pod that finds
+  the workdir busy raises the same WorkdirBusyError (and none waits in a collective).
+
+  A gs:// workdir cannot be flocked: the lock is a local file keyed by the workdir's URL
+  (`lock_path`), which keeps out a second trainer started on the same machine only.
+
+  `acquire()` once, before the run's first write to the workdir; `release()` at the end (it is
+  a no-op when nothing is held). Also a context manager.
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.path = lock_path(workdir)
+    self._fd: int | None = None
+
+  def acquire(self) -> None:
+    """Takes the lock (process 0); raises WorkdirBusyError naming the holder when another
+    trainer has it, WorkdirError when the lock file cannot be created (on every process)."""
+    error = None
+    if jax.process_index() == 0:
+      try:
+        self._fd = _lock(self.path, self.workdir)
+      except Exception as e:  # Shared below: the other processes must not wait for process 0.
+        error = e
+    _share_outcome(error)
+
+  def release(self) -> None:
+    """Lets another trainer have the workdir (closing the file releases its flock). The file is
+    emptied first, so that a run that wrote nothing else (a refused config) leaves the workdir
+    as it found it, and a name in the file is that of a running trainer, or of a killed one."""
+    if self._fd is not None:
+      try:
+        os.ftruncate(self._fd, 0)
+      except OSError:  # The lock is released all the same.
+        pass
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self) -> "WorkdirLock":
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.release()
+
+
+def _open_lock_file(lock_file: str, workdir: str) -> int:
+  """The lock file, opened for reading and writing (created with its directory, never
+  truncated: another trainer may hold it and have written its name there)."""
+  directory = os.path.dirname(lock_file)
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise WorkdirError(f"--workdir {workdir} is a file, not a directory; give a directory (a "
+                       "run's, or a new one)")
+  try:
+    os.makedirs(directory, exist_ok=True)
+    return os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+  except OSError as e:
+    raise WorkdirError(f"cannot create the lock file {lock_file} ({e.strerror or e}); --workdir "
+                       "must be a directory this user can write to") from None
+
+
+def _lock(lock_file: str, workdir: str) -> int | None:
+  """Takes the flock on `lock_file` and writes the holder into it; returns the open file (None
+  where the file system has no locks: the run goes on, unprotected, with a warning)."""
+  fd = _open_lock_file(lock_file, workdir)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      holder = _read_holder(fd)
+      os.close(fd)
+      raise WorkdirBusyError(f"{workdir} is in use by another trainer ({holder}); wait for it "
+                             "to finish, stop it, or use another --workdir") from None
+    os.close(fd)
+    log(f"jaxformer: warning: cannot lock {lock_file} ({e.strerror or e}); nothing keeps a "
+        "second trainer out of this workdir")
+    return None
+  holder = {"host": socket.gethostname(), "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+  try:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+  except OSError:  # A full disk, say: do not keep holding a lock nobody can release.
+    os.close(fd)
+    raise
+  return fd
+
+
+def _read_holder(fd: int) -> str:
+  """'pid 1234 on host h, started 2026-12-01 14:20:03', from the lock file of another trainer.
+
+  The holder writes its name right after it takes the lock, over the name of the trainer
+  before it: until then the file is empty or names a process of this host that is gone, so
+  wait a little for the new name."""
+  deadline = time.monotonic() + _HOLDER_WAIT_S
+  while True:
+    try:
+      holder = json.loads(os.pread(fd, _MESSAGE_BYTES, 0).decode("utf-8", "replace"))
+      text = f"pid {holder['pid']} on host {holder['host']}, started {holder['started']}"
+      if holder["host"] != socket.gethostname() or _is_running(int(holder["pid"])):
+        return text
+    except (ValueError, KeyError, TypeError):
+      text = "which did not say who it is"
+    if time.monotonic() > deadline:
+      return text
+    time.sleep(0.05)
+
+
+def _is_running(pid: int) -> bool:
+  """Whether a process `pid` exists on this host."""
+  try:
+    os.kill(pid, 0)  # Signal 0 only asks whether the process exists.
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # It exists, and belongs to another user.
+    return True
+  return True
+
+
+def _share_outcome(error: Exception | None) -> None:
+  """Raises process 0's `error` (None: it holds the lock) on every process of the run."""
+  if jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return
+  message = np.zeros(_MESSAGE_BYTES, np.uint8)
+  if error is not None:
+    problem = None if isinstance(error, WorkdirError) else storage_problem(error)
+    kind = (_BUSY if isinstance(error, WorkdirBusyError) else
+            _UNUSABLE if isinstance(error, WorkdirError) or problem else _FAILED)
+    text = (problem or str(error)).encode()[:_MESSAGE_BYTES - 1]
+    message[0], message[1:1 + len(text)] = kind, np.frombuffer(text, np.uint8)
+  shared = np.asarray(multihost_utils.broadcast_one_to_all(message))
+  kind = int(shared[0])
+  if error is not None:
+    raise error
+  if kind == _HELD:
+    return
+  text = bytes(shared[1:]).rstrip(b"\0").decode("utf-8", "replace")
+  if kind == _FAILED:
+    raise RuntimeError(f"process 0 failed to lock the workdir: {text}")
+  raise (WorkdirBusyError if kind == _BUSY else WorkdirError)(text)

@@ -7,6 +7,7 @@ these tests do not depend on the model; only the older checkpoint holds the real
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -143,6 +144,22 @@ def test_restore_onto_a_model_of_another_shape_names_the_leaf(tmp_path):
                                               r"embedding is \(16, 8\) in the checkpoint, "
                                               r"\(16, 4\) in the model"):
       ckpt.restore(1, abstract(other, one_device()), make_iterator())
+
+
+def test_readers_see_only_finished_steps_while_a_save_is_under_way(tmp_path):
+  """evaluate, translate and average run beside a trainer: they must not pick a step orbax is
+  still writing (it renames `<step>.orbax-checkpoint-tmp-<time>` into place when complete)."""
+  workdir = str(tmp_path)
+  save_steps(workdir, [1, 2])
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  shutil.copytree(os.path.join(ckpt_dir, "2"),  # Every file there, but not yet renamed.
+                  os.path.join(ckpt_dir, "3.orbax-checkpoint-tmp-1767225600123456"))
+  os.makedirs(os.path.join(ckpt_dir, "4.orbax-checkpoint-tmp"))
+  assert checkpoint.saved_steps(workdir) == [1, 2]
+  assert checkpoint.checkpoint_dir(workdir, None) == (
+      workdir_lib.path(workdir, "checkpoints", "2"), 2)
+  with pytest.raises(CheckpointError, match=r"no checkpoint at step 3 .*available steps: 1, 2"):
+    checkpoint.checkpoint_dir(workdir, 3)
 
 
 def test_no_checkpoints_means_a_fresh_start(tmp_path):

@@ -10,7 +10,9 @@ import json
 import os
 import re
 import signal
+import socket
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -90,23 +92,82 @@ def test_stopping_halfway_and_resuming_is_bit_identical(runs, uninterrupted, tmp
   assert_same_end(workdir, uninterrupted(layout))
 
 
+def start_two_trainers(runs, args):
+  """Starts two trainers with `args` at once; returns (the one that trains, the stderr of the
+  one that stopped, how many seconds after its start it stopped)."""
+  started_at = time.monotonic()
+  trainers = [runs.start(args), runs.start(args)]
+  run_testing.wait_for(lambda: any(t.poll() is not None for t in trainers), "a trainer to stop",
+                       timeout_s=120)
+  took = time.monotonic() - started_at
+  stopped = next(t for t in trainers if t.poll() is not None)
+  training = next(t for t in trainers if t is not stopped)
+  _, stderr = stopped.communicate()
+  assert stopped.returncode == 2, stderr[-3000:]
+  return training, stderr, took
+
+
+def past_the_first_checkpoint(workdir):
+  """Whether a checkpoint is saved and a record of a later step written."""
+  saved = run_testing.checkpoint_steps(workdir)
+  try:
+    records = run_testing.metrics(workdir)
+  except ValueError:  # A line being written as we read.
+    return False
+  return bool(saved) and max(r["step"] for r in records) > saved[-1]
+
+
 def test_sigkill_in_the_middle_then_resume_reaches_the_same_parameters(runs, uninterrupted,
                                                                        tmp_path):
   workdir = runs.new_workdir(str(tmp_path / "w"))
   # Evaluating at every step (a harmless change: it reads no training data) makes the run slow
-  # enough to be killed in the middle; checkpoints every 2 steps.
-  process = runs.start(runs.train_args(workdir, **{
-      **REFERENCE, "train.eval_every_steps": 1, "checkpoint.every_steps": 2}))
-  run_testing.wait_for(lambda: run_testing.checkpoint_steps(workdir), "a first checkpoint",
-                       process)
+  # enough to be killed in the middle; checkpoints every 2 steps; every step logged, as the
+  # resumed run logs them, so that steps logged twice would show.
+  every_step = {"train.eval_every_steps": 1, "checkpoint.every_steps": 2,
+                "train.log_every_steps": 1}
+  # Two trainers started together on the fresh workdir: one trains, the other stops at once.
+  process, stderr, took = start_two_trainers(
+      runs, runs.train_args(workdir, **{**REFERENCE, **every_step}))
+  assert run_testing.error_lines(stderr) == stderr.strip().splitlines(), stderr[-3000:]
+  assert len(stderr.strip().splitlines()) == 1
+  assert f" is in use by another trainer (pid {process.pid} on host " in stderr
+  assert took < 60, f"the second trainer took {took:.0f} s to stop"
+
+  run_testing.wait_for(lambda: past_the_first_checkpoint(workdir), "a record past the first "
+                       "checkpoint", process)
   status, _ = run_testing.stop(process, signal.SIGKILL)
   assert status == -signal.SIGKILL
   saved = run_testing.checkpoint_steps(workdir)
   assert saved and saved[-1] < REFERENCE_STEPS
+  later = [r for r in run_testing.metrics(workdir) if r["step"] > saved[-1]]
+  assert later
 
-  resumed = runs.train(workdir, **REFERENCE)
+  # The killed trainer's lock died with it: a new trainer starts, and resumes.
+  resumed = runs.train(workdir, **{**REFERENCE, "train.log_every_steps": 1})
   assert f"resumed from the checkpoint at step {saved[-1]}" in resumed.stderr
+  superseded = os.path.join(workdir, "superseded", "metrics.1.jsonl")
+  assert f"they are kept in {superseded}" in resumed.stderr
+  with open(superseded) as f:
+    assert [json.loads(line) for line in f] == later
+  assert train_log_steps(workdir) == list(range(1, REFERENCE_STEPS + 1))  # Each step once.
+  validation_steps = [r["step"] for r in run_testing.metrics(workdir, "validation")]
+  assert validation_steps == sorted(set(validation_steps))
   assert_same_end(workdir, uninterrupted("one_device"))
+
+
+def test_a_trainer_on_a_workdir_in_use_stops_at_once_and_writes_nothing(runs, tmp_path):
+  workdir = runs.new_workdir(str(tmp_path / "w"))
+  with workdir_lib.WorkdirLock(workdir) as lock:  # This process holds it, as a trainer does.
+    before = snapshot(workdir)
+    result = runs.run(runs.train_args(workdir, **REFERENCE))
+    assert snapshot(workdir) == before
+    with open(lock.path) as f:
+      started = json.load(f)["started"]
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [
+      f"error: {workdir} is in use by another trainer (pid {os.getpid()} on host "
+      f"{socket.gethostname()}, started {started}); wait for it to finish, stop it, or use "
+      "another --workdir"]
 
 
 def test_sigterm_saves_the_current_step_and_exits_0(runs, tmp_path):
@@ -203,6 +264,18 @@ def digest(directory):
       with open(path, "rb") as f:
         h.update(f.read())
   return h.hexdigest()
+
+
+def snapshot(directory):
+  """{path: bytes (None for a directory)} of everything under `directory`."""
+  found = {}
+  for root, dirs, files in os.walk(directory):
+    for name in dirs:
+      found[os.path.relpath(os.path.join(root, name), directory)] = None
+    for name in files:
+      with open(os.path.join(root, name), "rb") as f:
+        found[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+  return found
 
 
 def test_average_last_two_through_the_cli_and_use_it(runs, tmp_path):

@@ -1,14 +1,23 @@
-"""Tests of jaxformer/workdir.py: the run config recorded in a workdir, and which changes of it
-a resumed run may make."""
+"""Tests of jaxformer/workdir.py: the run config recorded in a workdir, which changes of it
+a resumed run may make, and the lock that keeps a second trainer out."""
 
+import errno
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 
 from jaxformer import config as config_lib
+from jaxformer import launcher
 from jaxformer import workdir as workdir_lib
 from jaxformer.errors import CheckpointError
+
+WorkdirError = workdir_lib.WorkdirError
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_config(workdir, **overrides):
@@ -124,3 +133,105 @@ def test_storage_problem_finds_a_full_disk_in_the_errors_chain_and_nothing_else(
       "read-only file system writing /x")
   assert workdir_lib.storage_problem(FileNotFoundError(2, "missing", "/x")) is None
   assert workdir_lib.storage_problem(ValueError("a bug")) is None
+
+
+# --- The lock. ---------------------------------------------------------------------------------
+
+# Takes the lock of the workdir in argv[1] and holds it until killed.
+HOLD_LOCK = """
+import sys, time
+from jaxformer import workdir
+workdir.WorkdirLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def python(code, *args, **kwargs):
+  env = dict(os.environ, PYTHONPATH=ROOT, **kwargs.pop("env", {}))
+  return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_a_second_lock_names_the_holder_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
+  workdir = str(tmp_path / "run")
+  holder = python(HOLD_LOCK, workdir)
+  try:
+    assert holder.stdout.readline() == "locked\n", holder.stderr.read()
+    with pytest.raises(workdir_lib.WorkdirBusyError) as info:
+      workdir_lib.WorkdirLock(workdir).acquire()
+    message = str(info.value)
+    assert message.startswith(f"{workdir} is in use by another trainer (pid {holder.pid} on host "
+                              f"{socket.gethostname()}, started 20"), message
+    assert message.endswith("wait for it to finish, stop it, or use another --workdir")
+    assert "\n" not in message
+    assert os.listdir(workdir) == [workdir_lib.LOCK_FILE]  # The loser wrote nothing.
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.communicate()
+  # The kernel released the lock with the process: no stale lock to remove by hand.
+  with workdir_lib.WorkdirLock(workdir) as lock:
+    assert json.load(open(lock.path))["pid"] == os.getpid()
+    with pytest.raises(workdir_lib.WorkdirBusyError, match=rf"\(pid {os.getpid()} on host "):
+      workdir_lib.WorkdirLock(workdir).acquire()  # A second open file: flock is per file.
+  assert open(lock.path).read() == ""  # Released, and no longer naming this process.
+  workdir_lib.WorkdirLock(workdir).acquire()
+
+
+def test_a_file_in_place_of_the_workdir_is_a_one_line_error(tmp_path):
+  not_a_dir = tmp_path / "run"
+  not_a_dir.write_text("x")
+  with pytest.raises(WorkdirError, match=rf"^--workdir {not_a_dir} is a file, not a directory; "):
+    workdir_lib.WorkdirLock(str(not_a_dir)).acquire()
+  with pytest.raises(WorkdirError, match=rf"^cannot create the lock file {not_a_dir}/sub/lock "
+                                         r"\(Not a directory\); "):
+    workdir_lib.WorkdirLock(str(not_a_dir / "sub")).acquire()
+  assert not_a_dir.read_text() == "x"
+
+
+def test_a_read_only_workdir_is_a_one_line_error(tmp_path, monkeypatch):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+
+  def read_only(path, *args):  # As on a read-only mount (tests may run as root, who may write).
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+  monkeypatch.setattr(workdir_lib.os, "open", read_only)
+  with pytest.raises(WorkdirError, match=rf"^cannot create the lock file {workdir}/lock "
+                                         r"\(Read-only file system\); --workdir must be"):
+    workdir_lib.WorkdirLock(str(workdir)).acquire()
+
+
+def test_a_url_workdir_locks_a_local_file_named_by_its_url():
+  a, b = workdir_lib.lock_path("gs://bucket/a"), workdir_lib.lock_path("gs://bucket/b")
+  assert a != b and a == workdir_lib.lock_path("gs://bucket/a/")
+  assert os.path.dirname(a) == os.path.dirname(b) and "://" not in a
+  assert workdir_lib.lock_path("run") == os.path.join(os.getcwd(), "run", "lock")
+
+
+# Joins a pod of 2 processes, then tries to lock the workdir in argv[1]; prints the error.
+POD_LOCK = """
+import sys
+from jaxformer import devices, workdir
+devices.initialize_distributed()
+try:
+  workdir.WorkdirLock(sys.argv[1]).acquire()
+  print("locked")
+except workdir.WorkdirBusyError as e:
+  print(f"error: {e}")
+"""
+
+
+def test_every_process_of_a_pod_raises_the_error_of_process_0(tmp_path):
+  workdir = str(tmp_path / "run")
+  address = f"127.0.0.1:{launcher.free_port()}"
+  with workdir_lib.WorkdirLock(workdir):
+    pod = [python(POD_LOCK, workdir, env={
+        "JAXFORMER_COORDINATOR_ADDRESS": address, "JAXFORMER_NUM_PROCESSES": "2",
+        "JAXFORMER_PROCESS_ID": str(i), "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}) for i in range(2)]
+    outputs = [process.communicate(timeout=120) for process in pod]
+  lines = [out.strip().splitlines()[-1] for out, _ in outputs]  # After gloo's own lines.
+  assert all(p.returncode == 0 for p in pod), [err[-2000:] for _, err in outputs]
+  assert lines[0] == lines[1], lines  # Process 1 raised the very error process 0 met.
+  assert lines[0].startswith(f"error: {workdir} is in use by another trainer (pid {os.getpid()} ")

@@ -1,16 +1,18 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-  set up: join the processes, check the config against the devices, then the workdir
-  -> resume or start
+  set up: join the processes, check the config against the devices, the workdir and the data,
+          lock the workdir
+  -> resume or start (metrics of the steps it trains again set aside)
   -> for each step: next batch, train step, (NaN check) (log) (evaluate) (checkpoint)
   -> stop at train.steps, or at the step the hosts agreed on after a preemption signal
 
 Everything that can fail because of the user's input (config against the devices, a workdir
-that cannot be written or whose checkpoints the config does not fit, data files) fails before
-the first step, and the checks that need no writing come before the first write. `train_and_evaluate`
-does the distributed set-up and the device check itself, once, so that every caller (the CLI,
-the benchmarks, the tour script) gets them. Only process 0 writes logs, metrics and event files;
-every process takes part in checkpoints.
+that cannot be written, that another trainer holds, or whose checkpoints the config does not
+fit; data files) fails before the first step, and the checks that need no writing come before
+the first write; right before it, the workdir's lock is taken (one trainer per workdir:
+workdir.WorkdirLock). `train_and_evaluate` does the distributed set-up and the device check
+itself, once, so that every caller (the CLI, the benchmarks, the tour script) gets them. Only
+process 0 writes logs, metrics and event files; every process takes part in checkpoints.
 
 The fixed pieces of a run (strategy, data iterator, checkpointer, writer, ...) are one `_Run`;
 the TrainState goes into each helper as an argument and comes back out of it.
@@ -79,9 +81,11 @@ class _Due:
 def train_and_evaluate(config, workdir: str, restore_step: int | None = None) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its newest checkpoint, or from `restore_step`)
   and returns the last validation metrics ({} when there was nothing left to train)."""
-  run = _set_up(config, workdir)
+  lock, run = workdir_lib.WorkdirLock(workdir), None  # _set_up takes it before its first write.
   try:
+    run = _set_up(config, workdir, lock)
     state, start_step = _restore_or_init(run, restore_step)
+    run.writer.start_at(start_step)  # Sets aside the metrics of the steps this run trains again.
     if start_step >= config.train.steps:
       log(f"jaxformer: the checkpoint at step {start_step} already reaches train.steps="
           f"{config.train.steps}; raise --config.train.steps to train on")
@@ -120,15 +124,15 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
     _finish(run, step, guard)
     return eval_metrics
   finally:
-    run.checkpointer.close()  # Waits for the saves in flight, also when a step failed.
-    run.writer.close()
+    _close(run, lock)
 
 
 # --- Set up and resume. --------------------------------------------------------------------------
 
-def _set_up(config, workdir: str) -> _Run:
-  """Joins the processes, checks the config against the devices and the workdir, then opens
-  the run's vocabulary, data, checkpoints and metrics (in this order)."""
+def _set_up(config, workdir: str, lock: workdir_lib.WorkdirLock) -> _Run:
+  """Joins the processes, checks the config against the devices and the workdir, takes the
+  workdir's `lock`, then opens the run's vocabulary, data, checkpoints and metrics (in this
+  order)."""
   devices.initialize_distributed()
   # Everything that can be checked is checked before the first write: the devices, the
   # workdir, the data; then the run config (refused when the checkpoints do not fit it).
@@ -136,6 +140,7 @@ def _set_up(config, workdir: str) -> _Run:
   data_dir = workdir_lib.resolve_data_dir(config, workdir)
   workdir_lib.check_can_write(workdir)
   sources.check_ready(config, data_dir)
+  lock.acquire()  # One trainer per workdir: a second one stops here, having written nothing.
   workdir_lib.write_run_config(workdir, config)
   log(f"jaxformer: {jax.process_count()} process(es), {jax.device_count()} device(s) "
       f"({jax.devices()[0].platform}), strategy {config.parallel.strategy}")
@@ -146,6 +151,17 @@ def _set_up(config, workdir: str) -> _Run:
   return _Run(config=config, strategy=strategy, tokenizer=tokenizer, data_dir=data_dir,
               train_iter=train_iter, model=model, checkpointer=checkpointer,
               writer=MetricsWriter(workdir))
+
+
+def _close(run: _Run | None, lock: workdir_lib.WorkdirLock) -> None:
+  """Waits for the saves in flight and closes the run's files, also when a step failed; then
+  lets another trainer have the workdir (last: it would find the saves unfinished)."""
+  try:
+    if run is not None:
+      run.checkpointer.close()
+      run.writer.close()
+  finally:
+    lock.release()
 
 
 def _restore_or_init(run: _Run, restore_step: int | None) -> tuple[TrainState, int]:
