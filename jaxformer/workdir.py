@@ -56,6 +56,7 @@ from jaxformer import config as config_lib
 from jaxformer.errors import CheckpointError, ConfigError, JaxformerError
 from jaxformer.log import log
 
+
 class WorkdirError(JaxformerError):
   """A workdir that cannot be used: a file, not writable, or in use."""
 
