@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -201,6 +202,36 @@ def test_translate_of_stdin_that_is_not_utf8_is_one_line_naming_the_line(
   assert status == 2 and captured.out == ""
   assert captured.err.strip().splitlines() == [
       "error: stdin:3: invalid UTF-8 at byte offset 16 (byte 3 of line 3); save it as UTF-8"]
+
+
+# --- Signals. ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["evaluate", "translate"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_evaluate_and_translate_stop_within_a_batch_on_ctrl_c_and_sigterm(
+    runs, tmp_path, command, signum):
+  """No guard: Ctrl-C is a KeyboardInterrupt once the batch in flight is done (then one line,
+  status 130), SIGTERM the default action; nothing (no thread) keeps the process alive."""
+  workdir = run_testing.copy_workdir(runs.slow_decoding(), str(tmp_path / "w"))
+  if command == "evaluate":  # 32 batches of beam search over the validation split.
+    args = ["evaluate", "--workdir", workdir, "--split", "validation"]
+  else:  # 16 batches of 4, all of one shape.
+    source = tmp_path / "in.txt"
+    source.write_text("three hundred twelve\n" * 64, encoding="utf-8")
+    args = ["translate", "--workdir", workdir, "--input", str(source), "--batch-size", "4"]
+  run = run_testing.Watched(runs.start(args, code=run_testing.DECODE_MARKS))
+  marks = run.wait_for_marks(3)
+  sent = run.signal(signum)
+  status, ended, stderr = run.wait(timeout_s=60)
+
+  assert status == (130 if signum == signal.SIGINT else -signal.SIGTERM), stderr[-3000:]
+  assert len([t for t in run.marks() if t > sent]) <= 1, run.marks()
+  assert ended - sent < 3 * (marks[2] - marks[1]) + 2.0, (ended - sent, marks)
+  assert "Traceback" not in stderr
+  if signum == signal.SIGINT:
+    assert stderr.strip().splitlines()[-1] == "error: interrupted"
+  assert run_testing.metrics(workdir, "validation") == run_testing.metrics(
+      runs.slow_decoding(), "validation")  # Nothing of an interrupted evaluation is written.
 
 
 def test_prepare_command(tmp_path, capsys):
