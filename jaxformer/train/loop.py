@@ -4,7 +4,8 @@
           lock the workdir
   -> resume or start (metrics of the steps it trains again set aside)
   -> for each step: next batch, train step, (NaN check) (log) (evaluate) (checkpoint)
-  -> stop at train.steps, or at the step the hosts agreed on after a preemption signal
+  -> stop at train.steps, or at the step the hosts agreed on after a preemption signal, or,
+     when the signal comes during an evaluation, before its next batch (the step is saved)
 
 Everything that can fail because of the user's input (config against the devices, a workdir
 that cannot be written, that another trainer holds, or whose checkpoints the config does not

@@ -5,7 +5,8 @@ grace), a scheduler ends a job, a user presses Ctrl-C. None of these may lose th
 last checkpoint. `PreemptionGuard` catches the signal, and the training loop asks it at every
 step whether to stop; on one host that is the step during which the signal came, on a pod it is a
 step every host agrees on (jax.distributed's preemption sync service), so that all hosts save
-the same step and none waits forever in a collective the others left.
+the same step and none waits forever in a collective the others left. Within a step, the
+loop's evaluation asks the guard's local flag (`requested`) before every batch.
 """
 
 from __future__ import annotations
