@@ -144,26 +144,32 @@ def cmd_translate(args, overrides) -> int:
   if args.output:
     check_output_file(args.output, "--output")
   from jaxformer import decode, inference
+  from jaxformer.data import text as text_lib
+  from jaxformer.errors import InputError
   model, params, config, tokenizer, _ = inference.load_for_inference(args.workdir, args.step)
+  # Lines end at "\n" only (jaxformer.data.text), so line i of the output is the translation
+  # of line i of the input, whatever characters sit inside the lines.
   if args.input:
-    try:
-      with open(args.input, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-      raise JaxformerError(f"cannot read --input {args.input}: {e}") from None
+    lines = text_lib.read_lines(args.input, InputError)
   else:
-    lines = sys.stdin.read().splitlines()
+    lines = text_lib.split_lines(sys.stdin.buffer.read(), "stdin", InputError)
   translations = decode.translate_texts(
       model, params, tokenizer, lines,
       beam_size=args.beam_size or config.decode.beam_size, alpha=config.decode.alpha,
       max_extra_len=config.decode.max_extra_len, max_len=config.model.max_len,
       batch_size=args.batch_size)
-  text = "".join(t + "\n" for t in translations)
+  text = "".join(text_lib.one_line(t) + "\n" for t in translations)
   if args.output:
-    with open(args.output, "w", encoding="utf-8") as f:
+    with open(args.output, "w", encoding="utf-8", newline="\n") as f:
       f.write(text)
-  else:
+  elif getattr(sys.stdout, "buffer", None) is None:  # A text-only stdout (a test's StringIO).
     sys.stdout.write(text)
+  else:
+    # The bytes, not sys.stdout's text layer: its newline translation and encoding depend on the
+    # platform and locale (PYTHONIOENCODING); the output is UTF-8 with "\n" ends, as the input.
+    sys.stdout.flush()
+    sys.stdout.buffer.write(text.encode("utf-8"))
+    sys.stdout.buffer.flush()
   return 0
 
 

@@ -11,6 +11,10 @@ The training loop's periodic evaluation calls the same `evaluate` with a cap on 
 sentences are decoded; `jaxformer evaluate` decodes all of them. Where the work runs is the
 caller's: `evaluate` takes an `eval_step` and a `translate_fn`, which the training loop builds
 from its strategy and jaxformer.inference.evaluate_checkpoint from an evaluation-only placement.
+
+A whole evaluation may take minutes (beam search over a model that does not stop yet). The
+caller may pass `should_stop`: it is asked before every batch of both passes, and when it says
+so (on any process) `evaluate` raises `EvaluationStopped` on every process at the same batch.
 """
 
 from __future__ import annotations
@@ -43,6 +47,39 @@ def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
   return float(np.mean(same)) if same else 0.0
 
 
+class EvaluationStopped(Exception):
+  """`evaluate` stopped between two batches because its `should_stop` asked it to.
+
+  Not a user error: the caller (the training loop, on a signal) decides what it means. No
+  metrics are computed for the split.
+  """
+
+  def __init__(self, split: str, stage: str, done: int, total: int):
+    super().__init__(f"the evaluation of {split} stopped after {done} of {total} {stage} "
+                     "batches")
+    self.split, self.stage, self.done, self.total = split, stage, done, total
+
+
+StopFn = Callable[[], bool]
+
+
+def stop_agreed(should_stop: StopFn | None) -> bool:
+  """Whether to stop before the next batch: whether `should_stop()` is True on any process.
+
+  Call it on every process before every batch, with should_stop None on all or on none. With
+  several processes the flags are gathered (one allgather of a bool per batch, little next to
+  a batch of beam search), so that all stop at the same batch: a process that stopped alone
+  would leave the others waiting in the gather of `translate_batches` or in a collective of
+  the eval step.
+  """
+  if should_stop is None:
+    return False
+  stop = bool(should_stop())
+  if jax.process_count() > 1:
+    stop = bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
+  return stop
+
+
 def _gather_from_processes(tree: Any) -> Any:
   """Concatenates each process's arrays along axis 0 (a no-op in a one-process run)."""
   if jax.process_count() == 1:
@@ -51,11 +88,17 @@ def _gather_from_processes(tree: Any) -> Any:
   return jax.tree.map(lambda x: np.reshape(x, (-1,) + x.shape[2:]), gathered)
 
 
-def teacher_forced_metrics(eval_step: Callable[[Batch], dict], batches: Sequence[Batch]
+def teacher_forced_metrics(eval_step: Callable[[Batch], dict], batches: Sequence[Batch],
+                           should_stop: StopFn | None = None, split: str = "the split"
                            ) -> dict[str, float]:
-  """Per-token loss (label-smoothed, as in training), accuracy and perplexity of a split."""
+  """Per-token loss (label-smoothed, as in training), accuracy and perplexity of a split.
+
+  EvaluationStopped when `should_stop` (asked before each batch, see `stop_agreed`) says so.
+  """
   sums: dict[str, float] = {}
-  for batch in batches:
+  for number, batch in enumerate(batches):
+    if stop_agreed(should_stop):
+      raise EvaluationStopped(split, "teacher-forced", number, len(batches))
     for key, value in jax.device_get(eval_step(batch)).items():
       sums[key] = sums.get(key, 0.0) + float(value)
   metrics = {k: float(v) for k, v in objective.normalize_metrics(sums).items()}
@@ -64,14 +107,18 @@ def teacher_forced_metrics(eval_step: Callable[[Batch], dict], batches: Sequence
 
 
 def translate_batches(translate_fn: Callable[[np.ndarray], np.ndarray], tokenizer,
-                      batches: Sequence[Batch], width: int) -> dict[int, str]:
+                      batches: Sequence[Batch], width: int, should_stop: StopFn | None = None,
+                      split: str = "the split") -> dict[int, str]:
   """{example id: detokenized best hypothesis} for the examples of `batches` of every process.
 
   `translate_fn(inputs [B, S]) -> tokens [B, L]` gives the best hypothesis of each row; `width`
   (>= every L) makes the arrays of all processes the same shape so they can be gathered.
+  EvaluationStopped when `should_stop` (asked before each batch, see `stop_agreed`) says so.
   """
   ids, tokens = [], []
-  for batch in batches:
+  for number, batch in enumerate(batches):
+    if stop_agreed(should_stop):
+      raise EvaluationStopped(split, "decoding", number, len(batches))
     best = np.asarray(jax.device_get(translate_fn(batch["inputs"])))
     tokens.append(np.pad(best, ((0, 0), (0, width - best.shape[1]))))
     ids.append(batch["example_ids"])
@@ -82,19 +129,25 @@ def translate_batches(translate_fn: Callable[[np.ndarray], np.ndarray], tokenize
 
 
 def evaluate(config, *, tokenizer, data_dir: str, split: str, eval_step, translate_fn,
-             max_decode_examples: int | None = None, num_samples: int = 0) -> dict[str, Any]:
-  """Every metric of `split` as one flat dict (plus a few sample translations if asked)."""
+             max_decode_examples: int | None = None, num_samples: int = 0,
+             should_stop: StopFn | None = None) -> dict[str, Any]:
+  """Every metric of `split` as one flat dict (plus a few sample translations if asked).
+
+  `should_stop() -> bool`, when given (on every process), is asked before every batch; when it
+  is True on any process, every process raises EvaluationStopped at that batch.
+  """
   per_host_batch = config.eval.batch_size // jax.process_count()
   batches = list(pipeline.make_eval_batches(config, tokenizer, data_dir, split,
                                             batch_size=per_host_batch))
   metrics: dict[str, Any] = {"split": split}
-  metrics.update(teacher_forced_metrics(eval_step, batches))
+  metrics.update(teacher_forced_metrics(eval_step, batches, should_stop, split))
 
   references = pipeline.eval_references(config, data_dir, split)
   decode_batches = batches
   if max_decode_examples is not None:  # The same number of batches on every process.
     decode_batches = batches[:max(1, math.ceil(max_decode_examples / config.eval.batch_size))]
-  translations = translate_batches(translate_fn, tokenizer, decode_batches, config.model.max_len)
+  translations = translate_batches(translate_fn, tokenizer, decode_batches, config.model.max_len,
+                                   should_stop, split)
   order = sorted(translations)
   hypotheses = [translations[i] for i in order]
   targets = [references[i][1] for i in order]

@@ -22,6 +22,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 from typing import Any
 
@@ -54,6 +56,13 @@ REFERENCE_STEPS = 2 * HALF
 REFERENCE = {"train.steps": REFERENCE_STEPS, "train.log_every_steps": 10,
              "train.eval_every_steps": HALF, "checkpoint.every_steps": 10}
 RUN_TIMEOUT_S = 600
+# A model that decodes to the length limit: trained 2 steps, it hardly ever says EOS, and each
+# sentence may run to 256 tokens; 256 validation sentences make 32 batches of beam search, a
+# second or so each on a CPU (what a test needs to send a signal in the middle of decoding).
+# The run's own evaluation decodes one batch; raise eval.bleu_examples to decode them all.
+SLOW_DECODING = {"model.max_len": 256, "decode.max_extra_len": 250, "data.num_validation": 256,
+                 "eval.bleu_examples": 8, "train.steps": 2, "train.log_every_steps": 1,
+                 "train.eval_every_steps": 1000, "checkpoint.every_steps": 1000}
 # The compiler's backend (LLVM) optimizations off: a third less compile time, and these tests
 # compare runs with each other (all compiled alike), not speed.
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -115,9 +124,12 @@ class Runs:
     return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=self.env(devices),
                           capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
 
-  def start(self, args: list[str], devices: int = 1) -> subprocess.Popen:
-    """`python -m jaxformer ARGS` in the background; stderr to a pipe, stdout discarded."""
-    return subprocess.Popen([sys.executable, "-m", "jaxformer", *args], cwd=REPO,
+  def start(self, args: list[str], devices: int = 1, code: str | None = None
+            ) -> subprocess.Popen:
+    """`python -m jaxformer ARGS` (or `python -c CODE ARGS`) in the background; stderr to a
+    pipe, stdout discarded."""
+    command = ["-m", "jaxformer"] if code is None else ["-c", code]
+    return subprocess.Popen([sys.executable, *command, *args], cwd=REPO,
                             env=self.env(devices), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
@@ -126,6 +138,16 @@ class Runs:
     result = self.run(self.train_args(workdir, **extra), devices)
     assert result.returncode == 0, f"training failed:\n{result.stderr[-3000:]}"
     return result
+
+  def slow_decoding(self) -> str:
+    """A workdir of SLOW_DECODING, trained once per session. Copy it before changing it."""
+    workdir = os.path.join(self.root, "slow_decoding")
+    done = os.path.join(self.root, "slow_decoding.done")
+    if not os.path.exists(done):
+      shutil.rmtree(workdir, ignore_errors=True)
+      self.train(self.new_workdir(workdir), **SLOW_DECODING)
+      open(done, "w").close()
+    return workdir
 
   def reference(self) -> str:
     """The reference workdir (trained once per session). Copy it before changing it."""
@@ -166,6 +188,82 @@ def stop(process: subprocess.Popen, signum: int = signal.SIGKILL) -> tuple[int, 
   process.send_signal(signum)
   _, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
   return process.returncode, stderr
+
+
+# --- Signals in the middle of decoding. -------------------------------------------------------
+
+# `python -c` code that runs the jaxformer command of its arguments as `jaxformer` does, and
+# also prints DECODE_MARK and the clock on stderr as each batch of beam search starts (in an
+# evaluation, a translation, the training loop's validation): when to send a signal, and how
+# many batches started after it.
+DECODE_MARK = "test: decoding a batch at"
+DECODE_MARKS = textwrap.dedent(f"""
+    import sys, time
+    from jaxformer import cli, decode
+    decode_batch = decode.decode_batch
+    def marked(*args, **kwargs):
+      print(f"{DECODE_MARK} {{time.monotonic():.6f}}", file=sys.stderr, flush=True)
+      return decode_batch(*args, **kwargs)
+    decode.decode_batch = marked
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+class Watched:
+  """A started run (`Runs.start`) whose stderr a thread reads as it comes."""
+
+  def __init__(self, process: subprocess.Popen):
+    self.process = process
+    self.lines: list[str] = []
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+
+  def _read(self) -> None:
+    for line in self.process.stderr:
+      self.lines.append(line.rstrip("\n"))
+
+  def marks(self) -> list[float]:
+    """The clock (time.monotonic, the same in every process) at each decoding batch's start."""
+    return [float(line.split()[-1]) for line in list(self.lines) if line.startswith(DECODE_MARK)]
+
+  def wait_until(self, condition, what: str, timeout_s: float = RUN_TIMEOUT_S) -> None:
+    """Polls `condition()`; fails, showing the end of stderr, if the run ends first."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+      if self.process.poll() is not None or time.monotonic() > deadline:
+        self._reader.join(timeout=10)
+        raise AssertionError(f"no {what} (status {self.process.poll()}):\n"
+                             + "\n".join(self.lines[-40:]))
+      time.sleep(0.02)
+
+  def wait_for_marks(self, count: int) -> list[float]:
+    """The marks, once `count` decoding batches have started."""
+    self.wait_until(lambda: len(self.marks()) >= count, f"{count} decoding batches")
+    return self.marks()
+
+  def wait_for_line(self, text: str) -> None:
+    self.wait_until(lambda: text in self.lines, repr(text))
+
+  def signal(self, signum: int) -> float:
+    """Sends `signum`; returns the clock just before."""
+    sent = time.monotonic()
+    self.process.send_signal(signum)
+    return sent
+
+  def wait(self, timeout_s: float = RUN_TIMEOUT_S) -> tuple[int, float, str]:
+    """(exit status, the clock when it ended, stderr) once the run has ended; fails (and kills
+    the run) if it has not ended within `timeout_s`."""
+    try:
+      status = self.process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+      self.process.kill()
+      self.process.wait()
+      self._reader.join(timeout=10)
+      raise AssertionError(f"the run was still going {timeout_s} s later:\n"
+                           + "\n".join(self.lines[-40:])) from None
+    ended = time.monotonic()
+    self._reader.join(timeout=60)
+    return status, ended, "\n".join(self.lines)
 
 
 # --- Reading a workdir. -----------------------------------------------------------------------

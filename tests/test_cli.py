@@ -1,10 +1,12 @@
 """`jaxformer train|evaluate|translate` as a user runs them (subprocesses): training lowers the
 validation loss and logs the documented metrics; bad input ends with one line and status 2."""
 
+import io
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxformer import cli
-from jaxformer.data import tokenizer as tokenizer_lib
+from jaxformer.data import text, tokenizer as tokenizer_lib
 
 from tests import run_testing
 from tests.run_testing import HALF, REFERENCE_STEPS
@@ -160,6 +162,78 @@ def test_translate_keeps_the_line_count_the_order_and_the_empty_lines(runs, tmp_
   assert backward == forward[::-1]
   # (Which the two lists can only show when the translations differ from each other.)
   assert len({out for line, out in zip(LINES, forward) if line.strip()}) >= 3, forward
+# Lines holding characters str.splitlines breaks at (U+2028, U+2029, form feed, NEL), to be
+# read after a UTF-8 byte-order mark. The vocabulary reads U+2028 and form feed as spaces, so
+# lines 0 and 2 translate like their twins, lines 4 and 5.
+SEPARATED = ["three\u2028hundred twelve", "", "forty\x0ctwo", "seven\x85", "three hundred twelve",
+             "forty two", "one", "nine\u2029thousand"]
+
+
+def test_translate_gives_one_line_per_line_whatever_is_inside_the_lines(runs, tmp_path):
+  workdir = runs.reference()
+  data = text.BOM + "".join(line + "\n" for line in SEPARATED).encode()
+  source, out = tmp_path / "in.txt", tmp_path / "out.txt"
+  source.write_bytes(data)
+  result = runs.run(["translate", "--workdir", workdir, "--input", str(source),
+                     "--output", str(out)])
+  assert result.returncode == 0, result.stderr[-3000:]
+  written = out.read_bytes()
+  assert b"\r" not in written and written.count(b"\n") == len(SEPARATED), written
+  translations = written.decode().split("\n")[:-1]
+  assert translations[1] == ""
+  assert (translations[0], translations[2]) == (translations[4], translations[5]), translations
+
+  # The same bytes on stdin, the translations on stdout.
+  piped = subprocess.run([sys.executable, "-m", "jaxformer", "translate", "--workdir", workdir],
+                         input=data, capture_output=True, cwd=run_testing.REPO,
+                         env=runs.env(1), timeout=run_testing.RUN_TIMEOUT_S)
+  assert piped.returncode == 0, piped.stderr.decode()[-3000:]
+  assert piped.stdout.decode().split("\n") == translations + [""]
+
+
+def test_translate_of_stdin_that_is_not_utf8_is_one_line_naming_the_line(
+    runs, capsys, monkeypatch):
+  # In this process (loading the model is all it does before reading); cli.main is what the
+  # command runs, and it turns the error into its one line and the status.
+  stdin = io.TextIOWrapper(io.BytesIO(b"one\nforty two\nse\xffven\nten\n"), encoding="utf-8")
+  monkeypatch.setattr(sys, "stdin", stdin)
+  status = cli.main(["translate", "--workdir", runs.reference()])
+  captured = capsys.readouterr()
+  assert status == 2 and captured.out == ""
+  assert captured.err.strip().splitlines() == [
+      "error: stdin:3: invalid UTF-8 at byte offset 16 (byte 3 of line 3); save it as UTF-8"]
+
+
+# --- Signals. ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["evaluate", "translate"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_evaluate_and_translate_stop_within_a_batch_on_ctrl_c_and_sigterm(
+    runs, tmp_path, command, signum):
+  """No guard: Ctrl-C is a KeyboardInterrupt once the batch in flight is done (then one line,
+  status 130), SIGTERM the default action; nothing (no thread) keeps the process alive."""
+  workdir = run_testing.copy_workdir(runs.slow_decoding(), str(tmp_path / "w"))
+  if command == "evaluate":  # 32 batches of beam search over the validation split.
+    args = ["evaluate", "--workdir", workdir, "--split", "validation"]
+  else:  # 16 batches of 4, all of one shape.
+    source = tmp_path / "in.txt"
+    source.write_text("three hundred twelve\n" * 64, encoding="utf-8")
+    args = ["translate", "--workdir", workdir, "--input", str(source), "--batch-size", "4"]
+  run = run_testing.Watched(runs.start(args, code=run_testing.DECODE_MARKS))
+  marks = run.wait_for_marks(3)
+  sent = run.signal(signum)
+  status, ended, stderr = run.wait(timeout_s=60)
+
+  assert status == (130 if signum == signal.SIGINT else -signal.SIGTERM), stderr[-3000:]
+  assert len([t for t in run.marks() if t > sent]) <= 1, run.marks()
+  assert ended - sent < 3 * (marks[2] - marks[1]) + 2.0, (ended - sent, marks)
+  assert "Traceback" not in stderr
+  if signum == signal.SIGINT:
+    assert stderr.strip().splitlines()[-1] == "error: interrupted"
+  assert run_testing.metrics(workdir, "validation") == run_testing.metrics(
+      runs.slow_decoding(), "validation")  # Nothing of an interrupted evaluation is written.
+
+
 def test_prepare_command(tmp_path, capsys):
   args = ["--config", "sort", "--workdir", str(tmp_path), "--config.data.num_train=50",
           "--config.data.num_validation=5", "--config.data.num_test=5"]

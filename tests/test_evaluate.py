@@ -5,6 +5,12 @@ tested through the command line in tests/test_cli.py and tests/test_inference.py
 """
 
 import math
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -65,3 +71,98 @@ def test_translate_batches_keys_by_example_id_and_drops_filler_rows():
   got = evaluate.translate_batches(translate_fn, LettersTokenizer(), batches, width=5)
   assert got == {7: "ab", 3: "c", 1: "b"}  # The filler row (id -1) is not an example.
   assert evaluate.translate_batches(translate_fn, LettersTokenizer(), [], width=5) == {}
+
+
+class StopAfter:
+  """should_stop that says yes from its `n`-th question on; counts the questions."""
+
+  def __init__(self, n):
+    self.n, self.asked = n, 0
+
+  def __call__(self):
+    self.asked += 1
+    return self.asked > self.n
+
+
+def test_a_stop_request_ends_either_pass_before_the_next_batch():
+  batches = [{"inputs": np.array([[4, 5]]), "example_ids": np.array([i])} for i in range(5)]
+  done = []
+
+  def eval_step(batch):
+    done.append(int(batch["example_ids"][0]))
+    return {"loss": 1.0, "nll": 1.0, "correct": 1.0, "num_tokens": 2.0}
+
+  with pytest.raises(evaluate.EvaluationStopped) as stopped:
+    evaluate.teacher_forced_metrics(eval_step, batches, StopAfter(2), "validation")
+  assert done == [0, 1]  # Asked before every batch, and the third was never started.
+  assert str(stopped.value) == ("the evaluation of validation stopped after 2 of 5 "
+                                "teacher-forced batches")
+
+  decoded = []
+
+  def translate_fn(inputs):
+    decoded.append(inputs)
+    return inputs
+
+  with pytest.raises(evaluate.EvaluationStopped, match="after 3 of 5 decoding batches"):
+    evaluate.translate_batches(translate_fn, LettersTokenizer(), batches, 4, StopAfter(3))
+  assert len(decoded) == 3
+  # Never asked to stop (should_stop None, or always False): every batch, every metric.
+  assert len(evaluate.translate_batches(translate_fn, LettersTokenizer(), batches, 4,
+                                        lambda: False)) == 5
+  assert evaluate.stop_agreed(None) is False and evaluate.stop_agreed(lambda: 1) is True
+
+
+# One process of a pod of two: process 0 is asked to stop before its third batch, process 1
+# never is. Prints how many batches it decoded and how the evaluation ended.
+POD_PROCESS = textwrap.dedent("""
+    import os, sys
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    import numpy as np
+    port, index = sys.argv[1], int(sys.argv[2])
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=index,
+                               initialization_timeout=60)
+    from jaxformer import evaluate
+    asked, decoded = [], []
+    def should_stop():
+      asked.append(1)
+      return index == 0 and len(asked) > 2
+    def translate_fn(inputs):
+      decoded.append(1)
+      return inputs
+    class Tokenizer:
+      def decode(self, ids):
+        return str(ids)
+    batches = [{"inputs": np.array([[4, 5]]), "example_ids": np.array([2 * i + index])}
+               for i in range(6)]
+    try:
+      evaluate.translate_batches(translate_fn, Tokenizer(), batches, 4, should_stop)
+      print(f"finished after {len(decoded)}", flush=True)
+    except evaluate.EvaluationStopped as e:
+      print(f"stopped after {len(decoded)}: {e}", flush=True)
+    jax.distributed.shutdown()
+""")
+
+
+@pytest.mark.slow
+def test_every_process_stops_at_the_batch_where_any_process_was_asked_to():
+  """A process that stopped alone would leave the other waiting in the final gather."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  root = pathlib.Path(__file__).resolve().parent.parent
+  env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  processes = [subprocess.Popen([sys.executable, "-c", POD_PROCESS, str(port), str(index)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env) for index in (0, 1)]
+  try:
+    outputs = [p.communicate(timeout=60) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  for p, (out, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+    ends = [line for line in out.splitlines() if line.startswith(("stopped", "finished"))]
+    assert ends == ["stopped after 2: the evaluation of the split stopped after 2 of 6 decoding "
+                    "batches"], out + err[-3000:]

@@ -196,6 +196,93 @@ def test_sigterm_saves_the_current_step_and_exits_0(runs, tmp_path):
   assert run_testing.checkpoint_steps(workdir) == [step, step + 2]
 
 
+# Run as `jaxformer` runs, but the save of a stop takes two minutes: time for a second signal.
+SLOW_STOP_SAVE = textwrap.dedent("""
+    import sys, time
+    from jaxformer import checkpoint, cli
+    save = checkpoint.Checkpointer.save
+    def slow_save(self, *args, **kwargs):
+      print("test: saving slowly", file=sys.stderr, flush=True)
+      time.sleep(120)
+      return save(self, *args, **kwargs)
+    checkpoint.Checkpointer.save = slow_save
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+def test_ctrl_c_while_a_sigterm_stop_is_saving_ends_the_run_at_once(runs, tmp_path):
+  """The second signal's KeyboardInterrupt goes through the loop's clean-up (which waits for
+  saves in flight), and nothing, not the data pipeline's threads either, keeps the process."""
+  workdir = runs.new_workdir(str(tmp_path / "w"))
+  every_steps = 1000  # Never due: the only save is the one SIGTERM asks for.
+  run = run_testing.Watched(runs.start(runs.train_args(workdir, **{
+      "train.steps": every_steps, "checkpoint.every_steps": every_steps,
+      "train.log_every_steps": 1, "train.eval_every_steps": every_steps}), code=SLOW_STOP_SAVE))
+  run.wait_until(lambda: run_testing.metrics(workdir, "train"), "a first logged step")
+  run.signal(signal.SIGTERM)
+  run.wait_for_line("test: saving slowly")
+  sent = run.signal(signal.SIGINT)
+  status, ended, stderr = run.wait(timeout_s=60)
+
+  assert status == 130, stderr[-3000:]
+  assert ended - sent < 10, ended - sent  # Not the 120 s of the save.
+  assert stderr.strip().splitlines()[-1] == "error: interrupted"
+  assert "Traceback" not in stderr
+  assert run_testing.checkpoint_steps(workdir) == []
+
+
+def start_final_evaluation(runs, workdir):
+  """A SLOW_DECODING run that evaluates every validation sentence at its last step, watched
+  until the third batch of that evaluation's decoding started. Returns (run, marks, step)."""
+  overrides = {**run_testing.SLOW_DECODING, "eval.bleu_examples": 256}
+  run = run_testing.Watched(runs.start(runs.train_args(workdir, **overrides),
+                                       code=run_testing.DECODE_MARKS))
+  marks = run.wait_for_marks(3)
+  step = overrides["train.steps"]
+  assert f"step {step}: evaluating on validation" in run.lines, run.lines
+  return run, marks, step
+
+
+def test_sigterm_during_the_final_evaluation_stops_it_within_a_batch_and_saves_the_step(
+    runs, tmp_path):
+  workdir = runs.new_workdir(str(tmp_path / "w"))
+  run, marks, step = start_final_evaluation(runs, workdir)
+  sent = run.signal(signal.SIGTERM)
+  status, ended, stderr = run.wait(timeout_s=60)
+
+  assert status == 0, stderr[-3000:]  # A stopped run's status, as a stop between steps.
+  assert "Traceback" not in stderr
+  # The batch in flight when the signal came is finished; none starts after the check that
+  # follows it (one may start between the check and the signal's arrival).
+  assert len([t for t in run.marks() if t > sent]) <= 1, run.marks()
+  # 32 decoding batches in all: the rest of the evaluation would have taken 29 more; the stop
+  # (the batch in flight, the save, the exit) takes about one.
+  batch_s = (marks[2] - marks[1])
+  remaining_s = (32 - len(marks)) * batch_s
+  assert ended - sent < max(0.3 * remaining_s, 3 * batch_s), (ended - sent, batch_s)
+  assert run_testing.checkpoint_steps(workdir) == [step]
+  assert not run_testing.metrics(workdir, "validation")  # Nothing of the evaluation is kept.
+  assert f"stopped by SIGTERM at step {step};" in stderr
+  assert (f"the evaluation of step {step} was interrupted; run it with `jaxformer evaluate "
+          f"--workdir {workdir} --step {step} --split validation`") in stderr
+
+
+def test_sigint_after_sigterm_during_the_evaluation_ends_the_run_at_once(runs, tmp_path):
+  workdir = runs.new_workdir(str(tmp_path / "w"))
+  run, marks, _ = start_final_evaluation(runs, workdir)
+  sent = run.signal(signal.SIGTERM)
+  run.signal(signal.SIGINT)  # Both come during one batch: Python sees SIGINT first.
+  status, ended, stderr = run.wait(timeout_s=60)
+
+  # As without the guard: killed by the SIGTERM, or Ctrl-C's KeyboardInterrupt (status 130,
+  # whichever came second to Python), and no clean stop's save or log line.
+  assert status in (-signal.SIGTERM, 130), (status, stderr[-3000:])
+  assert "Traceback" not in stderr and "stopped by" not in stderr
+  assert len([t for t in run.marks() if t > sent]) <= 1, run.marks()
+  assert ended - sent < 3 * (marks[2] - marks[1]) + 2.0
+  assert not run_testing.metrics(workdir, "validation")
+
+
 # Run in a 1-device process: the parameters of the newest checkpoint through load_params, and
 # the logits of the model on the batch in BATCH_FILE, saved to OUT_FILE.
 ONE_DEVICE_LOGITS = textwrap.dedent("""

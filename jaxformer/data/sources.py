@@ -37,7 +37,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from jaxformer import config as config_lib
-from jaxformer.data import tasks
+from jaxformer.data import tasks, text
 from jaxformer.errors import ConfigError, DataError
 
 SPLITS = ("train", "validation", "test")
@@ -190,27 +190,12 @@ class GeneratedTask(PairBuilder):
 # --- Local parallel text. --------------------------------------------------------------------
 
 def read_lines(path: str) -> list[str]:
-  """The lines of a UTF-8 text file, without line ends. DataError naming file and line."""
-  try:
-    with open(path, "rb") as f:
-      raw = f.read()
-  except FileNotFoundError:
-    raise DataError(f"{path}: file not found") from None
-  except OSError as e:
-    raise DataError(f"{path}: cannot read ({e.strerror})") from None
-  if not raw.strip():
+  """The lines of a UTF-8 text file, as jaxformer.data.text splits them (at "\\n" only).
+  DataError naming file and line."""
+  lines = text.read_lines(path, DataError)
+  if not "".join(lines).strip():
     raise DataError(f"{path}: the file is empty")
-  lines = raw.split(b"\n")
-  if lines[-1] == b"":
-    lines.pop()  # The newline that ends the last line.
-  text = []
-  for number, line in enumerate(lines, start=1):
-    try:
-      text.append(line.decode("utf-8").removesuffix("\r"))
-    except UnicodeDecodeError as e:
-      raise DataError(f"{path}:{number}: invalid UTF-8 (byte {e.start + 1} of the line); "
-                      "save the file as UTF-8") from None
-  return text
+  return lines
 
 
 def read_pairs(paths: Sequence[str]) -> list[tuple[str, str]]:
@@ -232,8 +217,8 @@ def read_pairs(paths: Sequence[str]) -> list[tuple[str, str]]:
                       "aligned line by line")
     pairs = list(zip(sources, targets))
   for number, (source, target) in enumerate(pairs, start=1):
-    for side, text, path in (("source", source, paths[0]), ("target", target, paths[-1])):
-      if not text.strip():
+    for side, sentence, path in (("source", source, paths[0]), ("target", target, paths[-1])):
+      if not sentence.strip():
         raise DataError(f"{path}:{number}: empty {side} sentence; remove the pair or fill it in")
   return pairs
 
@@ -258,8 +243,10 @@ class TextPairs(PairBuilder):
   Example i of a split is line i + 1 of its files.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Aligned .src/.tgt files or a .tsv file per split."}
+  # Bump the version whenever reading the files gives different pairs (jaxformer.data.text).
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Aligned .src/.tgt files or a .tsv file per split.",
+                   "1.1.0": "A UTF-8 byte-order mark at the start of a file is not text."}
 
   @staticmethod
   def config_for(config: Config) -> TextConfig:

@@ -4,7 +4,8 @@
           lock the workdir
   -> resume or start (metrics of the steps it trains again set aside)
   -> for each step: next batch, train step, (NaN check) (log) (evaluate) (checkpoint)
-  -> stop at train.steps, or at the step the hosts agreed on after a preemption signal
+  -> stop at train.steps, or at the step the hosts agreed on after a preemption signal, or,
+     when the signal comes during an evaluation, before its next batch (the step is saved)
 
 Everything that can fail because of the user's input (config against the devices, a workdir
 that cannot be written, that another trainer holds, or whose checkpoints the config does not
@@ -95,6 +96,7 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
     eval_metrics: dict[str, Any] = {}
     pending: Pending = []
     step, previous_metrics = start_step, None
+    stopped, interrupted = False, False  # By a signal; during the evaluation of `step`.
     with preemption.PreemptionGuard() as guard:
       while step < config.train.steps:
         state, metrics = _train_step(run, state, meter, previous_metrics)
@@ -113,15 +115,19 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
           _log_train(run, step, metrics, meter, peak_flops, bar)
         if due.evaluate:
           with meter.paused():  # Evaluation time is not training time.
-            eval_metrics = _evaluate(run, state, step)
-          log(f"step {step} validation: {_format(eval_metrics)}")
+            evaluated = _evaluate(run, state, step, guard)
+          if evaluated is None:  # A signal came during it: save this step (no metrics), stop.
+            due, interrupted = dataclasses.replace(due, preempted=True, save=True), True
+          else:
+            eval_metrics = evaluated
         if due.save:
-          _save(run, step, state, eval_metrics)
+          _save(run, step, state, {} if interrupted else eval_metrics)
         if due.preempted:
+          stopped = True
           break
     if bar is not None:
       bar.close()
-    _finish(run, step, guard)
+    _finish(run, step, guard, stopped, interrupted)
     return eval_metrics
   finally:
     _close(run, lock)
@@ -281,16 +287,30 @@ def _log_train(run: _Run, step: int, metrics: dict[str, Any], meter: throughput.
     log(f"step {step}: {_format(metrics)}")
 
 
-def _evaluate(run: _Run, state: TrainState, step: int) -> dict[str, Any]:
-  """Validation metrics of `state`; writes them, the sample translations and, in TensorBoard,
-  the attention map of the first sample."""
+def _evaluate(run: _Run, state: TrainState, step: int, guard: preemption.PreemptionGuard
+              ) -> dict[str, Any] | None:
+  """Validation metrics of `state`; writes and logs them, the sample translations and, in
+  TensorBoard, the attention map of the first sample. None, with nothing written, when a
+  signal came during the evaluation: it stops before the next batch (on every process)."""
   config, strategy, model, tokenizer, writer = (run.config, run.strategy, run.model,
                                                 run.tokenizer, run.writer)
-  result = evaluate.evaluate(
-      config, tokenizer=tokenizer, data_dir=run.data_dir, split="validation",
-      eval_step=lambda batch: strategy.eval_step(state.params, strategy.shard_eval_batch(batch)),
-      translate_fn=evaluate.make_translate_fn(model, strategy.inference_params(state), config),
-      max_decode_examples=config.eval.bleu_examples, num_samples=config.eval.num_samples)
+  log(f"step {step}: evaluating on validation")
+  try:
+    result = evaluate.evaluate(
+        config, tokenizer=tokenizer, data_dir=run.data_dir, split="validation",
+        eval_step=lambda batch: strategy.eval_step(state.params,
+                                                   strategy.shard_eval_batch(batch)),
+        translate_fn=evaluate.make_translate_fn(model, strategy.inference_params(state),
+                                                config),
+        max_decode_examples=config.eval.bleu_examples, num_samples=config.eval.num_samples,
+        # The local flag: under jax.distributed's preemption service SIGTERM goes to jax's
+        # notifier and never sets it (preemption.py), so such a notice does not interrupt an
+        # evaluation; the hosts stop at the step they agree on after it. SIGINT does.
+        should_stop=lambda: guard.requested)
+  except evaluate.EvaluationStopped as e:
+    log(f"step {step}: {e}")
+    return None
+  log(f"step {step} validation: {_format(result)}")
   samples = result.pop("samples", [])
   writer.write(step, "validation", result)
   for sample in samples:
@@ -310,12 +330,24 @@ def _save(run: _Run, step: int, state: TrainState, eval_metrics: dict[str, Any])
                         metrics=eval_metrics, force=True)
 
 
-def _finish(run: _Run, step: int, guard: preemption.PreemptionGuard) -> None:
-  """Waits for the saves in flight, then says why the run stopped and where its checkpoints are."""
+def _finish(run: _Run, step: int, guard: preemption.PreemptionGuard, stopped: bool,
+            interrupted: bool) -> None:
+  """Waits for the saves in flight, then says why the run stopped and where its checkpoints are.
+
+  `stopped`: by a signal, at `step`; `interrupted`: during the evaluation of `step`.
+  """
   checkpointer = run.checkpointer
   checkpointer.wait()
-  if step < run.config.train.steps:
-    log(f"jaxformer: stopped by {guard.reason} at step {step}; the checkpoint is saved in "
-        f"{checkpointer.directory}. Run the same command to resume.")
-  else:
+  if not stopped:
     log(f"jaxformer: trained to step {step}; checkpoints in {checkpointer.directory}")
+    return
+  log(f"jaxformer: stopped by {guard.reason} at step {step}; the checkpoint is saved in "
+      f"{checkpointer.directory}. Run the same command to resume.")
+  # Resuming goes on from the next step: an evaluation due at this one is never made up for.
+  train = run.config.train
+  missed = "interrupted" if interrupted else ""
+  if not interrupted and (step % train.eval_every_steps == 0 or step == train.steps):
+    missed = "skipped"  # The signal came during the step's training: _due left it out.
+  if missed:
+    log(f"jaxformer: the evaluation of step {step} was {missed}; run it with `jaxformer "
+        f"evaluate --workdir {checkpointer.workdir} --step {step} --split validation`")

@@ -5,7 +5,8 @@ grace), a scheduler ends a job, a user presses Ctrl-C. None of these may lose th
 last checkpoint. `PreemptionGuard` catches the signal, and the training loop asks it at every
 step whether to stop; on one host that is the step during which the signal came, on a pod it is a
 step every host agrees on (jax.distributed's preemption sync service), so that all hosts save
-the same step and none waits forever in a collective the others left.
+the same step and none waits forever in a collective the others left. Within a step, the
+loop's evaluation asks the guard's local flag (`requested`) before every batch.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ class PreemptionGuard:
 
   While the guard is entered, these signals no longer kill the process: they set a flag, and
   `should_stop(step)` becomes True. The loop then saves a checkpoint at that step, waits for
-  it and exits with status 0. A second signal of the same kind acts as if no guard were
-  installed (Ctrl-C twice: stop at once, without a checkpoint). On exit the previous handlers
-  are restored. Enter it in the main thread (Python delivers signals there only).
+  it and exits with status 0. A second signal, of either kind, acts as if no guard were
+  installed (Ctrl-C twice, or SIGTERM then Ctrl-C: KeyboardInterrupt; a second SIGTERM: the
+  default action, which ends the process at once), without a checkpoint: the way out when the
+  clean stop takes too long. Two signals that come while Python waits for the devices reach
+  Python (the guard or Python's own handlers) only after that wait, one per kind: two Ctrl-C
+  in one batch of beam search are one. On exit the previous handlers are restored. Enter it in
+  the main thread (Python delivers signals there only).
 
   Multi-host: when jax.distributed runs its preemption service (the default after
   `jax.distributed.initialize()`), SIGTERM is left to jax's notifier, SIGINT is forwarded to
@@ -65,24 +70,35 @@ class PreemptionGuard:
     return self
 
   def __exit__(self, *exc_info) -> None:
-    for signum, handler in self._previous.items():
-      # None: a handler installed outside Python, which cannot be put back; use the default.
-      signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-    self._previous = {}
+    for signum in list(self._previous):
+      self._put_back(signum)
+
+  def _put_back(self, signum: int) -> None:
+    handler = self._previous.pop(signum)
+    # None: a handler installed outside Python, which cannot be put back; use the default.
+    signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
   def _on_signal(self, signum: int, frame: Any) -> None:
     del frame
-    if self._received == signum:  # The second one: behave as without the guard.
+    if self._received is not None:  # A second one, of any kind: behave as without the guard.
       self.__exit__()
       signal.raise_signal(signum)
       return
     self._received = signum
+    # The next signal of this kind goes straight to the handler from before the guard: for
+    # SIGTERM the default action, which ends the process even while it waits for the devices
+    # (a Python handler, this one included, runs only once that wait is over). The other kind
+    # still comes here: it may be waiting already (Python runs the handlers of signals that
+    # came during one wait in the order of their numbers, SIGINT first), and given a default
+    # handler now it would be dropped.
+    self._put_back(signum)
     if self._sync_hosts:
       os.kill(os.getpid(), signal.SIGTERM)  # Hand it to jax's notifier (all hosts agree).
 
   @property
   def requested(self) -> bool:
-    """Whether this process received one of the signals (SIGTERM under jax.distributed aside)."""
+    """Whether this process received one of the signals (SIGTERM under jax.distributed aside:
+    jax's notifier takes it, and only `should_stop(step)` learns of it, at a step)."""
     return self._received is not None
 
   @property

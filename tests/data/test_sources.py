@@ -71,6 +71,20 @@ def test_aligned_files_load_exactly(small_config, tmp_path):
     sources.get_split(config, "test", str(tmp_path / "tfds"))
 
 
+def test_text_files_split_at_newline_only_without_the_byte_order_mark(small_config, tmp_path):
+  """The lines of jaxformer.data.text: a separator inside a line stays in it (str.splitlines
+  would break there and misalign the pairs), and Notepad's byte-order mark is no text."""
+  sources_text = ["one\u2028two", "form\x0cfeed", "next\x85line"]
+  src = write(tmp_path / "a.src", b"\xef\xbb\xbf" + "\n".join(sources_text).encode())
+  tgt = write(tmp_path / "a.tgt", b"\xef\xbb\xbfuno\r\ndos\r\ntres\r\n")
+  config = text_config(small_config, train=f"{src},{tgt}")
+  assert read_split(config, "train", str(tmp_path / "tfds")) == list(
+      zip(sources_text, ["uno", "dos", "tres"]))
+  bom_only = write(tmp_path / "b.src", b"\xef\xbb\xbf\n")
+  with pytest.raises(DataError, match=r"b\.src: the file is empty"):
+    sources.read_lines(bom_only)
+
+
 def test_edited_file_is_read_again(small_config, tmp_path):
   src = write(tmp_path / "a.src", b"one\ntwo\n")
   tgt = write(tmp_path / "a.tgt", b"uno\ndos\n")

@@ -49,6 +49,56 @@ def test_preemption_guard_second_sigint_interrupts_at_once():
     signal.signal(signal.SIGINT, old)
 
 
+def spin():
+  for _ in range(1000):  # Give Python a bytecode boundary to run the handler.
+    pass
+
+
+def test_preemption_guard_sigint_after_sigterm_interrupts_at_once():
+  old = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      with preemption.PreemptionGuard() as guard:
+        os.kill(os.getpid(), signal.SIGTERM)  # The clean stop asked for ...
+        spin()
+        assert guard.should_stop(1) and guard.reason == "SIGTERM"
+        os.kill(os.getpid(), signal.SIGINT)  # ... and Ctrl-C because it takes too long.
+        spin()
+        pytest.fail("the second signal did not interrupt")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, old)
+
+
+@pytest.mark.parametrize("first", [signal.SIGINT, signal.SIGTERM])
+def test_preemption_guard_sigterm_after_any_signal_is_handled_as_without_the_guard(first):
+  """The handler from before the guard gets the second signal (the default one would end the
+  process: here a recording one stands in for it)."""
+  received = []
+
+  def previous_handler(signum, frame):
+    received.append(signum)
+
+  old_term = signal.signal(signal.SIGTERM, previous_handler)
+  old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with preemption.PreemptionGuard() as guard:
+      os.kill(os.getpid(), first)
+      spin()
+      assert guard.requested and received == []
+      if first == signal.SIGTERM:
+        # Back with its own handler at once, so that the kernel's default action can end the
+        # process even in the middle of a device computation.
+        assert signal.getsignal(signal.SIGTERM) is previous_handler
+      os.kill(os.getpid(), signal.SIGTERM)
+      spin()
+      assert received == [signal.SIGTERM] and guard.reason == signal.Signals(first).name
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGTERM, old_term)
+    signal.signal(signal.SIGINT, old_int)
+
+
 @pytest.mark.slow
 def test_preemption_guard_agrees_through_the_jax_preemption_service(tmp_path):
   """Under jax.distributed, SIGTERM goes to jax's notifier; all hosts stop at one sync step."""
