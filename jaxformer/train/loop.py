@@ -113,6 +113,7 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
           meter.restart()  # The first step compiles: that is not training speed.
         if due.log:
           _log_train(run, step, metrics, meter, peak_flops, bar)
+        evaluated = None
         if due.evaluate:
           with meter.paused():  # Evaluation time is not training time.
             evaluated = _evaluate(run, state, step, guard)
@@ -120,8 +121,8 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
             due, interrupted = dataclasses.replace(due, preempted=True, save=True), True
           else:
             eval_metrics = evaluated
-        if due.save:
-          _save(run, step, state, {} if interrupted else eval_metrics)
+        if due.save:  # keep_best ranks a step by its own evaluation only, if it had one.
+          _save(run, step, state, evaluated or {})
         if due.preempted:
           stopped = True
           break
