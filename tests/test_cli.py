@@ -106,13 +106,13 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
 def test_keep_best_ranks_a_checkpoint_by_its_own_evaluation_only(runs, tmp_path):
   """A save at a step that did not evaluate carries no score (not the last evaluation's)."""
   workdir = runs.new_workdir(str(tmp_path / "w"))
-  runs.train(workdir, train__steps=30, checkpoint__every_steps=10, train__eval_every_steps=20,
+  runs.train(workdir, train__steps=40, checkpoint__every_steps=10, train__eval_every_steps=20,
              checkpoint__keep=10, checkpoint__keep_best="loss", train__log_every_steps=10)
-  assert run_testing.checkpoint_steps(workdir) == [10, 20, 30]
+  assert run_testing.checkpoint_steps(workdir) == [10, 20, 30, 40]
   scored = {step: os.path.exists(os.path.join(workdir, "checkpoints", str(step), "metrics",
                                               "metrics"))
-            for step in (10, 20, 30)}
-  assert scored == {10: False, 20: True, 30: True}, scored
+            for step in (10, 20, 30, 40)}
+  assert scored == {10: False, 20: True, 30: False, 40: True}, scored
   validation = {e["step"]: e["loss"] for e in run_testing.metrics(workdir, "validation")}
   with open(os.path.join(workdir, "checkpoints", "20", "metrics", "metrics")) as f:
     assert json.load(f)["loss"] == pytest.approx(validation[20])
