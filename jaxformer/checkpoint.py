@@ -4,7 +4,8 @@ Everything that reads or writes `<workdir>/checkpoints/<step>/` and `<workdir>/a
 (paths from jaxformer.workdir) is here, and nothing else: what a checkpoint is used for
 (evaluation, translation, averaging, pictures) is jaxformer.inference's. This module knows the
 layout of a checkpoint (the `state` item holds the TrainState, `params` among its fields; the
-`data` item the grain iterator state of each process), but neither the model nor the tokenizer.
+`data` item the grain iterator state of each process; the `checksums` item a checksum of each
+array and iterator state), but neither the model nor the tokenizer.
 
 - `Checkpointer` wraps an orbax `CheckpointManager`: it saves the train state and the data
   iterator together, asynchronously, every `checkpoint.every_steps`, keeps the `checkpoint.keep`
@@ -12,13 +13,21 @@ layout of a checkpoint (the `state` item holds the TrainState, `params` among it
   current run, so a run saved on 8 devices with fsdp resumes on 1 (or the other way round).
   `Checkpointer.restore_or_none` resumes from the newest intact step: a damaged newest
   checkpoint is reported, moved aside to `<workdir>/damaged/`, and the previous one is used.
+- Checksums: orbax checks the index of a checkpoint but not the bytes of its array chunks
+  (zstd-compressed, where a few flipped bytes still decompress, to wrong numbers). So each save
+  also writes two sums modulo 2^32 of every array's bits (`array_checksums`: computed where
+  the arrays lie, the same numbers whatever the sharding, device count or strategy) and a
+  sha256 of each process's iterator state; `restore` and `restore_params` check what they read
+  against them, and a mismatch is damage like a missing file. A checkpoint written before
+  checksums existed has none and is restored unverified.
 - `checkpoint_dir` resolves a step (the newest, a saved step or the name of an averaged
   checkpoint) to its directory; `restore_params` reads only the parameters stored there (no
   optimizer state), onto given shardings or into host memory.
 - `averaged_path` and `save_averaged` name and write a checkpoint of averaged parameters.
 
 Every failure a user can cause raises `CheckpointError` with a one-line message;
-`DamagedCheckpointError` when a checkpoint's files cannot be read.
+`DamagedCheckpointError` when a checkpoint's files cannot be read or do not match their
+checksums.
 """
 
 from __future__ import annotations
@@ -353,6 +362,8 @@ class Checkpointer:
     (passed to `save` as `metrics`) is kept as well.
   - every process calls every method (orbax synchronizes the processes); each saves the
     arrays it holds and its own iterator state.
+  - each step holds the checksums of its arrays and iterator states (`checksums/`), checked
+    by `restore`: damage orbax does not notice is reported as such (DamagedCheckpointError).
 
   Use it as a context manager, or call `close()`.
   """
