@@ -225,10 +225,9 @@ def _array_checksum(x: jax.Array) -> jax.Array:
                     jnp.sum(words * weight, dtype=jnp.uint32)])
 
 
-@jax.jit
-def _device_checksums(arrays: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """`_array_checksum` of every array, in one program (one compilation per state layout)."""
-  return {key: _array_checksum(x) for key, x in arrays.items()}
+# One program per shape, dtype and sharding: the layers of a model share a few. (One program
+# for the whole state would take longer to compile, and to run on a CPU.)
+_device_checksum = jax.jit(_array_checksum)
 
 
 def _host_checksum(x: np.ndarray) -> list[int]:
@@ -251,17 +250,11 @@ def array_checksums(tree: PyTree) -> dict[str, list[int]]:
   run must call this, as the sums of a global array are collectives), NumPy arrays on the host.
   The numbers depend only on each array's shape, dtype size and bits."""
   leaves = _flat_leaves(tree)
-  by_devices: dict[frozenset, dict[str, jax.Array]] = {}
-  sums = {}
-  for key, leaf in leaves.items():
-    if isinstance(leaf, jax.Array):  # One program per set of devices: jit needs them alike.
-      by_devices.setdefault(frozenset(leaf.sharding.device_set), {})[key] = leaf
-    else:
-      sums[key] = _host_checksum(leaf)
-  for arrays in by_devices.values():
-    for key, pair in jax.device_get(_device_checksums(arrays)).items():
-      sums[key] = [int(v) for v in pair]  # The sums are replicated: every process has them.
-  return {key: sums[key] for key in leaves}
+  # All dispatched, then fetched at once; the sums are replicated: every process has them.
+  on_devices = jax.device_get({key: _device_checksum(leaf) for key, leaf in leaves.items()
+                               if isinstance(leaf, jax.Array)})
+  return {key: [int(v) for v in on_devices[key]] if key in on_devices else _host_checksum(leaf)
+          for key, leaf in leaves.items()}
 
 
 def iterator_state_digest(state: Any) -> str:

@@ -204,8 +204,8 @@ def test_the_checksum_is_the_same_whatever_the_sharding_and_on_the_host():
   host["keys"] = np.asarray(jax.random.key_data(arrays["keys"]))
   assert checkpoint.array_checksums(host) == on_one
   # Summed where each shard lies: no device gathers the array.
-  fsdp = {"x": jax.device_put(arrays["float32"], NamedSharding(mesh, P(("data", "fsdp"))))}
-  hlo = checkpoint._device_checksums.lower(fsdp).compile().as_text()
+  fsdp = jax.device_put(arrays["float32"], NamedSharding(mesh, P(("data", "fsdp"))))
+  hlo = checkpoint._device_checksum.lower(fsdp).compile().as_text()
   assert "all-reduce" in hlo and "all-gather" not in hlo
 
 
