@@ -188,8 +188,9 @@ def _check_has_shardings(abstract_state: PyTree) -> None:
 
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}  # item size -> same-size unsigned int
 # The weight of word i is 2 * i * 0x9E3779B1 + 1 (mod 2^32): odd, so any one changed word
-# changes the weighted sum, and spread over all 32 bits (0x9E3779B1 is 2^32 / golden ratio),
-# so two changed words rarely cancel out.
+# changes the weighted sum (an odd number times a nonzero difference is nonzero mod 2^32); and
+# neighbouring words get weights far apart (0x9E3779B1, a prime near 2^32 / golden ratio, is
+# Knuth's multiplicative hash), so that changes in two words rarely cancel out.
 _WEIGHT_STEP = np.uint32(2 * 0x9E3779B1 % 2**32)
 
 
@@ -211,7 +212,7 @@ def _array_checksum(x: jax.Array) -> jax.Array:
 
   Integer sums modulo 2^32 do not depend on the order of the additions, so the numbers are the
   same however `x` is sharded and over how many devices or hosts: each device sums its part
-  and the partial sums are added (an all-reduce of 8 bytes, no gather). The position comes from
+  and the partial sums are added (an all-reduce of two numbers, no gather). The position comes from
   iotas times strides, which XLA computes shard by shard; reshaping `x` to 1-D instead could
   move the data between devices."""
   words = _words(x)
@@ -294,7 +295,7 @@ def _read_checksums(ckpt_dir: epath.Path, label: int | str, where: str) -> dict 
     return None  # Older code wrote no checksums: such a checkpoint restores unverified.
   try:
     checksums = ocp.JsonCheckpointHandler().restore(directory)
-    version = checksums["format"]
+    version, _, _ = checksums["format"], dict(checksums["arrays"]), dict(checksums["data"])
   except Exception as e:  # A missing or mangled file: orbax and json raise many types.
     raise DamagedCheckpointError(label, where, f"unreadable {CHECKSUMS_ITEM}: "
                                                 f"{_damage_reason(e, ckpt_dir)}") from e
