@@ -250,12 +250,16 @@ def array_checksums(tree: PyTree) -> dict[str, list[int]]:
   jax.Arrays are summed where they lie (see `_array_checksum`; every process of a multi-host
   run must call this, as the sums of a global array are collectives), NumPy arrays on the host.
   The numbers depend only on each array's shape, dtype size and bits."""
-  leaves = _flat_leaves(tree)
-  # All dispatched, then fetched at once; the sums are replicated: every process has them.
-  on_devices = jax.device_get({key: _device_checksum(leaf) for key, leaf in leaves.items()
-                               if isinstance(leaf, jax.Array)})
-  return {key: [int(v) for v in on_devices[key]] if key in on_devices else _host_checksum(leaf)
-          for key, leaf in leaves.items()}
+  sums = {}
+  for key, leaf in _flat_leaves(tree).items():
+    if isinstance(leaf, jax.Array):
+      # Each fetched before the next starts (the sums are replicated: every process has them).
+      # Many independent programs with collectives in flight at once can deadlock XLA:CPU's
+      # simulated devices, each waiting in another program's all-reduce.
+      sums[key] = [int(v) for v in np.asarray(_device_checksum(leaf))]
+    else:
+      sums[key] = _host_checksum(leaf)
+  return sums
 
 
 def iterator_state_digest(state: Any) -> str:
