@@ -4,7 +4,8 @@ Everything that reads or writes `<workdir>/checkpoints/<step>/` and `<workdir>/a
 (paths from jaxformer.workdir) is here, and nothing else: what a checkpoint is used for
 (evaluation, translation, averaging, pictures) is jaxformer.inference's. This module knows the
 layout of a checkpoint (the `state` item holds the TrainState, `params` among its fields; the
-`data` item the grain iterator state of each process), but neither the model nor the tokenizer.
+`data` item the grain iterator state of each process; the `checksums` item a checksum of each
+array and iterator state), but neither the model nor the tokenizer.
 
 - `Checkpointer` wraps an orbax `CheckpointManager`: it saves the train state and the data
   iterator together, asynchronously, every `checkpoint.every_steps`, keeps the `checkpoint.keep`
@@ -12,23 +13,34 @@ layout of a checkpoint (the `state` item holds the TrainState, `params` among it
   current run, so a run saved on 8 devices with fsdp resumes on 1 (or the other way round).
   `Checkpointer.restore_or_none` resumes from the newest intact step: a damaged newest
   checkpoint is reported, moved aside to `<workdir>/damaged/`, and the previous one is used.
+- Checksums: orbax checks the index of a checkpoint but not the bytes of its array chunks
+  (zstd-compressed, where a few flipped bytes still decompress, to wrong numbers). So each save
+  also writes two sums modulo 2^32 of every array's bits (`array_checksums`: computed where
+  the arrays lie, the same numbers whatever the sharding, device count or strategy) and a
+  sha256 of each process's iterator state; `restore` and `restore_params` check what they read
+  against them, and a mismatch is damage like a missing file. A checkpoint written before
+  checksums existed has none and is restored unverified.
 - `checkpoint_dir` resolves a step (the newest, a saved step or the name of an averaged
   checkpoint) to its directory; `restore_params` reads only the parameters stored there (no
   optimizer state), onto given shardings or into host memory.
 - `averaged_path` and `save_averaged` name and write a checkpoint of averaged parameters.
 
 Every failure a user can cause raises `CheckpointError` with a one-line message;
-`DamagedCheckpointError` when a checkpoint's files cannot be read.
+`DamagedCheckpointError` when a checkpoint's files cannot be read or do not match their
+checksums.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from typing import Any, Sequence
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -44,7 +56,10 @@ PyTree = Any
 STATE_ITEM = "state"    # the TrainState, saved with orbax's StandardSave.
 DATA_ITEM = "data"      # the grain iterator state, one file per process.
 INFO_ITEM = "info"      # averaged checkpoints: which steps were averaged (JSON).
+CHECKSUMS_ITEM = "checksums"  # the checksum of every array and iterator state saved (JSON).
 PARAMS_KEY = "params"   # the field of the TrainState that holds the parameters.
+# The layout of the checksums item; a reader refuses a format it does not know.
+CHECKSUMS_FORMAT = 1
 
 # Whether a larger or a smaller value of each validation metric is better (checkpoint.keep_best).
 BEST_MODE = {"loss": "min", "accuracy": "max", "bleu": "max"}
@@ -57,7 +72,8 @@ _TENSORSTORE_PROBLEMS = {"NOT_FOUND": "missing file", "OUT_OF_RANGE": "truncated
 
 
 class DamagedCheckpointError(CheckpointError):
-  """A checkpoint directory that exists but cannot be read (missing or truncated files)."""
+  """A checkpoint directory that exists but cannot be read (missing or truncated files), or
+  whose arrays or iterator state do not match the checksums saved with them."""
 
   def __init__(self, step: int, directory: str, reason: str):
     self.step, self.directory, self.reason = step, directory, reason
@@ -100,15 +116,20 @@ def _key_name(entry: Any) -> str:
   return str(entry)
 
 
+def _flat_leaves(tree: PyTree) -> dict[str, Any]:
+  """{'params.encoder.layer_0.kernel': leaf, ...} for every array leaf of a pytree, in order."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {".".join(_key_name(k) for k in path): leaf
+          for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
 def flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
   """{'params.encoder.layer_0.kernel': (D, F), ...} for every array leaf of a pytree.
 
   Works alike for the state (dataclasses, optax's named tuples, including empty ones such as
   the EmptyState of gradient clipping) and for orbax's metadata tree of a saved one (dicts and
   lists, with None where an empty node was)."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {".".join(_key_name(k) for k in path): tuple(leaf.shape)
-          for path, leaf in leaves if hasattr(leaf, "shape")}
+  return {key: tuple(leaf.shape) for key, leaf in _flat_leaves(tree).items()}
 
 
 def describe_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple], limit: int = 3) -> str:
@@ -158,6 +179,172 @@ def _check_has_shardings(abstract_state: PyTree) -> None:
                      "sharding=...) (e.g. jax.eval_shape + the strategy's shardings)")
 
 
+# --- Checksums. -------------------------------------------------------------------------------
+#
+# Orbax protects the index of a checkpoint (crc32c) but not the bytes of an array chunk: a
+# chunk is zstd-compressed without a checksum, and a few changed bytes in it usually still
+# decompress, to wrong numbers. So every save also writes the `checksums` item: two 32-bit
+# sums per array (below) and a sha256 of each process's iterator state, which restore checks.
+
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}  # item size -> same-size unsigned int
+# The weight of word i is 2 * i * 0x9E3779B1 + 1 (mod 2^32): odd, so any one changed word
+# changes the weighted sum (an odd number times a nonzero difference is nonzero mod 2^32); and
+# neighbouring words get weights far apart (0x9E3779B1, a prime near 2^32 / golden ratio, is
+# Knuth's multiplicative hash), so that changes in two words rarely cancel out.
+_WEIGHT_STEP = np.uint32(2 * 0x9E3779B1 % 2**32)
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The bits of each element of `x` as one uint32 word, same shape (a typed PRNG key as its
+  uint32 key data, [..., 2] for threefry; a bool as one byte)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  if x.dtype.itemsize not in _UNSIGNED:
+    raise TypeError(f"checksums cover dtypes of 1, 2 or 4 bytes, not {x.dtype}")
+  return jax.lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize]).astype(jnp.uint32)
+
+
+def _array_checksum(x: jax.Array) -> jax.Array:
+  """[2] uint32: the sum of the words of `x` and the sum of each word times the weight of its
+  row-major position, both modulo 2^32.
+
+  Integer sums modulo 2^32 do not depend on the order of the additions, so the numbers are the
+  same however `x` is sharded and over how many devices or hosts: each device sums its part
+  and the partial sums are added (an all-reduce of two numbers, no gather). The position comes from
+  iotas times strides, which XLA computes shard by shard; reshaping `x` to 1-D instead could
+  move the data between devices."""
+  words = _words(x)
+  index, stride = jnp.zeros(words.shape, jnp.uint32), 1
+  for axis in reversed(range(words.ndim)):
+    axis_index = jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
+    index += axis_index * np.uint32(stride % 2**32)
+    stride *= words.shape[axis]
+  weight = index * _WEIGHT_STEP + np.uint32(1)
+  return jnp.stack([jnp.sum(words, dtype=jnp.uint32),
+                    jnp.sum(words * weight, dtype=jnp.uint32)])
+
+
+# One program per shape, dtype and sharding: the layers of a model share a few. (One program
+# for the whole state would take longer to compile, and to run on a CPU.)
+_device_checksum = jax.jit(_array_checksum)
+
+
+def _host_checksum(x: np.ndarray) -> list[int]:
+  """`_array_checksum` of an array in host memory, by NumPy: the same two numbers."""
+  x = np.asarray(x)
+  if x.dtype == np.bool_:
+    x = x.astype(np.uint8)
+  if x.dtype.itemsize not in _UNSIGNED:
+    raise TypeError(f"checksums cover dtypes of 1, 2 or 4 bytes, not {x.dtype}")
+  # Flattening in row-major order gives each word the position the iotas compute.
+  words = np.ascontiguousarray(x).reshape(-1).view(f"u{x.dtype.itemsize}").astype(np.uint32)
+  weight = np.arange(words.size, dtype=np.uint32) * _WEIGHT_STEP + np.uint32(1)
+  return [int(np.sum(words, dtype=np.uint32)), int(np.sum(words * weight, dtype=np.uint32))]
+
+
+def array_checksums(tree: PyTree) -> dict[str, list[int]]:
+  """{flat key: [sum, weighted sum]} of every array leaf of `tree` (keys as `flat_shapes`).
+
+  jax.Arrays are summed where they lie (see `_array_checksum`; every process of a multi-host
+  run must call this, as the sums of a global array are collectives), NumPy arrays on the host.
+  The numbers depend only on each array's shape, dtype size and bits."""
+  sums = {}
+  for key, leaf in _flat_leaves(tree).items():
+    if isinstance(leaf, jax.Array):
+      # Each fetched before the next starts (the sums are replicated: every process has them).
+      # Many independent programs with collectives in flight at once can deadlock XLA:CPU's
+      # simulated devices, each waiting in another program's all-reduce.
+      sums[key] = [int(v) for v in np.asarray(_device_checksum(leaf))]
+    else:
+      sums[key] = _host_checksum(leaf)
+  return sums
+
+
+def iterator_state_digest(state: Any) -> str:
+  """The sha256 (hex) of a grain iterator state as canonical JSON (sorted keys, no spaces).
+
+  A DatasetIterator's state is a dict, a DataLoader iterator's the JSON of one as bytes."""
+  if isinstance(state, bytes):
+    state = json.loads(state)
+  text = json.dumps(state, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _processes_where(flag: bool) -> list[int]:
+  """The indices of the processes whose `flag` is true, the same list on every process (a
+  collective: every process calls it)."""
+  flags = multihost_utils.process_allgather(np.array([flag], np.uint8))
+  return [int(i) for i in np.flatnonzero(np.asarray(flags).reshape(-1))]
+
+
+def _data_digests(data_iterator: Any) -> dict[str, str]:
+  """{'0': sha256, ...}: the iterator state digest of every process, on every process (only the
+  primary process writes the checksums item, so it needs them all)."""
+  own = np.frombuffer(bytes.fromhex(iterator_state_digest(data_iterator.get_state())), np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(own)).reshape(-1, own.size)
+  return {str(i): row.tobytes().hex() for i, row in enumerate(every)}
+
+
+def _checksums(arrays: PyTree, data: dict[str, str]) -> dict[str, Any]:
+  """The content of the checksums item: arrays by flat key, iterator states by process."""
+  return {"format": CHECKSUMS_FORMAT, "arrays": array_checksums(arrays), "data": data}
+
+
+def _read_checksums(ckpt_dir: epath.Path, label: int | str, where: str) -> dict | None:
+  """The checksums saved in `ckpt_dir`, or None for a checkpoint written before they were."""
+  directory = ckpt_dir / CHECKSUMS_ITEM
+  if not directory.exists():
+    return None  # Older code wrote no checksums: such a checkpoint restores unverified.
+  try:
+    checksums = ocp.JsonCheckpointHandler().restore(directory)
+    version, _, _ = checksums["format"], dict(checksums["arrays"]), dict(checksums["data"])
+  except Exception as e:  # A missing or mangled file: orbax and json raise many types.
+    raise DamagedCheckpointError(label, where, f"unreadable {CHECKSUMS_ITEM}: "
+                                                f"{_damage_reason(e, ckpt_dir)}") from e
+  if version != CHECKSUMS_FORMAT:
+    raise CheckpointError(f"the checkpoint {label} in {where} has checksums of format "
+                          f"{version}, this jaxformer reads format {CHECKSUMS_FORMAT}; use "
+                          "the jaxformer version that wrote it")
+  return checksums
+
+
+def _mismatch(names: list[str]) -> str:
+  more = f", and {len(names) - 1} more" if len(names) > 1 else ""
+  return f"{names[0]} does not match its checksum{more}"
+
+
+def _verify_arrays(tree: PyTree, checksums: dict, label: int | str, where: str) -> None:
+  """DamagedCheckpointError naming the first leaf of `tree` (restored from the checkpoint
+  `label`) whose checksum is not the one saved (the same outcome on every process)."""
+  saved = checksums["arrays"]
+  bad = [key for key, sums in array_checksums(tree).items() if saved.get(key) != sums]
+  if bad:
+    raise DamagedCheckpointError(label, where, _mismatch(bad))
+
+
+def _verify_data_state(step_dir: epath.Path, checksums: dict, step: int, where: str) -> None:
+  """DamagedCheckpointError on every process when the iterator state file of any process does
+  not match its digest.
+
+  The digest is checked on the content of the file grain will read (parsed, then canonical
+  JSON), before grain reads it: a state damaged but still valid JSON would otherwise resume
+  the data at a wrong position. It does not depend on how grain formats the file, nor on the
+  restored iterator's get_state() giving back exactly what was set."""
+  index, count = jax.process_index(), jax.process_count()
+  path = step_dir / DATA_ITEM / f"process_{index}-of-{count}.json"
+  try:
+    intact = iterator_state_digest(json.loads(path.read_text())) == checksums["data"].get(
+        str(index))
+  except ValueError:  # Not JSON (or not UTF-8) any more.
+    intact = False
+  bad = _processes_where(not intact)  # Every process falls back, or none does.
+  if bad:
+    raise DamagedCheckpointError(step, where, _mismatch(
+        [f"{DATA_ITEM}/process_{i}-of-{count}.json" for i in bad]))
+
+
 class Checkpointer:
   """Saves and restores the train state and the data iterator of a run, together, by step.
 
@@ -173,6 +360,8 @@ class Checkpointer:
     (passed to `save` as `metrics`) is kept as well.
   - every process calls every method (orbax synchronizes the processes); each saves the
     arrays it holds and its own iterator state.
+  - each step holds the checksums of its arrays and iterator states (`checksums/`), checked
+    by `restore`: damage orbax does not notice is reported as such (DamagedCheckpointError).
 
   Use it as a context manager, or call `close()`.
   """
@@ -203,9 +392,10 @@ class Checkpointer:
     )
     self._manager = ocp.CheckpointManager(
         self.directory,
-        item_names=(STATE_ITEM, DATA_ITEM),
+        item_names=(STATE_ITEM, DATA_ITEM, CHECKSUMS_ITEM),
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
-                       DATA_ITEM: grain.checkpoint.CheckpointHandler()},
+                       DATA_ITEM: grain.checkpoint.CheckpointHandler(),
+                       CHECKSUMS_ITEM: ocp.JsonCheckpointHandler()},
         options=options,
     )
 
@@ -248,23 +438,30 @@ class Checkpointer:
     again (returns False). The arrays are copied before this returns, so `state` may be
     donated to the next train step; the files are written in the background.
 
+    Beside them goes the checksum of every array and of each process's iterator state (the
+    `checksums` item, in the same orbax step: it appears with the step, never without it),
+    computed on the devices where the arrays lie; `restore` checks them.
+
     Under `pmap`, save the unreplicated state (one copy, e.g. `jax.tree.map(lambda x: x[0],
     state)`) so the checkpoint does not depend on the device count.
     """
     step = int(step)
-    if step in self._manager.all_steps():
+    # Decided here, not by orbax's save, so that the checksums are computed only when due.
+    if step in self._manager.all_steps() or not (force or self._manager.should_save(step)):
       return False
     tracked = None
     if self.keep_best and metrics is not None and self.keep_best in metrics:
       tracked = {self.keep_best: float(metrics[self.keep_best])}
+    checksums = _checksums(state, _data_digests(data_iterator))
     return self._manager.save(
         step,
         args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardSave(state),
             DATA_ITEM: grain.checkpoint.CheckpointSave(data_iterator),
+            CHECKSUMS_ITEM: ocp.args.JsonSave(checksums),
         }),
         metrics=tracked,
-        force=force,
+        force=True,
     )
 
   def should_save(self, step: int) -> bool:
@@ -297,8 +494,12 @@ class Checkpointer:
     iterator of the same pipeline) is set to the saved position: its next batch is the one the
     saved run would have taken next.
 
+    Every array read and this process's iterator state are checked against the checksums
+    saved with them (a checkpoint written before checksums existed is restored unverified).
+
     Raises CheckpointError when `step` does not exist (listing the steps that do) or does not
-    match the model's shapes, DamagedCheckpointError when its files cannot be read.
+    match the model's shapes, DamagedCheckpointError when its files cannot be read or what
+    they hold does not match its checksums (on every process alike).
     """
     _check_has_shardings(abstract_state)
     step = int(step)
@@ -314,6 +515,9 @@ class Checkpointer:
           f"the checkpoint at step {step} in {self.directory} does not fit this model: "
           f"{describe_mismatch(saved, wanted)}; use the config it was trained with")
     _check_data_files(step_dir, step, self.directory)
+    checksums = _read_checksums(step_dir, step, self.directory)
+    if checksums is not None:  # Before grain sets the iterator to a damaged position.
+      _verify_data_state(step_dir, checksums, step, self.directory)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**{
           STATE_ITEM: ocp.args.StandardRestore(abstract_state),
@@ -321,13 +525,16 @@ class Checkpointer:
       }))
     except Exception as e:  # A file that vanished or was cut short: see _read_tree_metadata.
       raise DamagedCheckpointError(step, self.directory, _damage_reason(e, step_dir)) from e
+    if checksums is not None:
+      _verify_arrays(restored[STATE_ITEM], checksums, step, self.directory)
     return restored[STATE_ITEM]
 
   def restore_or_none(self, abstract_state: PyTree, data_iterator: Any,
                       restore_step: int | None = None) -> tuple[PyTree, int] | None:
     """Resumes a run: (state, step) from the newest intact checkpoint, or None when none exist.
 
-    A newest checkpoint that is damaged (missing or truncated files) is reported on stderr,
+    A newest checkpoint that is damaged (missing or truncated files, arrays or iterator state
+    that do not match their checksums) is reported on stderr,
     as `checkpoint at step N in DIR is damaged (...); falling back to step M (...)`, moved to
     `<workdir>/damaged/N` (kept, not deleted, and out of the way of the step being saved
     again) and the next older one is tried. Directories of saves that never finished are
@@ -453,9 +660,12 @@ def restore_params(ckpt_dir: epath.Path, label: int | str, where: str,
   them shaped like the params, whatever devices and strategy saved them; with None they are
   read into host memory as NumPy arrays. `label` (the step or the averaged checkpoint's name)
   and `where` (the workdir) name the checkpoint in errors: CheckpointError when it holds no
-  parameters, DamagedCheckpointError when its files cannot be read.
+  parameters, DamagedCheckpointError when its files cannot be read or the parameters read do
+  not match the checksums saved with them (unverified when the checkpoint has none: written
+  by older code).
   """
   tree = _read_tree_metadata(ckpt_dir, label, where)
+  checksums = _read_checksums(ckpt_dir, label, where)
   if PARAMS_KEY not in tree:
     raise CheckpointError(f"the checkpoint {label} in {where} holds no {PARAMS_KEY!r}")
   shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[PARAMS_KEY])
@@ -476,6 +686,8 @@ def restore_params(ckpt_dir: epath.Path, label: int | str, where: str,
                                     partial_restore=True))
   except Exception as e:  # Unreadable files: see _read_tree_metadata.
     raise DamagedCheckpointError(label, where, _damage_reason(e, ckpt_dir)) from e
+  if checksums is not None:
+    _verify_arrays({PARAMS_KEY: restored[PARAMS_KEY]}, checksums, label, where)
   return restored[PARAMS_KEY]
 
 
@@ -490,9 +702,11 @@ def averaged_path(workdir: str, steps: Sequence[int]) -> epath.Path:
 
 def save_averaged(out: epath.Path, params: PyTree, steps: Sequence[int], source: str) -> None:
   """Writes `params` to `out` with the layout of a training checkpoint's parameters (read by
-  `restore_params`), plus `info/` naming the averaged `steps` and their `source` directory.
+  `restore_params`), plus `info/` naming the averaged `steps` and their `source` directory,
+  and `checksums/` (checked by `restore_params` as a training checkpoint's are).
   Written atomically by orbax (a half-written average never appears)."""
   ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(out, args=ocp.args.Composite(**{
       STATE_ITEM: ocp.args.PyTreeSave({PARAMS_KEY: params}),
       INFO_ITEM: ocp.args.JsonSave({"averaged_steps": list(steps), "source": source}),
+      CHECKSUMS_ITEM: ocp.args.JsonSave(_checksums({PARAMS_KEY: params}, data={})),
   }))

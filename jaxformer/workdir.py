@@ -9,7 +9,9 @@ A workdir holds one run; this module is the only one that knows its layout:
 <workdir>/checkpoints/<step>/  orbax checkpoints, one directory per saved step, each with
            state/              the whole TrainState (params, optimizer state, step)
            data/               the grain iterator state, one JSON file per process
-<workdir>/averaged/<name>/     averaged parameters, e.g. last5_1000-5000
+           checksums/          a checksum of every array and iterator state (JSON),
+                                 checked on restore; absent in checkpoints of older code
+<workdir>/averaged/<name>/     averaged parameters, e.g. last5_1000-5000 (with checksums/)
 <workdir>/damaged/<step>/      checkpoints found damaged on resume, moved aside (never deleted)
 <workdir>/superseded/<step>/   checkpoints newer than a `--restore-step`, moved aside
 <workdir>/superseded/metrics.<n>.jsonl  records of metrics.jsonl past the step a run restarted

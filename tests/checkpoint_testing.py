@@ -10,6 +10,7 @@ with step, params and an optax Adam state), so the tests that use it do not depe
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 
 import flax
@@ -18,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxformer import checkpoint
@@ -41,16 +44,20 @@ class TrainState:
   opt_state: optax.OptState
 
 
-def make_state(seed: int, num_updates: int = 2) -> TrainState:
+def make_state(seed: int, num_updates: int = 2, large: bool = False) -> TrainState:
   """A small state whose params and Adam moments are all different, non-trivial numbers.
 
   The optimizer clips before Adam, as train.grad_clip_norm > 0 does: its state then holds
-  empty nodes (optax's EmptyState), which the checkpoint code must handle."""
+  empty nodes (optax's EmptyState), which the checkpoint code must handle. With `large`, the
+  params have one more array, `large.kernel` [32, 32], big enough for orbax to store its chunk
+  apart (see `flip_four_bytes`)."""
   keys = jax.random.split(jax.random.key(seed), 4)
   params = {
       "embed": {"embedding": jax.random.normal(keys[0], (16, 8))},
       "dense": {"kernel": jax.random.normal(keys[1], (8, 24)), "bias": jnp.zeros(24)},
   }
+  if large:
+    params["large"] = {"kernel": jax.random.normal(keys[2], (32, 32))}
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
   opt_state = tx.init(params)
   for i in range(num_updates):
@@ -85,14 +92,14 @@ def assert_trees_identical(a, b):
     assert np.array_equal(x, y)
 
 
-def save_steps(workdir, steps, every_steps=1, keep=10, seeds=None):
-  """Saves make_state(seed) at each step; returns {step: state}."""
+def save_steps(workdir, steps, every_steps=1, keep=10, seeds=None, large=False):
+  """Saves make_state(seed, large=large) at each step; returns {step: state}."""
   states = {}
   iterator = make_iterator()
   with checkpoint.Checkpointer(workdir, every_steps=every_steps, keep=keep) as ckpt:
     for i, step in enumerate(steps):
       next(iterator)
-      states[step] = make_state(seeds[i] if seeds else step)
+      states[step] = make_state(seeds[i] if seeds else step, large=large)
       assert ckpt.save(step, states[step], iterator)
   return states
 
@@ -123,6 +130,71 @@ def write_config(workdir, **overrides):
   config_lib.apply_overrides(config, {k: str(v) for k, v in overrides.items()})
   workdir_lib.write_run_config(str(workdir), config)
   return config
+
+
+# --- Damage that orbax does not see. ----------------------------------------------------------
+
+# The first bytes of an OCDBT b-tree node. Nodes carry a crc32c: a flipped byte in one is a read
+# error. Values of up to 1024 bytes lie inside them; larger array chunks in data files apart
+# (several to a file), each a zstd frame, compressed without a checksum.
+OCDBT_NODE_MAGIC = bytes.fromhex("0cdb20de")
+ZSTD_MAGIC = bytes.fromhex("28b52ffd")
+
+
+def _frame_middles(data: bytes) -> list[int]:
+  """The middle of every zstd frame of a data file (the frames follow each other)."""
+  starts, at = [], data.find(ZSTD_MAGIC)
+  while at >= 0:
+    starts.append(at)
+    at = data.find(ZSTD_MAGIC, at + 1)
+  return [(a + b) // 2 for a, b in zip(starts, starts[1:] + [len(data)]) if b - a > 1024]
+
+
+def read_params_unverified(ckpt_dir) -> dict[str, np.ndarray]:
+  """{'params.dense.kernel': array, ...}: the params in `ckpt_dir` as orbax alone reads them
+  (no checksums checked), in host memory."""
+  state_dir = epath.Path(ckpt_dir) / checkpoint.STATE_ITEM
+  tree = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree[checkpoint.PARAMS_KEY]
+  shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
+  restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+      state_dir, args=ocp.args.PyTreeRestore(item={"params": shapes},
+                                             restore_args={"params": restore_args},
+                                             partial_restore=True))
+  return {"params." + ".".join(str(k.key) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(restored["params"])[0]}
+
+
+def flip_four_bytes(ckpt_dir) -> list[str]:
+  """Flips (xor 0xFF) four bytes of a compressed array chunk of the params in `ckpt_dir`, at a
+  place where orbax still reads the chunk without an error, to other numbers. Returns the flat
+  keys of the params that changed (those of that chunk).
+
+  A flipped byte inside a zstd frame mostly decodes to other numbers (Huffman-coded bytes fall
+  back into step after a few symbols), but it could also break the decompression: then the
+  next place is tried. A frame that reads back with no parameter changed holds optimizer state:
+  it is put back and the next frame is tried."""
+  before = read_params_unverified(ckpt_dir)
+  files = sorted(p for p in pathlib.Path(ckpt_dir, checkpoint.STATE_ITEM).rglob("*")
+                 if p.parent.name == "d" and p.read_bytes()[:4] != OCDBT_NODE_MAGIC)
+  for path in files:
+    original = path.read_bytes()
+    for middle in _frame_middles(original):
+      for offset in range(middle, middle + 8 * 61, 61):
+        damaged = bytearray(original)
+        damaged[offset:offset + 4] = bytes(b ^ 0xFF for b in original[offset:offset + 4])
+        path.write_bytes(bytes(damaged))
+        try:
+          after = read_params_unverified(ckpt_dir)
+        except Exception:  # The frame does not decompress any more: another place.
+          continue
+        changed = [k for k in before if not np.array_equal(before[k], after[k])]
+        if changed:
+          return changed
+        break  # Read, and no parameter changed: a frame of the optimizer state.
+    path.write_bytes(original)
+  raise AssertionError(f"no place in the array chunks of {ckpt_dir} reads back as other "
+                       "numbers without an error")
 
 
 # --- The checkpoint written by older code. -----------------------------------------------------

@@ -1,5 +1,6 @@
-"""Tests of jaxformer/checkpoint.py: exact round trip, restore across device layouts, damage,
-the keep policy, and a checkpoint written by older code.
+"""Tests of jaxformer/checkpoint.py: exact round trip, restore across device layouts, damage
+(including damage only the checksums see), the checksums themselves, the keep policy, and a
+checkpoint written by older code.
 
 The train state here is a stand-in built like jaxformer's TrainState (checkpoint_testing), so
 these tests do not depend on the model; only the older checkpoint holds the real TrainState.
@@ -7,16 +8,21 @@ these tests do not depend on the model; only the older checkpoint holds the real
 
 import json
 import os
+import re
 import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxformer import checkpoint
 from jaxformer import config as config_lib
 from jaxformer import workdir as workdir_lib
+from jaxformer.checkpoint import DamagedCheckpointError
 from jaxformer.errors import CheckpointError
 from jaxformer.train import jax_internals
 from jaxformer.train import state as state_lib
@@ -37,15 +43,24 @@ def test_round_trip_is_bit_identical_and_the_iterator_continues(tmp_path):
     assert ckpt.save(3, on_device, iterator, force=True)
     for leaf in jax.tree.leaves(on_device):
       leaf.delete()  # As donating the state to the next train step would, while it writes.
+    saved_position = iterator.get_state()
     expected_batches = [next(iterator) for _ in range(2)]  # What the run takes after saving.
     ckpt.wait()
     assert ckpt.all_steps() == [3] and ckpt.latest_step() == 3
+
+  # Beside the step: the checksum of every array and of the iterator's position.
+  checksums = read_checksums(os.path.join(str(tmp_path), "checkpoints", "3"))
+  assert checksums["arrays"] == checkpoint.array_checksums(state)
+  assert list(checksums["arrays"]) == list(checkpoint.flat_shapes(state))
+  assert checksums["data"] == {"0": checkpoint.iterator_state_digest(saved_position)}
 
   fresh = make_iterator()
   with checkpoint.Checkpointer(str(tmp_path), every_steps=5, keep=3) as ckpt:
     restored = ckpt.restore(3, abstract(state, one_device()), fresh)
   assert isinstance(restored, TrainState)
   assert_trees_identical(restored, state)
+  # grain gives the state back as it was set: its digest is the saved one.
+  assert checkpoint.iterator_state_digest(fresh.get_state()) == checksums["data"]["0"]
   for expected in expected_batches:
     np.testing.assert_array_equal(next(fresh), expected)
 
@@ -61,15 +76,44 @@ def test_fsdp_state_on_8_devices_restores_onto_1_device(tmp_path):
   assert_trees_identical(restored, state)
 
 
+def read_checksums(step_dir):
+  return ocp.JsonCheckpointHandler().restore(epath.Path(step_dir) / checkpoint.CHECKSUMS_ITEM)
+
+
+def change_data_state(step_dir):
+  """Moves the saved iterator position one example on: still a valid grain state."""
+  path = os.path.join(step_dir, "data", "process_0-of-1.json")
+  with open(path) as f:
+    state = json.load(f)
+  state["next_index"] += 1
+  with open(path, "w") as f:
+    json.dump(state, f, indent=4)
+
+
 @pytest.mark.parametrize("damage", ["delete_metadata", "delete_array_data", "truncate_array_data",
-                                    "delete_data_state"])
+                                    "delete_data_state", "flip_array_bytes",
+                                    "change_data_state", "mangle_checksums"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_step(tmp_path, capsys, damage):
   jax_internals.hide_closed_event_loop_noise()  # As the entry points do (pytest replaced it).
   workdir = str(tmp_path)
-  states = save_steps(workdir, [1, 2])
+  states = save_steps(workdir, [1, 2], large=True)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   newest = os.path.join(ckpt_dir, "2")
-  if damage == "delete_metadata":
+  reason = {"delete_metadata": "missing state/_METADATA",
+            "delete_array_data": "missing file state/d/",
+            "truncate_array_data": "truncated file state/d/",
+            "delete_data_state": "missing data/process_0-of-1.json",
+            "change_data_state": "data/process_0-of-1.json does not match its checksum)",
+            "mangle_checksums": "unreadable checksums: "}.get(damage)
+  if damage == "flip_array_bytes":  # Orbax reads other numbers, without an error.
+    changed = checkpoint_testing.flip_four_bytes(newest)
+    reason = f"{changed[0]} does not match its checksum)"
+  elif damage == "change_data_state":
+    change_data_state(newest)
+  elif damage == "mangle_checksums":
+    with open(os.path.join(newest, "checksums", "metadata"), "w") as f:
+      f.write('{"format": 1, "arr')
+  elif damage == "delete_metadata":
     os.remove(os.path.join(newest, "state", "_METADATA"))
   elif damage in ("delete_array_data", "truncate_array_data"):  # The OCDBT data files.
     for root, _, files in os.walk(os.path.join(newest, "state")):
@@ -88,7 +132,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_step(tmp_path, cap
   # A save that never finished, as a process killed while writing leaves it.
   os.makedirs(os.path.join(ckpt_dir, "3.orbax-checkpoint-tmp"))
 
-  state = make_state(0)
+  state = make_state(0, large=True)
   iterator = make_iterator()
   with checkpoint.Checkpointer(workdir, every_steps=1, keep=10) as ckpt:
     restored, step = ckpt.restore_or_none(abstract(state, one_device()), iterator)
@@ -96,10 +140,6 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_step(tmp_path, cap
   assert step == 1
   assert_trees_identical(restored, states[1])
   err = capsys.readouterr().err
-  reason = {"delete_metadata": "missing state/_METADATA",
-            "delete_array_data": "missing file state/d/",
-            "truncate_array_data": "truncated file state/d/",
-            "delete_data_state": "missing data/process_0-of-1.json"}[damage]
   assert f"checkpoint at step 2 in {ckpt_dir} is damaged ({reason}" in err
   assert "; falling back to step 1 (" in err
   assert "3.orbax-checkpoint-tmp: a save that never finished" in err
@@ -109,6 +149,78 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_step(tmp_path, cap
   reference = make_iterator()
   next(reference)
   np.testing.assert_array_equal(next(iterator), next(reference))
+
+
+@pytest.mark.parametrize("sharding", ["host", "one_device"])
+def test_restore_params_refuses_params_that_do_not_match_their_checksums(tmp_path, sharding):
+  workdir = str(tmp_path)
+  states = save_steps(workdir, [1, 2], large=True)
+  target = None if sharding == "host" else one_device()
+  step_dir, _ = checkpoint.checkpoint_dir(workdir, 2)
+  intact = checkpoint.restore_params(step_dir, 2, workdir, target)  # Checked, and intact.
+  assert_trees_identical(intact, states[2].params)
+  changed = checkpoint_testing.flip_four_bytes(step_dir)
+  with pytest.raises(DamagedCheckpointError,
+                     match=rf"^checkpoint at step 2 in {re.escape(workdir)} is damaged "
+                           rf"\({changed[0]} does not match its checksum\)$"):
+    checkpoint.restore_params(step_dir, 2, workdir, target)
+
+
+def test_an_averaged_checkpoint_is_checked_too(tmp_path):
+  params = make_state(1, large=True).params
+  out = checkpoint.averaged_path(str(tmp_path), [1, 2])
+  checkpoint.save_averaged(out, jax.device_get(params), [1, 2], source="somewhere")
+  assert_trees_identical(checkpoint.restore_params(out, out.name, str(tmp_path)), params)
+  changed = checkpoint_testing.flip_four_bytes(out)
+  with pytest.raises(DamagedCheckpointError, match=rf"\({changed[0]} does not match its "):
+    checkpoint.restore_params(out, out.name, str(tmp_path))
+
+
+# --- The checksums. ------------------------------------------------------------------------------
+
+def checksum_examples():
+  """Arrays of every kind a state holds: float32, bfloat16, int32, uint8, bool, a typed PRNG key
+  array and a scalar."""
+  x = jax.random.normal(jax.random.key(3), (16, 24))
+  return {"float32": x, "bfloat16": x.astype(jnp.bfloat16),
+          "int32": jnp.arange(16 * 24, dtype=jnp.int32).reshape(16, 24) * 7919,
+          "uint8": (jnp.arange(16 * 24) % 251).astype(jnp.uint8).reshape(16, 24),
+          "bool": (x > 0), "keys": jax.random.split(jax.random.key(4), 16),
+          "scalar": jnp.array(12345, jnp.int32)}
+
+
+def test_the_checksum_is_the_same_whatever_the_sharding_and_on_the_host():
+  arrays = checksum_examples()
+  on_one = checkpoint.array_checksums(jax.device_put(arrays, one_device()))
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+  layouts = {"fsdp over 8": P("fsdp"), "2 x 4": P("data", "fsdp"), "columns": P(None, "fsdp"),
+             "replicated": P()}
+  for name, spec in layouts.items():
+    placed = {k: jax.device_put(x, NamedSharding(mesh, spec if x.ndim >= len(spec) else P()))
+              for k, x in arrays.items()}
+    assert checkpoint.array_checksums(placed) == on_one, name
+  assert len(placed["float32"].sharding.device_set) == 8
+  host = {k: np.asarray(x) for k, x in arrays.items() if k != "keys"}  # NumPy has no key type.
+  host["keys"] = np.asarray(jax.random.key_data(arrays["keys"]))
+  assert checkpoint.array_checksums(host) == on_one
+  # Summed where each shard lies: no device gathers the array.
+  fsdp = jax.device_put(arrays["float32"], NamedSharding(mesh, P(("data", "fsdp"))))
+  hlo = checkpoint._device_checksum.lower(fsdp).compile().as_text()
+  assert "all-reduce" in hlo and "all-gather" not in hlo
+
+
+def test_any_changed_word_changes_the_checksum():
+  x = np.asarray(checksum_examples()["float32"])
+  reference = checkpoint.array_checksums({"x": x})["x"]
+  for index in [(0, 0), (7, 13), (15, 23)]:
+    for bit in (0, 22, 31):
+      changed = x.copy()
+      changed.view(np.uint32)[index] ^= np.uint32(1 << bit)
+      assert checkpoint.array_checksums({"x": changed})["x"] != reference, (index, bit)
+  swapped = x.copy()
+  swapped[[2, 9]] = swapped[[9, 2]]  # Same words, other places: only the weighted sum sees it.
+  plain, weighted = checkpoint.array_checksums({"x": swapped})["x"]
+  assert plain == reference[0] and weighted != reference[1]
 
 
 def test_restore_step_that_does_not_exist_lists_the_steps(tmp_path):
@@ -204,6 +316,8 @@ def test_should_save_says_when_a_save_is_due_without_saving(tmp_path):
 def test_a_checkpoint_written_by_older_code_restores_bit_for_bit(tmp_path):
   workdir = checkpoint_testing.copy_checkpoint_v0(tmp_path / "v0")
   expected = checkpoint_testing.checkpoint_v0_expected()
+  step_dir = os.path.join(workdir, "checkpoints", str(expected["step"]))
+  assert not os.path.exists(os.path.join(step_dir, "checksums"))  # Restored unverified.
   config = workdir_lib.read_run_config(workdir)
   shapes = jax.eval_shape(lambda rng: state_lib.init_state(config, rng), jax.random.key(0))
   iterator = make_iterator()

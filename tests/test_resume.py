@@ -23,7 +23,7 @@ from jaxformer import workdir as workdir_lib
 from jaxformer.data import pipeline, tokenizer as tokenizer_lib
 from jaxformer.train import parallel
 
-from tests import run_testing
+from tests import checkpoint_testing, run_testing
 from tests.run_testing import REFERENCE, REFERENCE_STEPS
 
 pytestmark = pytest.mark.slow
@@ -406,37 +406,46 @@ def test_average_last_two_through_the_cli_and_use_it(runs, tmp_path):
   assert digest(averaged_dir) == kept
 
 
-def test_truncated_newest_checkpoint_is_reported_and_training_falls_back(runs, tmp_path):
+def test_damaged_newest_checkpoints_are_reported_and_training_falls_back(runs, tmp_path):
+  """The newest checkpoint has four flipped bytes in an array chunk (orbax reads other numbers
+  without an error: only the checksums see it), the one before it truncated files."""
   workdir = run_testing.copy_workdir(runs.reference(), str(tmp_path / "w"))
   steps = run_testing.checkpoint_steps(workdir)
-  newest, previous = steps[-1], steps[-2]
+  newest, previous, intact = steps[-1], steps[-2], steps[-3]
+  flipped = checkpoint_testing.flip_four_bytes(os.path.join(workdir, "checkpoints", str(newest)))
   truncated = 0
-  for root, _, files in os.walk(os.path.join(workdir, "checkpoints", str(newest), "state")):
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints", str(previous), "state")):
     if os.path.basename(root) == "d":  # The OCDBT data files of the arrays.
       for name in files:
         path = os.path.join(root, name)
         os.truncate(path, os.path.getsize(path) // 2)
         truncated += 1
   assert truncated
-  reason = r"is damaged \(truncated file state/.+\)"
+  reasons = {newest: rf"is damaged \({re.escape(flipped[0])} does not match its checksum\)",
+             previous: r"is damaged \(truncated file state/.+\)"}
 
-  # Evaluation names the damage and the steps to choose from instead.
-  evaluated = runs.run(["evaluate", "--workdir", workdir])
-  assert evaluated.returncode == 2
-  assert re.fullmatch(rf"error: checkpoint at step {newest} in {re.escape(workdir)} {reason}; "
-                      rf"choose another with --step \(available steps: "
-                      rf"{', '.join(map(str, steps))}\)", evaluated.stderr.strip()), \
-      evaluated.stderr[-3000:]
+  # Evaluation and translation name the damage and the steps to choose from instead, on one
+  # line (no traceback).
+  evaluated = runs.run(["evaluate", "--workdir", workdir, "--step", str(newest)])
+  translated = runs.run(["translate", "--workdir", workdir, "--step", str(previous)],
+                        stdin="one\n")
+  for result, step in ((evaluated, newest), (translated, previous)):
+    assert result.returncode == 2
+    assert re.fullmatch(rf"error: checkpoint at step {step} in {re.escape(workdir)} "
+                        rf"{reasons[step]}; choose another with --step \(available steps: "
+                        rf"{', '.join(map(str, steps))}\)", result.stderr.strip()), \
+        result.stderr[-3000:]
 
-  # Resuming to the same last step: back to `previous`, then the lost steps are trained again.
+  # Resuming to the same last step: back to `intact`, then the lost steps are trained again.
   result = runs.train(workdir, **REFERENCE)
-  moved = os.path.join(workdir, "damaged", str(newest))
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  assert re.search(rf"checkpoint at step {newest} in {re.escape(ckpt_dir)} {reason}; falling "
-                   rf"back to step {previous} \(the damaged one is kept in {re.escape(moved)}\)",
-                   result.stderr), result.stderr[-3000:]
-  assert f"resumed from the checkpoint at step {previous}" in result.stderr
-  assert os.path.isdir(moved)  # Kept, not deleted.
+  for step, fallback in ((newest, previous), (previous, intact)):
+    moved = os.path.join(workdir, "damaged", str(step))
+    assert re.search(rf"checkpoint at step {step} in {re.escape(ckpt_dir)} {reasons[step]}; "
+                     rf"falling back to step {fallback} \(the damaged one is kept in "
+                     rf"{re.escape(moved)}\)", result.stderr), result.stderr[-3000:]
+    assert os.path.isdir(moved)  # Kept, not deleted.
+  assert f"resumed from the checkpoint at step {intact}" in result.stderr
   assert run_testing.checkpoint_steps(workdir)[-1] == newest
   assert_same_end(workdir, runs.reference())
 
