@@ -139,25 +139,24 @@ class Runs:
     assert result.returncode == 0, f"training failed:\n{result.stderr[-3000:]}"
     return result
 
-  def slow_decoding(self) -> str:
-    """A workdir of SLOW_DECODING, trained once per session. Copy it before changing it."""
-    workdir = os.path.join(self.root, "slow_decoding")
-    done = os.path.join(self.root, "slow_decoding.done")
+  def trained_once(self, name: str, overrides: dict[str, Any]) -> str:
+    """The workdir `name`, trained with `overrides` once per session. Copy it before changing
+    it."""
+    workdir = os.path.join(self.root, name)
+    done = os.path.join(self.root, f"{name}.done")
     if not os.path.exists(done):
       shutil.rmtree(workdir, ignore_errors=True)
-      self.train(self.new_workdir(workdir), **SLOW_DECODING)
+      self.train(self.new_workdir(workdir), **overrides)
       open(done, "w").close()
     return workdir
 
+  def slow_decoding(self) -> str:
+    """A workdir of SLOW_DECODING (trained once per session)."""
+    return self.trained_once("slow_decoding", SLOW_DECODING)
+
   def reference(self) -> str:
-    """The reference workdir (trained once per session). Copy it before changing it."""
-    workdir = os.path.join(self.root, "reference")
-    done = os.path.join(self.root, "reference.done")
-    if not os.path.exists(done):
-      shutil.rmtree(workdir, ignore_errors=True)
-      self.train(self.new_workdir(workdir), **REFERENCE)
-      open(done, "w").close()
-    return workdir
+    """The reference workdir (trained once per session)."""
+    return self.trained_once("reference", REFERENCE)
 
 
 def session_runs(tmp_path_factory) -> Runs:
