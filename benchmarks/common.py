@@ -168,7 +168,7 @@ def train_fresh_run(config, workdir: str, prefix: str) -> Run:
   run_dir = tempfile.mkdtemp(prefix=prefix, dir=workdir)
   shutil.copy(os.path.join(workdir, workdir_lib.VOCAB_FILE), run_dir)
   start = time.perf_counter()
-  validation = loop.train_and_evaluate(ml_collections.FrozenConfigDict(config), run_dir)
+  validation = loop.train_and_evaluate(ml_collections.FrozenConfigDict(config), run_dir).metrics
   seconds = time.perf_counter() - start
   with open(os.path.join(run_dir, workdir_lib.METRICS_FILE)) as f:
     train_metrics = [m for m in map(json.loads, f) if m["split"] == "train"]

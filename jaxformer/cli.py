@@ -13,7 +13,19 @@ import math
 import os
 import sys
 
-from jaxformer.errors import InputError, JaxformerError, StorageError
+from jaxformer.errors import (EXIT_FINISHED, EXIT_STOPPED, EXIT_USER_ERROR, InputError,
+                              JaxformerError, StorageError)
+
+
+# The table of exit statuses, at the end of `--help`.
+EXIT_STATUSES = f"""exit statuses:
+  {EXIT_FINISHED}    finished (training reached train.steps)
+  {EXIT_USER_ERROR}    a user error, one `error:` line, nothing written (also a diverged run: its
+       last good checkpoint is kept)
+  {EXIT_STOPPED}   stopped by SIGTERM, SIGINT or SIGHUP, with a checkpoint at the stop step; run
+       the same command to resume
+  130  a second Ctrl-C ended the run at once, without a checkpoint
+  else a crash"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,11 +100,11 @@ def cmd_train(args, overrides) -> int:
   # The loop joins the processes and checks the config against the devices, the workdir and
   # the data before it writes to the workdir.
   try:
-    loop.train_and_evaluate(config, args.workdir, restore_step=args.restore_step)
+    result = loop.train_and_evaluate(config, args.workdir, restore_step=args.restore_step)
   except Exception as e:
     _raise_if_storage_failure(e, args.workdir)
     raise
-  return 0
+  return EXIT_FINISHED if result.finished else EXIT_STOPPED
 
 
 def _raise_if_storage_failure(error: Exception, workdir: str) -> None:
@@ -225,7 +237,8 @@ def _step_arg(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog="jaxformer", description=__doc__.splitlines()[0])
+  parser = _Parser(prog="jaxformer", description=__doc__.splitlines()[0], epilog=EXIT_STATUSES,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   for add_command in (_add_info, _add_train, _add_evaluate, _add_translate, _add_prepare,
                       _add_average, _add_plot):
@@ -243,7 +256,8 @@ def _add_info(sub) -> None:
 
 
 def _add_train(sub) -> None:
-  p = sub.add_parser("train", help="train (or resume) an experiment in a workdir")
+  p = sub.add_parser("train", help="train (or resume) an experiment in a workdir",
+                     epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
   _config_args(p)
   p.add_argument("--workdir", required=True)
   p.add_argument("--restore-step", type=_at_least(0), default=None,
@@ -356,13 +370,13 @@ def main(argv: list[str] | None = None) -> int:
       # Nothing more can be written: leave now, so that no library retries its buffered writes
       # at exit (TensorBoard's event writer does) and prints their tracebacks after this line.
       sys.stdout.flush()
-      os._exit(2)
-    return 2
+      os._exit(EXIT_USER_ERROR)
+    return EXIT_USER_ERROR
   except JaxformerError as e:
     # A print, not jaxformer.log: every process of a pod reports its own error (log() speaks
     # from process 0 only), and an argument error comes before jax is loaded.
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return EXIT_USER_ERROR
   except BrokenPipeError:  # `jaxformer ... | head`: the reader left; nothing to report.
     sys.stderr.close()
     return 0

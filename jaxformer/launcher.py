@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 
-from jaxformer.errors import JaxformerError
+from jaxformer.errors import EXIT_FINISHED, EXIT_STOPPED, JaxformerError
 
 STOP_GRACE_SECONDS = 10.0  # after a failure, how long the others get to stop before SIGKILL.
 POLL_SECONDS = 0.1         # how often the launcher looks at its processes.
@@ -157,8 +157,10 @@ def _stop(children: list[subprocess.Popen], grace: float | None) -> None:
 
 
 def _wait_for_pod(children: list[subprocess.Popen], stop_grace: float) -> int:
-  """Waits for every process; on the first failure stops the others. Returns the exit status."""
-  status = 0
+  """Waits for every process; on the first failure stops the others. Returns the exit status:
+  0 when all finished, EXIT_STOPPED when they stopped at a saved step (the processes of a pod
+  agree on it), else the first failing process's."""
+  status = EXIT_FINISHED
   running = set(range(len(children)))
   while running:
     for i in sorted(running):
@@ -166,7 +168,9 @@ def _wait_for_pod(children: list[subprocess.Popen], stop_grace: float) -> int:
       if code is None:
         continue
       running.discard(i)
-      if code != 0 and status == 0:
+      if code == EXIT_STOPPED and status == EXIT_FINISHED:
+        status = EXIT_STOPPED  # The others stop at the same step: wait for them.
+      elif code not in (EXIT_FINISHED, EXIT_STOPPED) and status in (EXIT_FINISHED, EXIT_STOPPED):
         status = _exit_status(code)
         _say(f"process {i} exited with status {status}; stopping the others")
         _stop(children, stop_grace)
@@ -177,7 +181,8 @@ def _wait_for_pod(children: list[subprocess.Popen], stop_grace: float) -> int:
 def run_local_pod(command: list[str], processes: int, devices_per_process: int = 1,
                   stop_grace: float = STOP_GRACE_SECONDS) -> int:
   """Runs `command` as `processes` local processes of one jax.distributed job; returns the exit
-  status (0, the first failing process's status, or 128 + signal when interrupted)."""
+  status (0, EXIT_STOPPED when every process stopped at a saved step, the first failing
+  process's status, or 128 + signal when interrupted and not saved)."""
   if processes < 1 or devices_per_process < 1:
     raise JaxformerError("--processes and --devices-per-process must be at least 1")
   address = f"127.0.0.1:{free_port()}"
@@ -202,13 +207,14 @@ def run_local_pod(command: list[str], processes: int, devices_per_process: int =
   try:
     status = _wait_for_pod(children, stop_grace)
   except _Interrupted as e:
-    status = 128 + e.args[0]
     _say("interrupted; every process saves a checkpoint and stops (interrupt again to kill "
          "them)")
     try:
       _stop(children, grace=None)
     except _Interrupted:
       _stop(children, grace=0)
+    saved = all(child.returncode == EXIT_STOPPED for child in children)
+    status = EXIT_STOPPED if saved else 128 + e.args[0]
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)

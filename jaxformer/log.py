@@ -9,7 +9,9 @@ prefixed with the process index when there are several. stdout is kept for resul
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import Any, Callable
 
 import jax
 
@@ -31,7 +33,34 @@ def log(message: str, *, all_processes: bool = False) -> None:
   if not all_processes and index != 0:
     return
   prefix = f"[process {index}] " if all_processes and count > 1 else ""
-  print(prefix + message, file=sys.stderr, flush=True)
+  to_stderr(lambda: print(prefix + message, file=sys.stderr, flush=True))
+
+
+def to_stderr(write: Callable[[], Any]) -> None:
+  """Runs `write`, something that writes to stderr (a log line, a progress bar's update).
+
+  When the reader of stderr is gone (`jaxformer train ... | head`, an ssh session that
+  dropped: BrokenPipeError, or EIO from a terminal that vanished), that is no reason to stop a
+  run: stderr is pointed at /dev/null, for every writer of this process (logging, tqdm, the C++
+  libraries), and the run goes on. What it reports is also in metrics.jsonl (and, on a pod, in
+  each worker's log file).
+  """
+  try:
+    write()
+  except OSError:
+    drop_stderr()
+
+
+def drop_stderr() -> None:
+  """Sends everything written to stderr from now on to /dev/null (see `to_stderr`)."""
+  try:
+    fd = sys.stderr.fileno()
+  except (OSError, ValueError):  # Not a file (a test's capture): replace the object only.
+    sys.stderr = open(os.devnull, "w")
+    return
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, fd)  # What Python's buffer still holds goes there too.
+  os.close(devnull)
 
 
 class _FirstLineOnly(logging.Filter):

@@ -38,7 +38,7 @@ from jaxformer import workdir as workdir_lib
 from jaxformer.data import pipeline, sources, vocab
 from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.errors import JaxformerError
-from jaxformer.log import log
+from jaxformer.log import log, to_stderr
 from jaxformer.model.transformer import Transformer
 from jaxformer.train import parallel, preemption, throughput
 from jaxformer.train.state import TrainState
@@ -54,6 +54,18 @@ Pending = list[tuple[int, dict[str, Any]]]  # (step, metrics) of steps not yet c
 
 class NonFiniteLossError(JaxformerError):
   """The loss (or the gradient) became NaN or infinite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+  """How a run ended: at train.steps, or stopped by a signal (`stopped_by`) at `step`."""
+  step: int                     # The last step trained (and saved).
+  metrics: dict[str, Any]       # The last validation metrics ({} when none were computed).
+  stopped_by: str | None = None  # 'SIGTERM', 'SIGINT', 'SIGHUP', 'a preemption notice'.
+
+  @property
+  def finished(self) -> bool:
+    return self.stopped_by is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +91,10 @@ class _Due:
   check: bool      # Check the pending steps for NaN now.
 
 
-def train_and_evaluate(config, workdir: str, restore_step: int | None = None) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str, restore_step: int | None = None) -> TrainResult:
   """Trains `config` in `workdir` (resuming from its newest checkpoint, or from `restore_step`)
-  and returns the last validation metrics ({} when there was nothing left to train)."""
+  to train.steps, or until a signal stops it (saved at the step it stopped at). Returns how it
+  ended, with the last validation metrics ({} when there was nothing left to train)."""
   lock, run = workdir_lib.WorkdirLock(workdir), None  # _set_up takes it before its first write.
   try:
     run = _set_up(config, workdir, lock)
@@ -90,7 +103,7 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
     if start_step >= config.train.steps:
       log(f"jaxformer: the checkpoint at step {start_step} already reaches train.steps="
           f"{config.train.steps}; raise --config.train.steps to train on")
-      return {}
+      return TrainResult(step=start_step, metrics={})
     peak_flops = config.train.peak_flops or throughput.measure_peak_flops(config.model.dtype)
     meter, bar = throughput.Throughput(), _progress(start_step, config.train.steps)
     eval_metrics: dict[str, Any] = {}
@@ -103,7 +116,7 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
         step, previous_metrics = step + 1, metrics
         pending.append((step, metrics))
         if bar is not None:
-          bar.update(1)
+          to_stderr(lambda: bar.update(1))
         due = _due(run, guard, step, len(pending))
         if due.check:
           _check_finite(run.checkpointer, pending)  # Never log or save a diverged run's state.
@@ -127,9 +140,10 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
           stopped = True
           break
     if bar is not None:
-      bar.close()
+      to_stderr(bar.close)
     _finish(run, step, guard, stopped, interrupted)
-    return eval_metrics
+    return TrainResult(step=step, metrics=eval_metrics,
+                       stopped_by=guard.reason if stopped else None)
   finally:
     _close(run, lock)
 
@@ -283,7 +297,7 @@ def _log_train(run: _Run, step: int, metrics: dict[str, Any], meter: throughput.
   metrics["mfu"] = step_flops / metrics["step_time"] / (peak_flops * jax.device_count())
   run.writer.write(step, "train", metrics)
   if bar is not None:
-    bar.set_postfix_str(_format(metrics))
+    to_stderr(lambda: bar.set_postfix_str(_format(metrics)))
   else:
     log(f"step {step}: {_format(metrics)}")
 

@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM (a preempted VM, `kill`) and SIGINT (Ctrl-C) become an agreed stop step.
+"""Preemption: SIGTERM (a preempted VM, `kill`), SIGINT (Ctrl-C) and SIGHUP (the ssh session or
+terminal of the run went away) become an agreed stop step.
 
 A long run is stopped from outside: a cloud VM is preempted (SIGTERM, with some seconds of
 grace), a scheduler ends a job, a user presses Ctrl-C. None of these may lose the work since the
@@ -21,23 +22,26 @@ from jaxformer.train import jax_internals
 
 
 class PreemptionGuard:
-  """Turns SIGTERM (preemption, `kill`) and SIGINT (Ctrl-C) into a request to stop cleanly.
+  """Turns SIGTERM (preemption, `kill`), SIGINT (Ctrl-C) and SIGHUP (a dropped ssh session)
+  into a request to stop cleanly.
 
   While the guard is entered, these signals no longer kill the process: they set a flag, and
   `should_stop(step)` becomes True. The loop then saves a checkpoint at that step, waits for
-  it and exits with status 0. A second signal, of either kind, acts as if no guard were
-  installed (Ctrl-C twice, or SIGTERM then Ctrl-C: KeyboardInterrupt; a second SIGTERM: the
-  default action, which ends the process at once), without a checkpoint: the way out when the
-  clean stop takes too long. Two signals that come while Python waits for the devices reach
-  Python (the guard or Python's own handlers) only after that wait, one per kind: two Ctrl-C
-  in one batch of beam search are one. On exit the previous handlers are restored. Enter it in
-  the main thread (Python delivers signals there only).
+  it, and the command exits with status 75 (stopped; the same command resumes). A second
+  signal, of any kind, acts as if no guard were installed (Ctrl-C twice, or SIGTERM then
+  Ctrl-C: KeyboardInterrupt; a second SIGTERM: the default action, which ends the process at
+  once), without a checkpoint: the way out when the clean stop takes too long. Two signals that
+  come while Python waits for the devices reach Python (the guard or Python's own handlers)
+  only after that wait, one per kind: two Ctrl-C in one batch of beam search are one. On exit
+  the previous handlers are restored. Enter it in the main thread (Python delivers signals
+  there only).
 
   Multi-host: when jax.distributed runs its preemption service (the default after
-  `jax.distributed.initialize()`), SIGTERM is left to jax's notifier, SIGINT is forwarded to
-  it, and `should_stop(step)` is `multihost_utils.reached_preemption_sync_point(step)`: True
-  on every host at the same step, a few steps after any host got the signal. Otherwise (one
-  process) it is the local flag, True from the step during which the signal came.
+  `jax.distributed.initialize()`), SIGTERM is left to jax's notifier, SIGINT and SIGHUP are
+  forwarded to it, and `should_stop(step)` is
+  `multihost_utils.reached_preemption_sync_point(step)`: True on every host at the same step,
+  a few steps after any host got the signal. Otherwise (one process) it is the local flag, True
+  from the step during which the signal came.
 
   The training loop, on every process:
 
@@ -50,12 +54,13 @@ class PreemptionGuard:
             checkpointer.wait()
             print(f"stopped by {guard.reason} at step {step + 1}; checkpoint in "
                   f"{checkpointer.directory}; run the same command to resume")
-            return                                          # exit status 0
+            return                                          # exit status 75
         checkpointer.save(config.train.steps, state, batches, force=True)
       checkpointer.close()
   """
 
-  def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)):
+  def __init__(self,
+               signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)):
     self._signals = tuple(signals)
     self._previous: dict[int, Any] = {}
     self._received: int | None = None
