@@ -270,3 +270,61 @@ def test_the_old_prepare_command_still_works_with_a_note(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert "is now `jaxformer prepare`" in result.stderr
   assert "train: 50 examples" in result.stdout
+
+
+# --- A closed output, and ./launch.sh after a stop. --------------------------------------------
+
+def test_a_closed_output_pipe_does_not_stop_training(runs, tmp_path):
+  """`jaxformer train ... 2>&1 | head -n 2`: what a dropped ssh session does to the output.
+  The run drops its stderr and trains to its last step, saves it, and exits 0."""
+  workdir = runs.new_workdir(str(tmp_path / "w"))
+  steps = 30
+  process = subprocess.Popen(
+      [sys.executable, "-m", "jaxformer", *runs.train_args(
+          workdir, train__steps=steps, train__log_every_steps=1, checkpoint__every_steps=1000,
+          train__eval_every_steps=1000)],
+      cwd=run_testing.REPO, env=runs.env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  head = [process.stdout.readline() for _ in range(2)]  # What `head -n 2` reads, then it goes.
+  process.stdout.close()
+  assert all(head), head
+  assert process.wait(timeout=run_testing.RUN_TIMEOUT_S) == 0
+  assert run_testing.checkpoint_steps(workdir) == [steps]
+  assert [e["step"] for e in run_testing.metrics(workdir, "train")] == list(range(1, steps + 1))
+  assert [e["step"] for e in run_testing.metrics(workdir, "validation")] == [steps]
+
+
+def launch_sh(runs, workdir, **overrides) -> subprocess.Popen:
+  """`./launch.sh default --workdir W ...` with the suite's environment (its venv, no install)."""
+  env = dict(runs.env(1), VIRTUAL_ENV=os.path.dirname(os.path.dirname(sys.executable)))
+  args = runs.train_args(workdir, **overrides)[5:]  # The --config.KEY=VALUE overrides.
+  return subprocess.Popen(["bash", "launch.sh", "default", "--workdir", workdir, *args],
+                          cwd=run_testing.REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def trainer_pid(workdir) -> int | None:
+  """The pid of the trainer holding `workdir` (its lock file names it), None before it does."""
+  try:
+    with open(os.path.join(workdir, "lock")) as f:
+      return json.load(f)["pid"]
+  except (OSError, ValueError, KeyError):
+    return None
+
+
+def test_launch_sh_passes_a_stop_through_as_75_and_evaluates_only_a_finished_run(runs,
+                                                                                   tmp_path):
+  stopped_dir = runs.new_workdir(str(tmp_path / "stopped"))
+  launched = launch_sh(runs, stopped_dir, train__steps=1000, train__log_every_steps=1,
+                       checkpoint__every_steps=1000, train__eval_every_steps=1000)
+  run_testing.wait_for(lambda: run_testing.metrics(stopped_dir, "train"), "a first logged step",
+                       launched)
+  os.kill(trainer_pid(stopped_dir), signal.SIGTERM)  # The trainer only, as a preemption does.
+  _, stderr = launched.communicate(timeout=run_testing.RUN_TIMEOUT_S)
+  assert launched.returncode == 75, stderr[-3000:]
+  assert not run_testing.metrics(stopped_dir, "test")  # No evaluation of a half-trained model.
+
+  finished_dir = runs.new_workdir(str(tmp_path / "finished"))
+  launched = launch_sh(runs, finished_dir, train__steps=10, train__eval_every_steps=1000)
+  _, stderr = launched.communicate(timeout=run_testing.RUN_TIMEOUT_S)
+  assert launched.returncode == 0, stderr[-3000:]
+  assert [e["step"] for e in run_testing.metrics(finished_dir, "test")] == [10]

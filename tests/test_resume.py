@@ -170,30 +170,36 @@ def test_a_trainer_on_a_workdir_in_use_stops_at_once_and_writes_nothing(runs, tm
       "another --workdir"]
 
 
-def test_sigterm_saves_the_current_step_and_exits_0(runs, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
+def test_a_signal_saves_the_current_step_exits_75_and_the_resume_is_bit_identical(
+    runs, uninterrupted, tmp_path, signum):
+  """SIGTERM (preemption, `kill`), SIGINT (Ctrl-C) and SIGHUP (a dropped ssh session) stop the
+  run at a saved step with status 75 (not 0: it did not finish); the same command resumes."""
   workdir = runs.new_workdir(str(tmp_path / "w"))
-  every_steps = 1000  # Never due: the only checkpoint is the one SIGTERM asks for.
+  never = 1000  # Not due before the signal: the only checkpoint is the one it asks for.
   process = runs.start(runs.train_args(workdir, **{
-      "train.steps": every_steps, "checkpoint.every_steps": every_steps,
-      "train.log_every_steps": 1, "train.eval_every_steps": every_steps}))
+      **REFERENCE, "train.steps": never, "checkpoint.every_steps": never,
+      "train.log_every_steps": 1, "train.eval_every_steps": never}))
   run_testing.wait_for(lambda: run_testing.metrics(workdir, "train"), "a first logged step",
                        process)
-  status, stderr = run_testing.stop(process, signal.SIGTERM)
+  status, stderr = run_testing.stop(process, signum)
 
-  assert status == 0, stderr[-3000:]
-  stopped = [line for line in stderr.splitlines() if "stopped by SIGTERM" in line]
+  name = signal.Signals(signum).name
+  assert status == 75, stderr[-3000:]
+  assert "Traceback" not in stderr
+  stopped = [line for line in stderr.splitlines() if f"stopped by {name}" in line]
   assert len(stopped) == 1, stderr[-3000:]
-  step = int(re.search(r"stopped by SIGTERM at step (\d+);", stopped[0]).group(1))
-  assert 0 < step < every_steps
+  step = int(re.search(rf"stopped by {name} at step (\d+);", stopped[0]).group(1))
+  assert 0 < step < REFERENCE_STEPS, "the signal came too late for this test"
   assert os.path.join(workdir, "checkpoints") in stopped[0]
   assert run_testing.checkpoint_steps(workdir) == [step]
   assert max(train_log_steps(workdir)) == step  # The step was finished, and it was the last.
-  assert "Traceback" not in stderr
 
-  resumed = runs.train(workdir, **{"train.steps": step + 2, "train.log_every_steps": 1})
+  resumed = runs.train(workdir, **REFERENCE)  # The reference run's own settings from here on.
   assert f"resumed from the checkpoint at step {step}" in resumed.stderr
-  assert train_log_steps(workdir) == list(range(1, step + 3))
-  assert run_testing.checkpoint_steps(workdir) == [step, step + 2]
+  assert train_log_steps(workdir)[-1] == REFERENCE_STEPS
+  assert_same_end(workdir, uninterrupted("one_device"))
 
 
 # Run as `jaxformer` runs, but the save of a stop takes two minutes: time for a second signal.
@@ -250,7 +256,7 @@ def test_sigterm_during_the_final_evaluation_stops_it_within_a_batch_and_saves_t
   sent = run.signal(signal.SIGTERM)
   status, ended, stderr = run.wait(timeout_s=60)
 
-  assert status == 0, stderr[-3000:]  # A stopped run's status, as a stop between steps.
+  assert status == 75, stderr[-3000:]  # A stopped run's status, as a stop between steps.
   assert "Traceback" not in stderr
   # The batch in flight when the signal came is finished; none starts after the check that
   # follows it (one may start between the check and the signal's arrival).
