@@ -36,6 +36,7 @@ TRAIN_CASES = [
     (["data.task=copy", "data.train_lengths=5,2"], ["data.train_lengths=(5, 2)", "min <= max"]),
     (["data.train_lengths=1,2,3"], ["data.train_lengths='1,2,3' is not a valid tuple of 2 ints"]),
     (["data.eval_lengths=1.5,2"], ["data.eval_lengths='1.5,2' is not a valid tuple of 2 ints"]),
+    (["data.eval_lengths=11"], ["data.eval_lengths='11' is not a valid tuple of 2 ints"]),
     (["train.learning_rate=0"], ["train.learning_rate=0.0 must be positive"]),
     (["train.learning_rate=nan"], ["train.learning_rate=nan must be a finite number"]),
     (["train.adam_b1=1.0"], ["train.adam_b1=1.0 must be in [0, 1)"]),
