@@ -28,8 +28,9 @@ import ml_collections
 
 from jaxformer.errors import ConfigError
 
-EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "experiments")
+# Inside the package, so that an installed wheel has its experiments too: in the repository
+# jaxformer/experiments is a symlink to the top-level experiments/, which the build copies in.
+EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments")
 
 
 def _model_defaults() -> ml_collections.ConfigDict:
