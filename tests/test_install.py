@@ -198,9 +198,10 @@ def _wheel_venv(tmp_path: pathlib.Path) -> pathlib.Path:
 
 @pytest.mark.slow
 def test_a_wheel_trains_the_default_experiment_outside_the_repository(tmp_path):
-  """Not covered: building in an isolated environment offline (pip fetches setuptools from the
-  index or its cache), installing the dependencies themselves (they are seen, not installed),
-  and the sdist."""
+  """Also `--version` and the experiments' files in the wheel. Not covered: building offline
+  (pip's isolated build fetches setuptools from the index or its cache), installing the
+  dependencies themselves (the new environment sees them, pip installs none), the sdist, and
+  the extras (cuda, tpu)."""
   bin_dir = _wheel_venv(tmp_path)
   outside = tmp_path / "elsewhere"
   outside.mkdir()
@@ -217,6 +218,13 @@ def test_a_wheel_trains_the_default_experiment_outside_the_repository(tmp_path):
                           "import jaxformer; print(jaxformer.__file__)"],
                          cwd=outside, env=env, capture_output=True, text=True, check=True)
   assert where.stdout.startswith(str(tmp_path / "venv")), where.stdout  # The wheel's code.
+  assert jaxformer("--version").strip() == f"jaxformer {pyproject()['version']}"
+  # The experiments came along, those that load others and the sample texts included.
+  keys = dict(line.split(" = ", 1) for line in jaxformer("info", "--keys", "--config",
+                                                         "text_files").splitlines())
+  texts = keys["data.train_files"].split()[0].strip("'").split(",")
+  assert all(path.startswith(str(tmp_path / "venv")) and os.path.isfile(path) for path in texts)
+  assert "'sort'" in jaxformer("info", "--keys", "--config", "sort")  # loads 'copy'
   tiny = [f"--config.{k}={v}" for k, v in run_testing.TINY.items()]
   jaxformer("train", "--config", "default", "--workdir", "w", "--config.train.steps=3", *tiny)
   assert (outside / "w" / "checkpoints" / "3").is_dir()
