@@ -170,7 +170,17 @@ def _wheel_venv(tmp_path: pathlib.Path) -> pathlib.Path:
   """A wheel built from a copy of the sources, installed into a new virtualenv that sees the
   packages installed here (a .pth line: no .pth file of theirs runs, so not this checkout's
   editable jaxformer). pip installs the wheel alone, offline: every dependency must already be
-  installed, at its constraints.txt version. Returns the virtualenv's bin directory."""
+  installed, at its constraints.txt version. Returns the virtualenv's bin directory.
+
+  Every command runs outside the checkout, without PYTHONPATH: pip would take a jaxformer it
+  finds there (an editable install's jaxformer.egg-info) as installed already, and skip the wheel.
+  """
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+  def run(*command, **kwargs):
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
   source = tmp_path / "source"
   source.mkdir()
   for name in ("pyproject.toml", "README.md"):
@@ -179,19 +189,17 @@ def _wheel_venv(tmp_path: pathlib.Path) -> pathlib.Path:
     shutil.copytree(ROOT / name, source / name, symlinks=True,
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
   dist, venv = tmp_path / "dist", tmp_path / "venv"
-  subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist),
-                  str(source)], check=True, capture_output=True, timeout=300)
-  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-  purelib = subprocess.run([str(venv / "bin" / "python"), "-c",
-                            "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                           capture_output=True, text=True, check=True).stdout.strip()
+  run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(source),
+      check=True)
+  run(sys.executable, "-m", "venv", "--without-pip", str(venv), check=True)
+  python = str(venv / "bin" / "python")
+  purelib = run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                check=True).stdout.strip()
   here = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
   pathlib.Path(purelib, "installed-here.pth").write_text("\n".join(sorted(here)) + "\n")
   pins_args = [] if UNPINNED else ["-c", str(CONSTRAINTS)]
   (wheel,) = dist.glob("jaxformer-*.whl")
-  result = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-                           "--no-index", *pins_args, str(wheel)],
-                          capture_output=True, text=True, timeout=120)
+  result = run(python, "-m", "pip", "install", "-q", "--no-index", *pins_args, str(wheel))
   assert result.returncode == 0, f"the installed packages do not meet the pins:\n{result.stderr}"
   return venv / "bin"
 
