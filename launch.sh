@@ -24,8 +24,10 @@
 #
 # Every mode first makes sure a Python environment with jaxformer exists: an active virtualenv
 # is used as it is (jaxformer is installed into it if missing); otherwise ./.venv is created
-# with `python3 -m venv` and `pip install -e '.[test]'`, and reinstalled when pyproject.toml
-# changes.
+# with `python3 -m venv` and `pip install -c constraints.txt -e '.[test]'` (the tested version
+# of every dependency), and reinstalled when pyproject.toml or constraints.txt changes.
+# JAXFORMER_UNPINNED=1 installs without the constraints (pyproject's floors only: the newest
+# versions in a new environment).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
@@ -33,8 +35,13 @@ cd "$ROOT"
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 
 setup_env() {
-  local stamp want
-  want="$(cksum < pyproject.toml)"
+  local stamp want pins=(-c "$ROOT/constraints.txt")
+  if [[ "${JAXFORMER_UNPINNED:-0}" != 0 ]]; then
+    pins=()
+    want="$(cksum < pyproject.toml) unpinned"
+  else
+    want="$(cksum < pyproject.toml) $(cksum < constraints.txt)"
+  fi
   if [[ -n "${VIRTUAL_ENV:-}" && -x "${VIRTUAL_ENV}/bin/python" ]]; then
     PY="${VIRTUAL_ENV}/bin/python"
   else
@@ -48,7 +55,7 @@ setup_env() {
   if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]] || ! "$PY" -c 'import jaxformer, pytest' 2>/dev/null; then
     echo "launch.sh: installing jaxformer and its dependencies into $("$PY" -c 'import sys; print(sys.prefix)')" >&2
     "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q -e "$ROOT[test]"
+    "$PY" -m pip install -q ${pins[@]+"${pins[@]}"} -e "$ROOT[test]"
     echo "$want" > "$stamp"
   fi
 }

@@ -35,9 +35,33 @@ class _Parser(argparse.ArgumentParser):
     raise JaxformerError(f"{self.prog}: {message}")
 
 
-def _config_args(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--config", default="default",
+# The epilog of every command that takes overrides: argparse's usage line cannot show them.
+# Wrapped by hand for `train`, whose epilog (with EXIT_STATUSES) is printed as it is.
+OVERRIDES_HELP = """Any config key can be set on the command line: --config.KEY=VALUE (or
+--config.KEY VALUE), e.g. --config.train.steps=100; `jaxformer info --keys
+--config EXPERIMENT` lists every key with its value."""
+
+
+def _config_args(parser: argparse.ArgumentParser, default: str | None = "default") -> None:
+  parser.add_argument("--config", default=default,
                       help="experiment name (experiments/NAME.py) or path to an experiment file")
+
+
+def version() -> str:
+  """The installed distribution's version; the source tree's pyproject.toml when jaxformer runs
+  from a checkout that was never installed."""
+  import importlib.metadata
+  try:
+    return importlib.metadata.version("jaxformer")
+  except importlib.metadata.PackageNotFoundError:
+    import tomllib
+    pyproject = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "pyproject.toml")
+    try:
+      with open(pyproject, "rb") as f:
+        return tomllib.load(f)["project"]["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+      return "unknown"
 
 
 def _at_least(minimum: int):
@@ -78,13 +102,27 @@ def check_output_file(path: str, flag: str) -> None:
                      "system); choose another place")
 
 
+def _print_keys(config) -> None:
+  """Every key of `config` with its value; a value that is not the schema's default says so."""
+  from jaxformer import config as config_lib
+  defaults = config_lib.flatten(config_lib.get_default_config())
+  for key, value in config_lib.flatten(config).items():
+    note = "" if value == defaults[key] else f"  (default {defaults[key]!r})"
+    print(f"{key} = {value!r}{note}")
+
+
 def cmd_info(args, overrides) -> int:
   from jaxformer import config as config_lib
-  if args.keys:
-    for key, value in config_lib.flatten(config_lib.get_default_config()).items():
-      print(f"{key} = {value!r}")
+  if args.keys and args.config is None:  # The schema itself, with any overrides.
+    config = config_lib.get_default_config()
+    config_lib.apply_overrides(config, overrides)
+    config_lib.validate(config)
+    _print_keys(config)
     return 0
-  config = config_lib.load_config(args.config, overrides)
+  config = config_lib.load_config(args.config or "default", overrides)
+  if args.keys:
+    _print_keys(config)
+    return 0
   from jaxformer.train import state as state_lib
   counts = state_lib.count_parameters_by_module(config, depth=args.depth)
   width = max(len(name) for name in counts)
@@ -239,6 +277,7 @@ def _step_arg(text: str):
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="jaxformer", description=__doc__.splitlines()[0], epilog=EXIT_STATUSES,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--version", action="version", version=f"jaxformer {version()}")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   for add_command in (_add_info, _add_train, _add_evaluate, _add_translate, _add_prepare,
                       _add_average, _add_plot):
@@ -247,9 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_info(sub) -> None:
-  p = sub.add_parser("info", help="parameter count per module, or every config key")
-  _config_args(p)
-  p.add_argument("--keys", action="store_true", help="list every config key with its default")
+  p = sub.add_parser("info", help="parameter count per module, or every config key",
+                     epilog=OVERRIDES_HELP)
+  _config_args(p, default=None)  # None: --keys lists the schema's defaults; counts: 'default'.
+  p.add_argument("--keys", action="store_true",
+                 help="list every config key with its value: the defaults, or with --config "
+                 "the experiment's (overrides applied)")
   p.add_argument("--depth", type=_at_least(1), default=2,
                  help="module levels to break the count down into (default 2: layers)")
   p.set_defaults(run=cmd_info, takes_overrides=True)
@@ -257,7 +299,8 @@ def _add_info(sub) -> None:
 
 def _add_train(sub) -> None:
   p = sub.add_parser("train", help="train (or resume) an experiment in a workdir",
-                     epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                     epilog=f"{OVERRIDES_HELP}\n\n{EXIT_STATUSES}",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
   _config_args(p)
   p.add_argument("--workdir", required=True)
   p.add_argument("--restore-step", type=_at_least(0), default=None,
@@ -291,7 +334,7 @@ def _add_translate(sub) -> None:
 
 def _add_prepare(sub) -> None:
   p = sub.add_parser("prepare", help="download (catalog) or build (generated, text) the "
-                     "dataset of an experiment")
+                     "dataset of an experiment", epilog=OVERRIDES_HELP)
   _config_args(p)
   p.add_argument("--workdir", required=True, help="data goes to data.data_dir or WORKDIR/tfds")
   p.set_defaults(run=cmd_prepare, takes_overrides=True)
@@ -317,7 +360,8 @@ def _add_plot(sub) -> None:
                  help="cross-attention layer whose heads are drawn (default: -1, the last)")
   k.add_argument("--out", default="attention.png", help="image file (.png, .pdf, .svg ...)")
   k.set_defaults(run=cmd_plot)
-  k = kinds.add_parser("positions", help="the positional encoding table and its similarities")
+  k = kinds.add_parser("positions", help="the positional encoding table and its similarities",
+                       epilog=OVERRIDES_HELP)
   k.add_argument("--config", default=None,
                  help="experiment name or file (default: the run's config with --workdir, "
                  "else 'default')")

@@ -28,8 +28,11 @@ import ml_collections
 
 from jaxformer.errors import ConfigError
 
-EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "experiments")
+# Inside the package, so that an installed wheel has its experiments too: in the repository
+# jaxformer/experiments is a symlink to the top-level experiments/, which the build copies in.
+# Resolved, so that messages and run configs name the files where the user keeps them.
+EXPERIMENTS_DIR = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                "experiments"))
 
 
 def _model_defaults() -> ml_collections.ConfigDict:

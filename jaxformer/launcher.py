@@ -45,6 +45,8 @@ POLL_SECONDS = 0.1         # how often the launcher looks at its processes.
 PUMP_JOIN_SECONDS = 5.0    # how long the last output of stopped processes may take to arrive.
 REMOTE_DIR = "~/jaxformer"  # where the code lives on every TPU VM worker.
 REMOTE_PYTHON = "3.11"     # the Python of the workers' environment (uv fetches it if missing).
+CONSTRAINTS = "constraints.txt"  # the tested versions (tools/constraints.py writes it).
+UNPINNED_VARIABLE = "JAXFORMER_UNPINNED"  # set (not 0): install without CONSTRAINTS.
 SHARED_STORAGE_PREFIX = "gs://"
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"  # CPU devices of one process.
 _PR_SET_PDEATHSIG = 1      # prctl(2) option: the signal a process gets when its parent dies.
@@ -245,6 +247,13 @@ def workdir_of(args: list[str]) -> str | None:
   return None
 
 
+def pins_arg() -> str:
+  """'-c constraints.txt ' (the tested versions, as ./launch.sh installs them), or '' when
+  JAXFORMER_UNPINNED is set here. The TPU-only packages (libtpu, gcsfs ...) are not in the file:
+  they resolve to what the pinned jax[tpu] and pyproject allow."""
+  return "" if os.environ.get(UNPINNED_VARIABLE, "0") not in ("", "0") else f"-c {CONSTRAINTS} "
+
+
 def tpu_commands(args: list[str], name: str, zone: str, project: str | None,
                  revision: str | None, source_dir: str) -> list[list[str]]:
   """The commands that put the code on every worker of TPU VM `name`, set it up, and run
@@ -275,7 +284,7 @@ def tpu_commands(args: list[str], name: str, zone: str, project: str | None,
   setup = [*ssh, "--command",
            f"cd {REMOTE_DIR} && python3 -m pip install -q --user uv && "
            f"(test -x .venv/bin/python || {uv} venv -q --python {REMOTE_PYTHON} .venv) && "
-           f"{uv} pip install -q --python .venv/bin/python -e '.[tpu]'"]
+           f"{uv} pip install -q --python .venv/bin/python {pins_arg()}-e '.[tpu]'"]
   run = [*ssh, "--command",
          f"cd {REMOTE_DIR} && JAXFORMER_DISTRIBUTED=auto .venv/bin/python -m jaxformer "
          + shlex.join(args)]

@@ -104,7 +104,7 @@ def train_and_evaluate(config, workdir: str, restore_step: int | None = None) ->
       log(f"jaxformer: the checkpoint at step {start_step} already reaches train.steps="
           f"{config.train.steps}; raise --config.train.steps to train on")
       return TrainResult(step=start_step, metrics={})
-    peak_flops = config.train.peak_flops or throughput.measure_peak_flops(config.model.dtype)
+    peak_flops = throughput.PeakFlops(config.train.peak_flops, config.model.dtype)
     meter, bar = throughput.Throughput(), _progress(start_step, config.train.steps)
     eval_metrics: dict[str, Any] = {}
     pending: Pending = []
@@ -288,13 +288,15 @@ def _format(metrics: dict[str, Any]) -> str:
 
 
 def _log_train(run: _Run, step: int, metrics: dict[str, Any], meter: throughput.Throughput,
-               peak_flops: float, bar) -> None:
+               peak_flops: throughput.PeakFlops, bar) -> None:
   """Writes the step's metrics, its speed and MFU; shows them on the progress bar or the log."""
   config = run.config
   metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
   metrics.update(meter.report(jax.process_count()))
   step_flops = throughput.train_step_flops(config) * config.train.grad_accum_steps
-  metrics["mfu"] = step_flops / metrics["step_time"] / (peak_flops * jax.device_count())
+  metrics["mfu"], note = peak_flops.mfu(step_flops / metrics["step_time"] / jax.device_count())
+  if note:
+    log(note)
   run.writer.write(step, "train", metrics)
   if bar is not None:
     to_stderr(lambda: bar.set_postfix_str(_format(metrics)))

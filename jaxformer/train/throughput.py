@@ -1,9 +1,10 @@
 """How fast training runs: step time, tokens per second, data wait, and MFU.
 
 MFU (model FLOPs utilisation) = the model FLOPs of a step / step time / the devices' peak FLOP/s.
-The three pieces are here: `Throughput` times a window of steps, `measure_peak_flops` measures
-the peak of a device when `train.peak_flops` does not give it, and `train_step_flops` counts
-the model FLOPs of a step.
+The three pieces are here: `Throughput` times a window of steps, `PeakFlops` holds the peak of
+a device (`train.peak_flops`, or a matmul that `measure_peak_flops` times at start, raised when
+the devices prove faster, so that MFU never exceeds 1), and `train_step_flops` counts the model
+FLOPs of a step.
 
 The FLOP count is the usual "model FLOPs" (MaxText, PaLM appendix B): 2 FLOPs per multiply-add
 of every matrix product in the forward pass, attention scores and their weighted sums included,
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +75,46 @@ def measure_peak_flops(dtype: str = "float32", size: int = 2048, repeats: int = 
   for _ in range(repeats):
     matmul(a).block_until_ready()
   return repeats * 2 * size ** 3 / (time.perf_counter() - start)
+
+
+class PeakFlops:
+  """The denominator of MFU: the peak FLOP/s of one device, `train.peak_flops` or measured.
+
+  A matmul timed at start-up on a loaded machine reads low, and MFU then comes out above 1 (2.6
+  was seen). When it would, a measured peak is measured once more, and from then on the best
+  peak seen is kept, the model FLOP/s a device achieved included (it did at least that much):
+  MFU stays <= 1. A configured peak is not measured (the user chose not to); it is raised to the
+  speed achieved the same way. `mfu` says so, once.
+  """
+
+  def __init__(self, configured: float, dtype: str,
+               measure: Callable[[str], float] | None = None):
+    self._dtype = dtype
+    self._measure = measure or measure_peak_flops
+    self.configured = bool(configured)
+    self.value = configured or self._measure(dtype)
+    self._raised = False
+
+  def mfu(self, achieved: float) -> tuple[float, str | None]:
+    """(MFU of a device that did `achieved` model FLOP/s, a message for the log or None). The
+    message comes with the first raise of the peak only."""
+    if achieved <= self.value:
+      return achieved / self.value, None
+    before, note = self.value, None
+    if not self._raised:
+      self._raised = True
+      if self.configured:
+        note = (f"jaxformer: MFU came out at {achieved / before:.3g} against train.peak_flops="
+                f"{before:.4g}; the devices ran faster than that")
+      else:
+        again = self._measure(self._dtype)
+        self.value = max(self.value, again)
+        note = (f"jaxformer: MFU came out at {achieved / before:.3g} against the peak measured at "
+                f"start ({before:.4g} FLOP/s per device; a busy machine reads low); measured "
+                f"again: {again:.4g}")
+      note += "; MFU is reported against the best peak seen from now on, so at most 1"
+    self.value = max(self.value, achieved)
+    return achieved / self.value, note
 
 
 class Throughput:

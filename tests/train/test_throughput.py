@@ -12,6 +12,7 @@ The FLOP count (jaxformer/train/throughput.py) is checked three independent ways
 """
 
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -244,3 +245,58 @@ def test_restart_drops_what_came_before():
   clock.now += 1.0
   meter.add_step(10, 0.0)
   assert meter.report()["tokens_per_second"] == pytest.approx(10.0)
+
+
+# --- MFU never above 1. ------------------------------------------------------------------------
+
+class LoadedThenIdle:
+  """A peak measurement that reads low the first time (a busy machine), then `later`."""
+
+  def __init__(self, first: float, later: float):
+    self.readings, self.calls = [first, later], 0
+
+  def __call__(self, dtype: str) -> float:
+    self.calls += 1
+    return self.readings[min(self.calls, 2) - 1]
+
+
+def test_mfu_stays_at_most_1_when_the_peak_was_measured_on_a_loaded_machine():
+  measure = LoadedThenIdle(first=1e9, later=5e9)
+  peak = throughput.PeakFlops(0.0, "float32", measure=measure)
+  assert measure.calls == 1 and peak.value == 1e9
+  assert peak.mfu(5e8) == (0.5, None)  # Below the peak: nothing happens.
+  mfu, note = peak.mfu(2.6e9)  # Would be 2.6: measured again, and 5e9 holds.
+  assert mfu == pytest.approx(2.6e9 / 5e9) and measure.calls == 2
+  assert "2.6" in note and "measured again: 5e+09" in note and "at most 1" in note
+  # Faster than both measurements: the speed seen is the peak from now on; said once only.
+  assert peak.mfu(6e9) == (1.0, None)
+  assert peak.mfu(3e9) == (0.5, None) and measure.calls == 2
+
+
+def test_a_configured_peak_is_raised_to_the_speed_seen_without_measuring():
+  def measure(dtype):
+    raise AssertionError("train.peak_flops was given: nothing to measure")
+  peak = throughput.PeakFlops(1e9, "bfloat16", measure=measure)
+  mfu, note = peak.mfu(2e9)
+  assert mfu == 1.0 and "train.peak_flops=1e+09" in note
+  assert peak.mfu(4e9) == (1.0, None) and peak.mfu(1e9) == (0.25, None)
+
+
+def test_the_loop_logs_an_mfu_of_at_most_1_and_says_why_once(monkeypatch, capsys):
+  """loop._log_train over a peak measured low at start (throughput.measure_peak_flops
+  patched), with a step that would give MFU 2.6."""
+  from jaxformer.train import loop
+  measure = LoadedThenIdle(first=1.0, later=2.0)
+  monkeypatch.setattr(throughput, "measure_peak_flops", measure)
+  config = ml_collections.ConfigDict(get_default_config())
+  step_flops = throughput.train_step_flops(config) / jax.device_count()  # per device
+  peak = throughput.PeakFlops(config.train.peak_flops, config.model.dtype)
+  written = []
+  run = types.SimpleNamespace(config=config, writer=types.SimpleNamespace(
+      write=lambda step, split, metrics: written.append(metrics)))
+  for step_time in (1 / 2.6, 1 / 2.6, 1.0):
+    meter = types.SimpleNamespace(report=lambda n, t=step_time: {"step_time": t * step_flops})
+    loop._log_train(run, 1, {"loss": jnp.float32(1.0)}, meter, peak, bar=None)
+  assert [m["mfu"] for m in written] == pytest.approx([1.0, 1.0, 1 / 2.6])
+  notes = [line for line in capsys.readouterr().err.splitlines() if "MFU came out at" in line]
+  assert len(notes) == 1 and "measured again: 2" in notes[0]
