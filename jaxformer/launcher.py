@@ -50,7 +50,7 @@ import sys
 import threading
 import time
 
-from jaxformer.errors import EXIT_FINISHED, EXIT_STOPPED, JaxformerError
+from jaxformer.errors import EXIT_FINISHED, EXIT_STOPPED, EXIT_USER_ERROR, JaxformerError
 
 STOP_GRACE_SECONDS = 10.0  # after a failure, how long the others get to stop before SIGKILL.
 POLL_SECONDS = 0.1         # how often the launcher looks at its processes.
@@ -257,8 +257,6 @@ def run_local_pod(command: list[str], processes: int, devices_per_process: int =
 #   <log dir>/worker_<i>.pid    the trainer's pid, once it has started
 #   <log dir>/worker_<i>.exit   its exit status, once it has ended
 
-# The trainer's exit statuses (README, "When things go wrong", "Exit statuses").
-EXIT_FINISHED, EXIT_USER_ERROR, EXIT_STOPPED = 0, 2, 75
 LOGS_DIR = "logs"  # jaxformer.workdir.LOGS_DIR, which cannot be imported here (workdir imports
                    # jax); tests/test_launcher.py checks that the two agree.
 LOG_COPY_SECONDS = 60.0       # how often a wrapper copies its log to a gs:// workdir.

@@ -24,11 +24,8 @@ from tests.test_multihost import assert_same_params, saved_params
 
 ROOT = run_testing.REPO
 TIMEOUT_S = 120
-# The trainer's status for a run stopped by a signal at a saved step: 75 (errors.EXIT_STOPPED)
-# once `jaxformer train` exits with it; before, 0 like a finished run.
-STOPPED_STATUS = getattr(errors, "EXIT_STOPPED", 0)
-STOPPED = ("stopped (exit 75; run the same command to resume)" if STOPPED_STATUS == 75
-           else "finished (exit 0)")
+STOPPED_STATUS = errors.EXIT_STOPPED  # 75: stopped by a signal at a saved step.
+STOPPED = "stopped (exit 75; run the same command to resume)"
 
 # Stands in for a trainer: logs three steps, then waits; SIGTERM makes it exit as stopped.
 FAKE_TRAINER = f"""
