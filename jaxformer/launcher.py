@@ -266,7 +266,10 @@ PID_REUSE_SLACK_SECONDS = 60.0  # a pid whose process started later than this af
                                 # file was written is another process (after a reboot).
 LOG_TAIL_BYTES = 8 << 20      # how much of a log `--status` reads (its end).
 STARTED = "launcher: worker {index} started"  # the header the wrapper writes at each start.
-STEP_LINE = re.compile(r"^step (\d+):")        # the loop's `step N: ...` lines (process 0 only).
+# The steps a log names: the loop's `step N: ...` lines, and its last line, which names the step
+# it saved when stopped between two logged ones (process 0 logs them all).
+STEP_LINE = re.compile(r"^(?:step |jaxformer: stopped by .+ at step |jaxformer: trained to step )"
+                       r"(\d+)\b")
 # A TPU VM worker's index: TPU_WORKER_ID where the environment sets it (GKE), else the GCE
 # metadata server's agent-worker-number, which is what jax.distributed reads on a TPU VM
 # (jax/_src/clusters/cloud_tpu_cluster.py) and how `gcloud ... ssh --worker=i` numbers the

@@ -116,8 +116,9 @@ def test_status_names_each_exit_status_and_reads_only_the_newest_start(tmp_path)
       0: (earlier + header.format(0) + "step 4: loss=1\n", os.getpid(), None,
           f"running (pid {os.getpid()}), step 4"),
       1: (header.format(1) + "step 6: loss=1\n", 1, 0, "finished (exit 0), step 6"),
-      2: (header.format(2) + "step 2: loss=1\n", 1, 75,
-          "stopped (exit 75; run the same command to resume), step 2"),
+      2: (header.format(2) + "step 2: loss=1\njaxformer: stopped by SIGTERM at step 3; the "
+          "checkpoint is saved\n", 1, 75, "stopped (exit 75; run the same command to resume), "
+          "step 3"),
       3: (earlier.replace("worker 0", "worker 3") + header.format(3)
           + "error: no such experiment: nope\n", 1, 2, "error (exit 2): error: no such "
           "experiment: nope"),
