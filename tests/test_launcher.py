@@ -330,6 +330,12 @@ def test_tpu_dry_run_prints_the_detached_start_status_logs_and_stop():
   assert tpu_dry_run("--logs")[0][-1].endswith("exec tail -n +1 logs/my-bucket/run/worker_0.log")
 
 
+def test_tpu_status_lines_come_back_in_worker_order():
+  arrived = "worker 10: running\nworker 2: finished (exit 0)\nsome gcloud line\nworker 0: running\n"
+  assert launcher._by_worker(arrived).splitlines() == [
+      "worker 0: running", "worker 2: finished (exit 0)", "worker 10: running", "some gcloud line"]
+
+
 def test_tpu_run_on_a_mounted_workdir_logs_into_it():
   [status] = launcher.tpu_action_commands("status", ["train", "--workdir", "/mnt/nfs/run"],
                                           "pod", "zone-a", None)
