@@ -465,9 +465,10 @@ def run_worker(index: int, log: str, copy_to: str | None, command: list[str],
       code = trainer.wait(timeout=copy_every if copy_to else None)
       break
     except subprocess.TimeoutExpired:
-      seen = os.stat(log)
-      if (seen.st_size, seen.st_mtime) != copied:  # Nothing new: nothing to copy.
-        failed, copied = _copy_logs([log], copy_to, failed), (seen.st_size, seen.st_mtime)
+      seen = (os.stat(log).st_size, os.stat(log).st_mtime)
+      if seen != copied:  # Nothing new since the last copy that worked: nothing to copy.
+        failed = _copy_logs([log], copy_to, failed)
+        copied = None if failed else seen
   status = _exit_status(code)
   _say(f"worker {index}: the trainer ended with exit status {status} ({_ended(status)[0]})")
   _write(sibling(log, ".exit"), str(status))
