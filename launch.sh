@@ -9,11 +9,21 @@
 #                                       a simulated pod: N local processes of M CPU devices
 #                                       each, joined by jax.distributed on 127.0.0.1; output
 #                                       prefixed [i]; one fails -> all stop, exit non-zero
+#   ./launch.sh EXPERIMENT --processes N --detach [...]
+#                                       the same pod detached from this terminal: returns at
+#                                       once; worker i logs to WORKDIR/logs/worker_<i>.log
 #   ./launch.sh EXPERIMENT --tpu NAME --zone ZONE [--project P] [--revision REV] [--dry-run]
 #                                       run on every worker of an existing TPU VM (gcloud):
 #                                       copy HEAD (or check out REV), set up .venv with the
-#                                       tpu extra, train; use --workdir gs://BUCKET/RUN;
-#                                       --dry-run prints the commands only
+#                                       tpu extra, start the trainer detached on every worker
+#                                       (a dropped connection does not end it) and return; use
+#                                       --workdir gs://BUCKET/RUN; --dry-run prints the commands
+#   The same command (TPU or detached pod) plus one of:
+#     --status                          each worker: running / finished / stopped / error /
+#                                       failed, its exit status and last logged step
+#     --logs [--worker I] [--follow]    print (or follow) worker I's log (default 0)
+#     --stop                            SIGTERM to every trainer: they save at one step and exit
+#                                       as stopped; the same command without it resumes
 #   GPU cluster, one process per host:  on host i set JAXFORMER_COORDINATOR_ADDRESS=HOST0:PORT
 #                                       JAXFORMER_NUM_PROCESSES=N JAXFORMER_PROCESS_ID=i (or
 #                                       only JAXFORMER_DISTRIBUTED=auto under SLURM) and run
@@ -82,13 +92,15 @@ fi
 WORKDIR="runs/$(basename "${EXPERIMENT%.py}")"
 ARGS=()
 LAUNCH=()
+NO_EVALUATE=""  # set by the flags after which there is no finished run here to evaluate
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --workdir) WORKDIR="$2"; shift 2 ;;
     --workdir=*) WORKDIR="${1#*=}"; shift ;;
-    --processes|--devices-per-process|--stop-grace|--tpu|--zone|--project|--revision)
+    --processes|--devices-per-process|--stop-grace|--tpu|--zone|--project|--revision|--worker)
       LAUNCH+=("$1" "$2"); shift 2 ;;
-    --dry-run) LAUNCH+=("$1"); shift ;;
+    --dry-run|--follow) LAUNCH+=("$1"); shift ;;
+    --detach|--status|--logs|--stop) LAUNCH+=("$1"); NO_EVALUATE=1; shift ;;
     *) ARGS+=("$1"); shift ;;
   esac
 done
@@ -101,6 +113,10 @@ if [[ " ${LAUNCH[*]-} " == *" --tpu "* ]]; then
   PYTHONPATH="$ROOT" exec "$PY" -m jaxformer.launcher ${LAUNCH[@]+"${LAUNCH[@]}"} -- "${TRAIN[@]}"
 fi
 setup_env
+if [[ -n "$NO_EVALUATE" ]]; then
+  # A detached pod goes on after the launcher returns; status, logs and stop only look or ask.
+  exec "$PY" -m jaxformer.launcher "${LAUNCH[@]}" -- "$PY" -m "${TRAIN[@]}"
+fi
 if [[ ${#LAUNCH[@]} -gt 0 ]]; then
   "$PY" -m jaxformer.launcher "${LAUNCH[@]}" -- "$PY" -m "${TRAIN[@]}"
 else
