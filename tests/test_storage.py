@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import subprocess
+import tempfile
 
 import pytest
 
@@ -17,14 +18,16 @@ pytestmark = pytest.mark.slow
 
 
 def _can_mount() -> bool:
+  """Whether this process may mount a tmpfs (a probe of its own: pytest-xdist workers collect
+  this module at the same time)."""
   if os.geteuid() != 0:
     return False
-  probe = "/tmp/jaxformer_mount_probe"
-  os.makedirs(probe, exist_ok=True)
+  probe = tempfile.mkdtemp(prefix="jaxformer_mount_probe_")
   mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", probe],
                            capture_output=True).returncode == 0
   if mounted:
-    subprocess.run(["umount", probe], check=True)
+    subprocess.run(["umount", "-l", probe], check=True)
+  os.rmdir(probe)
   return mounted
 
 
