@@ -119,7 +119,8 @@ def test_every_third_party_import_is_a_declared_dependency():
 
 def test_the_tpu_workers_install_the_pinned_versions_unless_told_not_to(monkeypatch):
   def setup_command() -> str:
-    steps = launcher.tpu_commands(["train"], "pod", "zone-a", None, None, str(ROOT))
+    steps = launcher.tpu_commands(["train", "--workdir", "gs://bucket/run"], "pod", "zone-a",
+                                  None, None, str(ROOT))
     return next(s[-1] for s in steps if "pip install" in s[-1])
   monkeypatch.delenv(launcher.UNPINNED_VARIABLE, raising=False)
   assert "pip install -q --python .venv/bin/python -c constraints.txt -e '.[tpu]'" in (
