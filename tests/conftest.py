@@ -6,6 +6,7 @@ tests run the code as `jaxformer` runs it.
 """
 
 import os
+import signal
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -14,3 +15,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from jaxformer.train import jax_internals  # noqa: E402  (after the environment above)
 
 jax_internals.install()
+
+# The suite runs commands as a user at a terminal does, Ctrl-C included. A shell that starts
+# the suite in the background ignores SIGINT for it, and children inherit an ignored signal:
+# a Python handler here instead becomes the default in each child, so Ctrl-C (SIGINT) is a
+# KeyboardInterrupt there, as at a terminal.
+signal.signal(signal.SIGINT, signal.default_int_handler)

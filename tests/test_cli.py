@@ -221,8 +221,9 @@ def test_translate_of_stdin_that_is_not_utf8_is_one_line_naming_the_line(
 
 # --- Signals. ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", ["evaluate", "translate"])
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("command, signum", [("evaluate", signal.SIGINT),
+                                             ("translate", signal.SIGTERM)],
+                         ids=["evaluate-SIGINT", "translate-SIGTERM"])
 def test_evaluate_and_translate_stop_within_a_batch_on_ctrl_c_and_sigterm(
     runs, tmp_path, command, signum):
   """No guard: Ctrl-C is a KeyboardInterrupt once the batch in flight is done (then one line,
