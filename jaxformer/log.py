@@ -72,10 +72,25 @@ class _FirstLineOnly(logging.Filter):
     return True
 
 
+class _NoUnretrievedTaskErrors(logging.Filter):
+  """Drops asyncio's 'Task exception was never retrieved' records (with their tracebacks)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = str(record.msg)
+    return not message.startswith(("Task exception was never retrieved",
+                                   "Future exception was never retrieved"))
+
+
 def one_line_library_errors() -> None:
-  """Makes the errors that libraries log (orbax logs a failed background save with its whole
-  traceback through absl) one line each: the failure reaches jaxformer as an exception too, and
-  is reported there, once, with what to do."""
-  logger = logging.getLogger("absl")
-  if not any(isinstance(f, _FirstLineOnly) for f in logger.filters):
-    logger.addFilter(_FirstLineOnly())
+  """Quiets what libraries log about a failure that jaxformer reports itself, once, with what
+  to do (the failure reaches it as an exception too):
+
+  - orbax logs a failed background save with its whole traceback through absl: one line each;
+  - reading a damaged checkpoint, orbax leaves its other reads' failures in asyncio tasks that
+    nobody awaits, which asyncio logs at exit as 'Task exception was never retrieved' with a
+    traceback: dropped.
+  """
+  for name, kind in (("absl", _FirstLineOnly), ("asyncio", _NoUnretrievedTaskErrors)):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, kind) for f in logger.filters):
+      logger.addFilter(kind())
