@@ -170,34 +170,39 @@ def test_a_trainer_on_a_workdir_in_use_stops_at_once_and_writes_nothing(runs, tm
       "another --workdir"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
-                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
-def test_a_signal_saves_the_current_step_exits_75_and_the_resume_is_bit_identical(
-    runs, uninterrupted, tmp_path, signum):
+def test_sigterm_sigint_and_sighup_each_save_the_step_exit_75_and_the_resume_is_bit_identical(
+    runs, uninterrupted, tmp_path):
   """SIGTERM (preemption, `kill`), SIGINT (Ctrl-C) and SIGHUP (a dropped ssh session) stop the
-  run at a saved step with status 75 (not 0: it did not finish); the same command resumes."""
+  run at a saved step with status 75 (not 0: it did not finish), and the same command resumes:
+  one run stopped by each in turn ends with the bits of the uninterrupted run."""
   workdir = runs.new_workdir(str(tmp_path / "w"))
-  never = 1000  # Not due before the signal: the only checkpoint is the one it asks for.
-  process = runs.start(runs.train_args(workdir, **{
+  never = 1000  # Not due before the signal: the only checkpoints are the ones it asks for.
+  args = runs.train_args(workdir, **{
       **REFERENCE, "train.steps": never, "checkpoint.every_steps": never,
-      "train.log_every_steps": 1, "train.eval_every_steps": never}))
-  run_testing.wait_for(lambda: run_testing.metrics(workdir, "train"), "a first logged step",
-                       process)
-  status, stderr = run_testing.stop(process, signum)
+      "train.log_every_steps": 1, "train.eval_every_steps": never})
+  saved = []
+  for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    logged = len(train_log_steps(workdir))
+    process = runs.start(args)
+    run_testing.wait_for(lambda: len(train_log_steps(workdir)) > logged, "a logged step",
+                         process)
+    status, stderr = run_testing.stop(process, signum)
 
-  name = signal.Signals(signum).name
-  assert status == 75, stderr[-3000:]
-  assert "Traceback" not in stderr
-  stopped = [line for line in stderr.splitlines() if f"stopped by {name}" in line]
-  assert len(stopped) == 1, stderr[-3000:]
-  step = int(re.search(rf"stopped by {name} at step (\d+);", stopped[0]).group(1))
-  assert 0 < step < REFERENCE_STEPS, "the signal came too late for this test"
-  assert os.path.join(workdir, "checkpoints") in stopped[0]
-  assert run_testing.checkpoint_steps(workdir) == [step]
-  assert max(train_log_steps(workdir)) == step  # The step was finished, and it was the last.
+    name = signal.Signals(signum).name
+    assert status == 75, stderr[-3000:]
+    assert "Traceback" not in stderr
+    stopped = [line for line in stderr.splitlines() if f"stopped by {name}" in line]
+    assert len(stopped) == 1, stderr[-3000:]
+    step = int(re.search(rf"stopped by {name} at step (\d+);", stopped[0]).group(1))
+    assert os.path.join(workdir, "checkpoints") in stopped[0]
+    saved.append(step)
+    assert run_testing.checkpoint_steps(workdir) == saved
+    assert max(train_log_steps(workdir)) == step  # The step was finished, and it was the last.
+  assert saved == sorted(saved) and saved[-1] < REFERENCE_STEPS, "the signals came too late"
 
   resumed = runs.train(workdir, **REFERENCE)  # The reference run's own settings from here on.
-  assert f"resumed from the checkpoint at step {step}" in resumed.stderr
+  assert f"resumed from the checkpoint at step {saved[-1]}" in resumed.stderr
+  assert train_log_steps(workdir) == sorted(set(train_log_steps(workdir)))  # Each step once.
   assert train_log_steps(workdir)[-1] == REFERENCE_STEPS
   assert_same_end(workdir, uninterrupted("one_device"))
 
