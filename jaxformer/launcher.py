@@ -241,6 +241,10 @@ def run_local_pod(command: list[str], processes: int, devices_per_process: int =
       signal.signal(signum, handler)
   for pump in pumps:
     pump.join(timeout=PUMP_JOIN_SECONDS)
+  for i, child in enumerate(children):  # How each process ended, as --status says it.
+    code = _exit_status(child.returncode)
+    state, advice = _ended(code)
+    _say(f"process {i}: {state} (exit {code}{'; ' + advice if advice else ''})")
   return status
 
 

@@ -16,6 +16,8 @@ test can train on 8 devices and restore on 1. To keep the suite fast:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -76,8 +78,10 @@ class Runs:
     self.data_dir = os.path.join(root, "tfds")
     self.vocab = os.path.join(root, "vocab", workdir_lib.VOCAB_FILE)
     self.cache_dir = os.path.join(root, "jax_cache")
-    if not os.path.exists(self.vocab):  # Builds the data and trains the vocabulary.
-      vocab.load_or_train(self.config(), os.path.dirname(self.vocab))
+    os.makedirs(root, exist_ok=True)
+    with _locked(os.path.join(root, "vocab.lock")):  # One pytest-xdist worker builds them.
+      if not os.path.exists(self.vocab):  # Builds the data and trains the vocabulary.
+        vocab.load_or_train(self.config(), os.path.dirname(self.vocab))
 
   def overrides(self, **extra) -> dict[str, Any]:
     """TINY, the shared data dir, and `extra` ('train__steps' or 'train.steps' keys)."""
@@ -139,15 +143,16 @@ class Runs:
     assert result.returncode == 0, f"training failed:\n{result.stderr[-3000:]}"
     return result
 
-  def trained_once(self, name: str, overrides: dict[str, Any]) -> str:
-    """The workdir `name`, trained with `overrides` once per session. Copy it before changing
-    it."""
+  def trained_once(self, name: str, overrides: dict[str, Any], devices: int = 1) -> str:
+    """The workdir `name`, trained with `overrides` on `devices` once per session (by whichever
+    pytest-xdist worker asks first; the others wait for it). Copy it before changing it."""
     workdir = os.path.join(self.root, name)
     done = os.path.join(self.root, f"{name}.done")
-    if not os.path.exists(done):
-      shutil.rmtree(workdir, ignore_errors=True)
-      self.train(self.new_workdir(workdir), **overrides)
-      open(done, "w").close()
+    with _locked(os.path.join(self.root, f"{name}.lock")):
+      if not os.path.exists(done):
+        shutil.rmtree(workdir, ignore_errors=True)
+        self.train(self.new_workdir(workdir), devices, **overrides)
+        open(done, "w").close()
     return workdir
 
   def slow_decoding(self) -> str:
@@ -159,9 +164,25 @@ class Runs:
     return self.trained_once("reference", REFERENCE)
 
 
+@contextlib.contextmanager
+def _locked(path: str):
+  """Holds an exclusive flock on `path` (created): one process at a time inside."""
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def session_runs(tmp_path_factory) -> Runs:
-  """The Runs of this pytest session (the same directory for every test module)."""
-  return Runs(str(tmp_path_factory.getbasetemp() / "jaxformer_runs"))
+  """The Runs of this pytest session: one directory for every test module and, under
+  pytest-xdist, for every worker (the parent of the workers' basetemp), so that the data, the
+  vocabulary, the runs trained once and the compilation cache are made once, not per worker."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  return Runs(str(base / "jaxformer_runs"))
 
 
 def copy_workdir(source: str, target: str) -> str:

@@ -9,6 +9,7 @@ each strategy compiles.
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -249,6 +250,9 @@ def test_one_failing_process_stops_the_pod_with_its_error(tmp_path):
       result.stdout)
   assert "launcher: process 1 exited with status 1; stopping the others" in result.stderr
   assert "process 0 finished" not in result.stdout
+  # At the end, how each process ended, in the words of --status.
+  assert "launcher: process 1: failed (exit 1)" in result.stderr
+  assert re.search(r"launcher: process 0: \w+ \(exit \d+", result.stderr), result.stderr
 
 
 # --- The launcher's command line. ----------------------------------------------------------------

@@ -53,9 +53,7 @@ def uninterrupted(runs):
   def get(layout):
     if layout not in workdirs:
       devices, overrides = LAYOUTS[layout]
-      workdir = runs.new_workdir(os.path.join(runs.root, f"uninterrupted_{layout}"))
-      runs.train(workdir, devices, **overrides)
-      workdirs[layout] = workdir
+      workdirs[layout] = runs.trained_once(f"uninterrupted_{layout}", overrides, devices)
     return workdirs[layout]
 
   return get
