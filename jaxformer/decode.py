@@ -43,7 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxformer import devices as devices_lib
 from jaxformer.errors import InputError
 from jaxformer.log import log
 from jaxformer.tokens import BOS_ID, EOS_ID, PAD_ID
@@ -344,12 +346,11 @@ def _naive_decoder(model: nn.Module, params: Any, inputs: jax.Array, beam_size: 
   return step_fn, state, take_rows
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cached", "beam_size", "max_extra_len",
-                                             "max_len", "eos_id"))
-def _decode(model: nn.Module, params: Any, inputs: jax.Array, alpha: jax.Array, *,
+def _search(model: nn.Module, params: Any, inputs: jax.Array, alpha: jax.Array, *,
             cached: bool, beam_size: int, max_extra_len: int, max_len: int,
             eos_id: int) -> DecodeResult:
-  """decode_batch (`cached`) or naive_decode_batch, compiled once per input shape and setting.
+  """decode_batch (`cached`) or naive_decode_batch of `inputs` [B, S], traced inside jit (one
+  device: `_decode`; each device of a mesh on its own rows: `ParallelDecoder`).
 
   Greedy search for beam_size 1, beam search otherwise.
   """
@@ -363,6 +364,11 @@ def _decode(model: nn.Module, params: Any, inputs: jax.Array, alpha: jax.Array, 
   return beam_search(step_fn, state, max_lens, beam_size=beam_size,
                      max_decode_len=max_decode_len, alpha=alpha, eos_id=eos_id,
                      reorder_state=reorder_state)
+
+
+# decode_batch and naive_decode_batch: compiled once per input shape and setting.
+_decode = jax.jit(_search, static_argnames=("model", "cached", "beam_size", "max_extra_len",
+                                            "max_len", "eos_id"))
 
 
 def _check_decode_args(model: nn.Module, inputs: Any, beam_size: int, max_extra_len: int,
@@ -414,6 +420,88 @@ def naive_decode_batch(model: nn.Module, params: Any, inputs: jax.Array, *, beam
   return _decode(model, params, jnp.asarray(inputs, jnp.int32), jnp.float32(alpha), cached=False,
                  beam_size=beam_size, max_extra_len=max_extra_len, max_len=max_len,
                  eos_id=eos_id)
+
+
+# --- Every device decodes its own rows. ----------------------------------------------------
+
+def padded_rows(rows: int, multiple: int) -> int:
+  """`rows` rounded up to a multiple of `multiple` (the devices that share a batch)."""
+  return -(-rows // multiple) * multiple
+
+
+def _with_filler_rows(inputs: np.ndarray, rows: int) -> np.ndarray:
+  """`inputs` [B, S] followed by rows - B filler rows, each an empty sentence (EOS only): they
+  end at the first step and are dropped from the results."""
+  padded = np.full((rows, inputs.shape[1]), PAD_ID, np.int32)
+  padded[:len(inputs)] = inputs
+  padded[len(inputs):, 0] = EOS_ID
+  return padded
+
+
+class ParallelDecoder:
+  """decode_batch on every device of `mesh`: the rows of a batch are split over all the mesh's
+  devices (of every process, on a pod), and each device searches its own rows.
+
+  The search runs inside `jax.shard_map`, one compiled program per input shape: each device's
+  `lax.while_loop` ends when its own sentences are done, and nothing in it waits for another
+  device. The parameters stay where they are, replicated or fsdp-sharded over `mesh` as in
+  training (jit gathers them, once per batch, before the search). A batch whose rows do not
+  divide by the devices gets filler rows, dropped from the results. Per row, the results are
+  those of decode_batch on one device.
+
+  Every process calls every method with the same settings, in the same order (a pod runs one
+  program). `params` must lie on `mesh` (jaxformer.devices.place_params).
+  """
+
+  def __init__(self, model: nn.Module, params: Any, mesh: jax.sharding.Mesh, *, beam_size: int,
+               alpha: float, max_extra_len: int, max_len: int | None = None,
+               eos_id: int = EOS_ID):
+    self.max_len = _check_decode_args(model, np.zeros((1, 1), np.int32), beam_size,
+                                      max_extra_len, max_len)
+    self.model, self.params, self.mesh = model, params, mesh
+    self.beam_size, self.alpha, self.max_extra_len = beam_size, alpha, max_extra_len
+    rows = P(mesh.axis_names)  # [B, ...]: rows over every axis of the mesh.
+    self.row_sharding = NamedSharding(mesh, rows)
+    search = functools.partial(_search, model, cached=True, beam_size=beam_size,
+                               max_extra_len=max_extra_len, max_len=self.max_len, eos_id=eos_id)
+    # check_vma off: the search's loop carries start as constants and become per-device values;
+    # the search knows nothing of devices (no collective in it), so there is nothing to check.
+    self._search = jax.jit(jax.shard_map(search, mesh=mesh, in_specs=(P(), rows, P()),
+                                         out_specs=rows, check_vma=False))
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.devices.size
+
+  def decode_sharded(self, inputs: np.ndarray) -> DecodeResult:
+    """DecodeResult of `inputs` [B, S] (the same on every process) as arrays split by rows over
+    the mesh: [R, n, L] with R = B rounded up to a multiple of the devices (filler after B)."""
+    inputs = np.asarray(inputs, np.int32)
+    _check_decode_args(self.model, inputs, self.beam_size, self.max_extra_len, self.max_len)
+    padded = _with_filler_rows(inputs, padded_rows(len(inputs), self.num_devices))
+    sharded = jax.make_array_from_callback(padded.shape, self.row_sharding,
+                                           lambda index: padded[index])
+    return self._search(self.params, sharded, jnp.float32(self.alpha))
+
+  def __call__(self, inputs: np.ndarray) -> DecodeResult:
+    """DecodeResult of `inputs` [B, S] (the same on every process), as NumPy arrays [B, n, L]
+    on every process."""
+    result = self.decode_sharded(inputs)
+    return DecodeResult(*(devices_lib.to_host(x)[:len(inputs)] for x in result))
+
+  def decode_local(self, local_inputs: np.ndarray) -> DecodeResult:
+    """DecodeResult of this process's rows `local_inputs` [b, S] (each process its own, b the
+    same on all), as NumPy arrays [b, n, L]: this process's rows only."""
+    local_inputs = np.asarray(local_inputs, np.int32)
+    _check_decode_args(self.model, local_inputs, self.beam_size, self.max_extra_len,
+                       self.max_len)
+    processes = len({d.process_index for d in self.mesh.devices.flat})
+    padded = _with_filler_rows(local_inputs, padded_rows(len(local_inputs),
+                                                         self.num_devices // processes))
+    sharded = jax.make_array_from_process_local_data(
+        self.row_sharding, padded, (len(padded) * processes,) + padded.shape[1:])
+    result = self._search(self.params, sharded, jnp.float32(self.alpha))
+    return DecodeResult(*(devices_lib.local_rows(x)[:len(local_inputs)] for x in result))
 
 
 # --- Text in, text out. ---------------------------------------------------------------------

@@ -7,13 +7,13 @@ Used by training (jaxformer.train.parallel) and by using a trained run (jaxforme
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxformer.errors import ConfigError
 
@@ -102,6 +102,34 @@ def fsdp_partition_spec(shape: tuple[int, ...], fsdp: int) -> P:
   return P()
 
 
+def inference_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh that uses a trained run: every device (of every process), with the run's fsdp
+  groups when `fsdp` divides the devices (else none: the parameters are then replicated)."""
+  devices = list(jax.devices() if devices is None else devices)
+  return make_mesh(devices, fsdp if len(devices) % fsdp == 0 else 1)
+
+
+def param_shardings(mesh: Mesh, shapes: Any) -> Any:
+  """Where each parameter of `shapes` (a pytree of arrays or ShapeDtypeStructs) lies on `mesh`:
+  split over its 'fsdp' axis as in training (fsdp_partition_spec), replicated without one."""
+  fsdp = mesh.shape["fsdp"]
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_partition_spec(x.shape, fsdp)), shapes)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """`tree`'s arrays (NumPy, or jax arrays this process holds whole) onto `shardings` (a pytree
+  of them, or one for every leaf), on one process or many: each process supplies the parts its
+  devices hold, so the value must be the same on every process."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+
+  def put(x, sharding):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(put, tree, shardings)
+
+
 # --- Arrays to the host. --------------------------------------------------------------------
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -111,3 +139,10 @@ def to_host(x: jax.Array) -> np.ndarray:
   if x.is_fully_replicated:  # Every host has all of it.
     return np.asarray(x.addressable_data(0))
   return multihost_utils.process_allgather(x, tiled=True)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of `x`, an array split by rows (axis 0) over devices: its shards in row
+  order, each row once (the same rows on several devices are taken once)."""
+  shards = {shard.index[0].start or 0: shard.data for shard in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])

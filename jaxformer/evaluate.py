@@ -160,16 +160,12 @@ def evaluate(config, *, tokenizer, data_dir: str, split: str, eval_step, transla
   return metrics
 
 
-def make_translate_fn(model, params, config, beam_size: int | None = None,
+def make_translate_fn(model, params, mesh, config, beam_size: int | None = None,
                       alpha: float | None = None) -> Callable[[np.ndarray], np.ndarray]:
-  """inputs [B, S] -> best hypothesis tokens [B, L], with the config's decoding settings."""
-  beam_size = config.decode.beam_size if beam_size is None else beam_size
-  alpha = config.decode.alpha if alpha is None else alpha
-
-  def translate_fn(inputs):
-    result = decode.decode_batch(model, params, inputs, beam_size=beam_size, alpha=alpha,
-                                 max_extra_len=config.decode.max_extra_len,
-                                 max_len=config.model.max_len)
-    return result.tokens[:, 0]
-
-  return translate_fn
+  """This process's inputs [b, S] -> their best hypotheses' tokens [b, L], decoded by every
+  device of `mesh` (`params` lie on it), with the config's decoding settings."""
+  decoder = decode.ParallelDecoder(
+      model, params, mesh, beam_size=config.decode.beam_size if beam_size is None else beam_size,
+      alpha=config.decode.alpha if alpha is None else alpha,
+      max_extra_len=config.decode.max_extra_len, max_len=config.model.max_len)
+  return lambda inputs: decoder.decode_local(inputs).tokens[:, 0]

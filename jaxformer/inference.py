@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxformer import attention_maps as attention_lib
-from jaxformer import checkpoint, evaluate, objective, plots
+from jaxformer import checkpoint, decode, evaluate, objective, plots
 from jaxformer import devices as devices_lib
 from jaxformer import workdir as workdir_lib
 from jaxformer.data.tokenizer import Tokenizer
@@ -44,10 +44,6 @@ PyTree = Any
 
 # --- A trained run's parameters and model. ---------------------------------------------------
 
-def _replicated_on_local_devices() -> jax.sharding.Sharding:
-  return NamedSharding(Mesh(np.array(jax.local_devices()), ("replica",)), P())
-
-
 def load_params(workdir: str, step: int | str | None = None, sharding: Any = None
                 ) -> tuple[PyTree, int | str, ml_collections.FrozenConfigDict]:
   """The parameters of a checkpoint, for evaluation and translation: (params, step, config).
@@ -55,10 +51,11 @@ def load_params(workdir: str, step: int | str | None = None, sharding: Any = Non
   `step` is a saved step (int, or its digits as a string), None for the newest, or the name of
   an averaged checkpoint as `average_checkpoints` wrote it (e.g. 'last5_1000-5000', also
   accepted as 'averaged/last5_1000-5000'); the returned `step` is that int or name. Only the
-  parameters are read (no optimizer state). They land on `sharding`: by default replicated on
-  every local device of this process; or one `jax.sharding.Sharding` for every leaf; or a
-  pytree of them shaped like the params; whatever devices, strategy or fsdp the run trained
-  with. `config` is the run's recorded config.json.
+  parameters are read (no optimizer state). They land on `sharding`: by default on every
+  device of every process, on `run_mesh(config)` (split over its fsdp groups as in training
+  when the run used fsdp); or one `jax.sharding.Sharding` for every leaf; or a pytree of them
+  shaped like the params; whatever devices, strategy or fsdp the run trained with. `config` is
+  the run's recorded config.json.
   """
   workdir = workdir_lib.absolute_workdir(workdir)
   if not workdir_lib.path(workdir).is_dir():
@@ -69,8 +66,17 @@ def load_params(workdir: str, step: int | str | None = None, sharding: Any = Non
     raise CheckpointError(f"{workdir_lib.path(workdir, workdir_lib.CONFIG_FILE)} is missing; "
                           "the model cannot be rebuilt without the config the run was trained "
                           "with")
-  sharding = _replicated_on_local_devices() if sharding is None else sharding
+  if sharding is None:  # Read on the host, then placed as the run's own mesh would hold them.
+    params = checkpoint.restore_params(ckpt_dir, label, workdir)
+    mesh = run_mesh(run_config)
+    return devices_lib.place(params, devices_lib.param_shardings(mesh, params)), label, run_config
   return checkpoint.restore_params(ckpt_dir, label, workdir, sharding), label, run_config
+
+
+def run_mesh(config: Any) -> Mesh:
+  """The mesh on which a run's parameters are used: every device of every process, with the
+  run's `parallel.fsdp` groups when they divide the devices."""
+  return devices_lib.inference_mesh(config.parallel.fsdp)
 
 
 class InferenceRun(NamedTuple):
@@ -99,6 +105,20 @@ def load_for_inference(workdir: str, step: int | str | None = None, sharding: An
                           f"({checkpoint.available(workdir)})") from None
   tokenizer = Tokenizer.load(workdir_lib.path(workdir, workdir_lib.VOCAB_FILE))
   return InferenceRun(Transformer(config=config.model), params, config, tokenizer, step)
+
+
+def parallel_decoder(run: InferenceRun, beam_size: int | None = None,
+                     alpha: float | None = None, max_extra_len: int | None = None
+                     ) -> decode.ParallelDecoder:
+  """A decoder of `run` (loaded by load_for_inference with the default placement) on every
+  device of every process; None settings are the run's `decode.*` ones."""
+  d = run.config.decode
+  return decode.ParallelDecoder(
+      run.model, run.params, run_mesh(run.config),
+      beam_size=d.beam_size if beam_size is None else beam_size,
+      alpha=d.alpha if alpha is None else alpha,
+      max_extra_len=d.max_extra_len if max_extra_len is None else max_extra_len,
+      max_len=run.config.model.max_len)
 
 
 def inference_sharding() -> jax.sharding.Sharding:
@@ -197,10 +217,12 @@ def evaluate_checkpoint(config, params, *, tokenizer, data_dir: str, split: str,
   The checkpoint may come from any strategy and device count: see `evaluation_step`.
   """
   model = Transformer(config=config.model)
+  decoding_params = params  # On run_mesh(config), as load_params places them.
   params, eval_step = evaluation_step(config, model, params)
   return evaluate.evaluate(
       config, tokenizer=tokenizer, data_dir=data_dir, split=split, eval_step=eval_step,
-      translate_fn=evaluate.make_translate_fn(model, params, config, beam_size, alpha),
+      translate_fn=evaluate.make_translate_fn(model, decoding_params, run_mesh(config), config,
+                                              beam_size, alpha),
       num_samples=num_samples)
 
 

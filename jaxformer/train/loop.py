@@ -317,7 +317,7 @@ def _evaluate(run: _Run, state: TrainState, step: int, guard: preemption.Preempt
         config, tokenizer=tokenizer, data_dir=run.data_dir, split="validation",
         eval_step=lambda batch: strategy.eval_step(state.params,
                                                    strategy.shard_eval_batch(batch)),
-        translate_fn=evaluate.make_translate_fn(model, strategy.inference_params(state),
+        translate_fn=evaluate.make_translate_fn(model, *strategy.decoding_params(state),
                                                 config),
         max_decode_examples=config.eval.bleu_examples, num_samples=config.eval.num_samples,
         # The local flag: under jax.distributed's preemption service SIGTERM goes to jax's

@@ -162,8 +162,13 @@ class Strategy(abc.ABC):
 
   @abc.abstractmethod
   def inference_params(self, state: TrainState) -> Params:
-    """Parameters that an ordinary jit-compiled function (decoding) can take, on this host's
-    devices only (a collective when other hosts hold parts of them)."""
+    """Parameters that an ordinary jit-compiled function (the attention picture) can take, on
+    this host's devices only (a collective when other hosts hold parts of them)."""
+
+  @abc.abstractmethod
+  def decoding_params(self, state: TrainState) -> tuple[Params, Mesh]:
+    """(parameters, mesh) for decode.ParallelDecoder: every device of every process decodes
+    its own rows of the validation batches, with the parameters as training holds them."""
 
   def state_shapes(self) -> TrainState:
     """Shapes and dtypes of the (single, unreplicated) state, computed without allocating it."""
@@ -242,6 +247,9 @@ class MeshStrategy(Strategy):
     return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                                  sharding=sharding),
                         self.state_shapes(), self.state_sharding)
+
+  def decoding_params(self, state):
+    return state.params, self.mesh  # Replicated or fsdp-sharded: the decoder gathers them.
 
   def inference_params(self, state):
     if all(x.is_fully_addressable for x in jax.tree.leaves(state.params)):
@@ -333,6 +341,12 @@ class PmapStrategy(Strategy):
 
   def inference_params(self, state):
     return flax.jax_utils.unreplicate(state.params)
+
+  def decoding_params(self, state):
+    # pmap's replicas, one per device, become one global array replicated over a mesh.
+    mesh = devices_lib.make_mesh(self.devices)
+    params = jax.device_get(flax.jax_utils.unreplicate(state.params))
+    return devices_lib.place(params, NamedSharding(mesh, P())), mesh
 
 
 STRATEGIES = {"mesh": MeshStrategy, "pmap": PmapStrategy}
