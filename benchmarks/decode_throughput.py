@@ -13,11 +13,17 @@ otherwise stop at an arbitrary point. Compilation is timed separately and left o
                                                     # model's naive decoding at batch 1 only
   python benchmarks/decode_throughput.py --models default   # one model only
   python benchmarks/decode_throughput.py --json     # one JSON object instead of the table
+  python benchmarks/decode_throughput.py --peers    # the peers' decode workload (vocab 8000,
+                                                    # 32 sources of 32 tokens -> 32 new), to
+                                                    # set beside ../shared/peers/torch_peers.py
+  python benchmarks/decode_throughput.py --devices  # sentences/s on 1 and on all local
+                                                    # devices (decode.ParallelDecoder)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import jax
@@ -27,6 +33,7 @@ import numpy as np
 
 from jaxformer import config as config_lib
 from jaxformer import decode
+from jaxformer import devices as devices_lib
 from jaxformer.log import log
 from jaxformer.model.transformer import Transformer
 from jaxformer.train import jax_internals
@@ -39,6 +46,13 @@ NO_EOS = -1  # an eos_id no token has: decoding runs to the full length.
 BEAM_SIZE = 4  # the paper's beam.
 ALPHA = 0.6  # the paper's length penalty.
 DECODERS = (("cached", decode.decode_batch), ("naive", decode.naive_decode_batch))
+
+
+# The peers' decode workload (../shared/peers/torch_peers.py, DECODE and WORKLOADS['small']).
+PEER_MODEL = dict(vocab_size=8000, d_model=256, num_heads=4, d_ff=1024, num_layers=3,
+                  max_len=64, dropout_rate=0.0)
+PEER_BATCH, PEER_SOURCE_LEN, PEER_NEW_TOKENS = 32, 32, 32
+DEVICE_BATCH = 32  # --devices: sentences per device, the same for 1 and for all devices.
 
 
 def model_configs() -> dict[str, ml_collections.FrozenConfigDict]:
@@ -65,6 +79,85 @@ def time_decoding(decode_fn, model, params, inputs: np.ndarray, beam_size: int,
   lengths = np.asarray(result.lengths[:, 0])
   assert (lengths == output_len).all(), lengths  # Every sentence decoded in full.
   return timing
+
+
+def peer_config() -> ml_collections.FrozenConfigDict:
+  """The peers' small model (vocab 8000, d_model 256, 3 + 3 layers) as a jaxformer model config."""
+  config = config_lib.get_default_config().model
+  config.update(PEER_MODEL)
+  return ml_collections.FrozenConfigDict(config)
+
+
+def init_params(model: Transformer, source_len: int) -> dict:
+  dummy = jnp.ones((1, source_len), jnp.int32)
+  return jax.jit(model.init)(jax.random.PRNGKey(0), dummy, dummy)["params"]
+
+
+def run_peers(repeats: int) -> dict:
+  """decode_batch on one device at the peers' workload: greedy and beam 4, every sentence
+  decoded to exactly PEER_NEW_TOKENS tokens."""
+  model = Transformer(peer_config())
+  params = init_params(model, PEER_SOURCE_LEN)
+  inputs = common.random_sources(PEER_BATCH, PEER_SOURCE_LEN, PEER_MODEL["vocab_size"])
+  rows = []
+  for beam_size in (1, BEAM_SIZE):
+    log(f"peers workload {search_name(beam_size)} ...")
+    timing = time_decoding(decode.decode_batch, model, params, inputs, beam_size,
+                           PEER_NEW_TOKENS, repeats)
+    rows.append(dict(search=search_name(beam_size), batch=PEER_BATCH, seconds=timing.median,
+                     sentences_per_s=PEER_BATCH / timing.median))
+  return dict(device=str(jax.devices()[0]), workload="peers", model=PEER_MODEL,
+              source_tokens=PEER_SOURCE_LEN, output_tokens=PEER_NEW_TOKENS, repeats=repeats,
+              load_average=list(os.getloadavg()), results=rows)
+
+
+def time_parallel(model, params, devices, beam_size: int, repeats: int) -> float:
+  """Sentences/s of decode.ParallelDecoder over `devices`, DEVICE_BATCH sentences each."""
+  mesh = devices_lib.inference_mesh(1, devices)
+  decoder = decode.ParallelDecoder(
+      model, devices_lib.place(params, devices_lib.param_shardings(mesh, params)), mesh,
+      beam_size=beam_size, alpha=ALPHA, max_extra_len=OUTPUT_LEN - SOURCE_LEN, eos_id=NO_EOS)
+  inputs = common.random_sources(DEVICE_BATCH * len(devices), SOURCE_LEN, model.config.vocab_size)
+  timing, result = common.time_call(lambda: decoder.decode_sharded(inputs), repeats)
+  assert (np.asarray(result.lengths) == OUTPUT_LEN).all()  # Every sentence decoded in full.
+  return len(inputs) / timing.median
+
+
+def run_devices(models: list[str], repeats: int) -> dict:
+  """Sentences/s on one device and on all local devices, DEVICE_BATCH sentences per device."""
+  everything = jax.local_devices()
+  rows = []
+  for name in models:
+    model = Transformer(model_configs()[name])
+    params = init_params(model, SOURCE_LEN)
+    for beam_size in (1, BEAM_SIZE):
+      log(f"{name} {search_name(beam_size)} on 1 and {len(everything)} devices ...")
+      one = time_parallel(model, params, everything[:1], beam_size, repeats)
+      all_ = time_parallel(model, params, everything, beam_size, repeats)
+      rows.append(dict(model=name, search=search_name(beam_size), one_device=one,
+                       all_devices=all_, scaling=all_ / one / len(everything)))
+  return dict(device=str(everything[0]), devices=len(everything), workload="devices",
+              batch_per_device=DEVICE_BATCH, output_tokens=OUTPUT_LEN, repeats=repeats,
+              load_average=list(os.getloadavg()), results=rows)
+
+
+def print_peers(report: dict) -> None:
+  print(f"The peers' decode workload on {report['device']}: {report['results'][0]['batch']} "
+        f"sources of {report['source_tokens']} tokens -> {report['output_tokens']} new "
+        f"(vocab {report['model']['vocab_size']}); load average {report['load_average']}")
+  for r in report["results"]:
+    print(f"{r['search']:<7} {r['sentences_per_s']:>8.1f} sentences/s ({r['seconds']:.3f} s)")
+
+
+def print_devices(report: dict) -> None:
+  n = report["devices"]
+  print(f"Sentences/s on 1 and on {n} devices ({report['device']}), {report['batch_per_device']}"
+        f" sentences per device; load average {report['load_average']}")
+  print(f"{'model':<8} {'search':<7} {'1 device':>9} {f'{n} devices':>10} {'scaling':>8}")
+  for r in report["results"]:
+    print(f"{r['model']:<8} {r['search']:<7} {r['one_device']:>9.1f} {r['all_devices']:>10.1f}"
+          f" {r['scaling']:>8.2f}")
+  print("scaling = the all-device figure / (devices x the one-device figure)")
 
 
 def speedups(rows: list[dict]) -> list[dict]:
@@ -137,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="comma-separated, from: default (experiments/default.py), base "
                            "(the paper's base model)")
   parser.add_argument("--json", action="store_true", help="print one JSON object")
+  parser.add_argument("--peers", action="store_true",
+                      help="the peers' decode workload only (torch_peers.py --what decode)")
+  parser.add_argument("--devices", action="store_true",
+                      help="sentences/s on 1 and on all local devices")
   parser.add_argument("--repeats", type=int, default=None,
                       help="timed runs per case after the compiling one (default 3; 1 --quick)")
   args = parser.parse_args(argv)
@@ -146,7 +243,12 @@ def main(argv: list[str] | None = None) -> int:
   if unknown:
     parser.error(f"unknown model(s) {', '.join(unknown)}; choose from default, base")
   jax_internals.install()  # As the jaxformer CLI does, before the first compilation.
-  common.print_report(run(models, args.quick, repeats), args.json, print_table)
+  if args.peers:
+    common.print_report(run_peers(repeats), args.json, print_peers)
+  elif args.devices:
+    common.print_report(run_devices(models, repeats), args.json, print_devices)
+  else:
+    common.print_report(run(models, args.quick, repeats), args.json, print_table)
   return 0
 
 

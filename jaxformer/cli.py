@@ -162,9 +162,10 @@ def _raise_if_storage_failure(error: Exception, workdir: str) -> None:
 
 def cmd_evaluate(args, overrides) -> int:
   import json
-  from jaxformer import inference
+  from jaxformer import devices, inference
   from jaxformer import workdir as workdir_lib
   from jaxformer.train.writer import MetricsWriter
+  devices.initialize_distributed()  # On a pod, every process evaluates its share of the split.
   _, params, config, tokenizer, step = inference.load_for_inference(args.workdir, args.step)
   metrics = inference.evaluate_checkpoint(
       config, params, tokenizer=tokenizer,
@@ -186,7 +187,8 @@ def cmd_evaluate(args, overrides) -> int:
     log(f"  source:      {sample['source']}\n  reference:   {sample['reference']}\n"
         f"  translation: {sample['translation']}\n")
   log(f"sacrebleu signature: {metrics['bleu_signature']}")
-  print(json.dumps(metrics))
+  if devices.is_first_process():  # One result for the whole split, however many processes.
+    print(json.dumps(metrics))
   return 0
 
 

@@ -55,6 +55,11 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def is_first_process() -> bool:
+  """Whether this is process 0, the one that writes what a multi-process run produces once."""
+  return jax.process_index() == 0
+
+
 # --- Checks that need to know the devices. ----------------------------------------------------
 
 def validate_for_devices(config: ml_collections.ConfigDict,

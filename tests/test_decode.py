@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxformer import decode
+from jaxformer import devices as devices_lib
 from jaxformer.config import get_default_config
 from jaxformer.errors import InputError
 from jaxformer.model.transformer import Transformer
@@ -353,6 +354,38 @@ def test_mixed_batch_equals_each_sentence_alone(tiny):
     assert np.all(np.asarray(together.tokens[b, :, width:]) == PAD_ID)
     np.testing.assert_array_equal(together.lengths[b], alone.lengths[0])
     np.testing.assert_allclose(together.scores[b], alone.scores[0], rtol=1e-5)
+
+
+# --- Every device decodes its own rows. ---------------------------------------------------
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+@pytest.mark.parametrize("fsdp", [1, 2])
+def test_parallel_decoder_splits_rows_over_8_devices_and_equals_one_device(beam_size, fsdp):
+  assert jax.device_count() == 8
+  model, params = tiny_model()
+  rng = np.random.default_rng(3)
+  inputs = source_batch(rng.integers(2, WIDTH + 1, size=13), WIDTH, seed=3)  # 13: not 8k.
+  one_device = jax.tree.map(np.asarray, decode.decode_batch(
+      model, params, inputs, beam_size=beam_size, alpha=ALPHA, max_extra_len=EXTRA))
+  mesh = devices_lib.inference_mesh(fsdp)
+  placed = devices_lib.place(params, devices_lib.param_shardings(mesh, params))
+  if fsdp > 1:  # The parameters stay split as in training; jit gathers them for the search.
+    assert not placed["shared_embedding"]["embed"]["embedding"].sharding.is_fully_replicated
+  decoder = decode.ParallelDecoder(model, placed, mesh, beam_size=beam_size, alpha=ALPHA,
+                                   max_extra_len=EXTRA)
+
+  sharded = decoder.decode_sharded(inputs)
+  for x in sharded:  # 13 rows and 3 filler rows: 2 on each of the 8 devices.
+    assert x.shape[0] == 16
+    assert len(x.sharding.device_set) == 8
+    assert sorted(s.index[0].start for s in x.addressable_shards) == list(range(0, 16, 2))
+    assert {s.data.shape[0] for s in x.addressable_shards} == {2}
+  result = decoder(inputs)
+  np.testing.assert_array_equal(result.tokens, one_device.tokens)
+  np.testing.assert_array_equal(result.lengths, one_device.lengths)
+  np.testing.assert_allclose(result.scores, one_device.scores, rtol=1e-5)
+  local = decoder.decode_local(inputs[:5])  # One process: its rows are the batch.
+  np.testing.assert_array_equal(local.tokens, one_device.tokens[:5])
 
 
 def test_naive_decoder_agrees_with_cached(tiny):

@@ -28,6 +28,8 @@ from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.errors import JaxformerError
 from jaxformer.train import parallel, writer as writer_lib
 
+from tests import run_testing
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
 STEPS = 6
@@ -356,3 +358,28 @@ def test_tpu_revision_checks_out_the_same_commit_on_every_worker(tmp_path):
   subprocess.run(["git", "-C", str(tmp_path), "remote", "remove", "origin"], check=True)
   with pytest.raises(JaxformerError, match="--revision needs a git remote 'origin'"):
     launcher.tpu_commands(["train"], "pod", "zone-a", None, "v1.2", str(tmp_path))
+
+
+# --- Using a trained run on a pod. ------------------------------------------------------------
+
+def test_pod_evaluates_the_whole_split_to_the_metrics_of_one_process(tmp_path_factory, tmp_path):
+  runs = run_testing.session_runs(tmp_path_factory)
+  workdir = run_testing.copy_workdir(runs.reference(), str(tmp_path / "run"))
+  command = ["evaluate", "--workdir", workdir, "--split", "validation"]
+  alone = runs.run(command, devices=1)
+  assert alone.returncode == 0, alone.stderr[-3000:]
+  pod = subprocess.run(
+      [sys.executable, "-m", "jaxformer.launcher", "--processes", str(PROCESSES),
+       "--devices-per-process", str(DEVICES_PER_PROCESS), "--", sys.executable, "-m",
+       "jaxformer", *command], cwd=ROOT, env=runs.env(1), capture_output=True, text=True,
+      timeout=POD_TIMEOUT_S)
+  assert pod.returncode == 0, (pod.stdout + pod.stderr)[-5000:]
+  # One result, from process 0, counted over the whole split once.
+  results = [line for line in pod.stdout.splitlines() if line.lstrip("[0123456789] ")[:1] == "{"]
+  assert len(results) == 1 and results[0].startswith("[0] "), pod.stdout[-3000:]
+  want, got = json.loads(alone.stdout), json.loads(results[0].removeprefix("[0] "))
+  for key in ("num_tokens", "decoded_examples", "exact_match", "bleu", "bleu_signature"):
+    assert got[key] == want[key], key
+  for key in ("loss", "accuracy"):
+    assert abs(got[key] - want[key]) <= 1e-5 * abs(want[key]), key
+  assert want["decoded_examples"] == 64  # data.num_validation: every example, once.
