@@ -20,8 +20,8 @@ array and iterator state), but neither the model nor the tokenizer.
   sha256 of each process's iterator state; `restore` and `restore_params` check what they read
   against them, and a mismatch is damage like a missing file. A checkpoint written before
   checksums existed has none and is restored unverified.
-- `checkpoint_dir` resolves a step (the newest, a saved step or the name of an averaged
-  checkpoint) to its directory; `restore_params` reads only the parameters stored there (no
+- `checkpoint_dir` resolves a step (the newest, a saved step, 'best': the step `best_step`
+  names, or the name of an averaged checkpoint) to its directory; `restore_params` reads only the parameters stored there (no
   optimizer state), onto given shardings or into host memory.
 - `averaged_path` and `save_averaged` name and write a checkpoint of averaged parameters.
 
@@ -32,8 +32,11 @@ checksums.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+import math
 import os
 import re
 from typing import Any, Sequence
@@ -63,12 +66,30 @@ CHECKSUMS_FORMAT = 1
 
 # Whether a larger or a smaller value of each validation metric is better (checkpoint.keep_best).
 BEST_MODE = {"loss": "min", "accuracy": "max", "bleu": "max"}
+BEST = "best"  # The step name of the best kept checkpoint (`checkpoint_dir`, `--step best`).
 
 _AVERAGED_NAME = re.compile(r"^last(\d+)_(\d+)-(\d+)$")
 _MAX_REASON_CHARS = 200
 # Status codes of tensorstore errors when a checkpoint's files are damaged.
 _TENSORSTORE_PROBLEMS = {"NOT_FOUND": "missing file", "OUT_OF_RANGE": "truncated file",
                          "DATA_LOSS": "corrupt file"}
+
+
+def _best_fn(keep_best: str):
+  """Orbax's best_fn for `keep_best`: the value of that metric in a step's recorded metrics.
+
+  A step whose metrics lack it (recorded while the run kept the best by another metric) ranks
+  worst, instead of stopping orbax's sort with a KeyError."""
+  worst = math.inf if BEST_MODE[keep_best] == "min" else -math.inf
+  return lambda metrics: float(metrics.get(keep_best, worst))
+
+
+class _NoUnscoredSaveWarning(logging.Filter):
+  """Drops orbax's warning that a save carries no metrics although the best is tracked: a step
+  saved where the run did not evaluate has none, on purpose (it must not rank as the best)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Requested `tracked_metric`")
 
 
 class DamagedCheckpointError(CheckpointError):
@@ -375,7 +396,10 @@ class Checkpointer:
     preserve = [ocp.checkpoint_managers.LatestN(n=keep)]
     best_fn = None
     if keep_best:
-      best_fn = lambda metrics: float(metrics[keep_best])  # noqa: E731
+      best_fn = _best_fn(keep_best)
+      absl_logger = logging.getLogger("absl")
+      if not any(isinstance(f, _NoUnscoredSaveWarning) for f in absl_logger.filters):
+        absl_logger.addFilter(_NoUnscoredSaveWarning())
       preserve.append(ocp.checkpoint_managers.BestN(
           get_metric_fn=best_fn, reverse=BEST_MODE[keep_best] == "min", n=1,
           keep_checkpoints_without_metrics=False))
@@ -624,23 +648,81 @@ def averaged_checkpoints(workdir: str) -> list[str]:
                 key=lambda n: tuple(int(g) for g in _AVERAGED_NAME.match(n).groups()))
 
 
+@contextlib.contextmanager
+def _absl_warnings_off():
+  """Silences orbax's absl warnings (a read-only manager warns that it is read-only), so that
+  a command's error stays its one line."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _read_only_manager(workdir: str, keep_best: str) -> ocp.CheckpointManager:
+  """An orbax manager of `<workdir>/checkpoints` that writes nothing (no saves, no deletions, no
+  directories, no root metadata) and ranks the steps as the run's Checkpointer did."""
+  options = ocp.CheckpointManagerOptions(
+      read_only=True, create=False, save_interval_steps=0, save_root_metadata=False,
+      best_fn=_best_fn(keep_best), best_mode=BEST_MODE[keep_best])
+  with _absl_warnings_off():
+    return ocp.CheckpointManager(_checkpoints_dir(workdir), options=options)
+
+
+def best_step(workdir: str) -> int:
+  """The best step that `checkpoint.keep_best` of the run in `workdir` kept.
+
+  The metric and whether larger is better come from the run's config.json; the value of each
+  step from the metrics orbax recorded beside it (only a step evaluated when it was saved has
+  any). Of the saved steps that have it, the best (on a tie, the newest). Nothing in the
+  workdir is written. CheckpointError, saying what to do instead, when the run kept no best
+  step: no config.json, `checkpoint.keep_best` unset, or no saved step with that metric.
+  """
+  config = workdir_lib.read_run_config(workdir)
+  instead = f"choose a step with --step N ({available(workdir)})"
+  if config is None:
+    raise CheckpointError(f"--step {BEST}: {workdir_lib.path(workdir, workdir_lib.CONFIG_FILE)}"
+                          f" is missing, so which metric ranks the steps is unknown; {instead}")
+  keep_best = config.checkpoint.keep_best
+  if not keep_best:
+    raise CheckpointError(
+        f"--step {BEST}: the run in {workdir} kept no best checkpoint (checkpoint.keep_best "
+        f"is not set; train with --config.checkpoint.keep_best=loss, accuracy or bleu to keep "
+        f"one); {instead}")
+  manager = _read_only_manager(workdir, keep_best)
+  try:
+    step = manager.best_step()
+    recorded = manager.metrics(step) if step is not None else None
+  finally:
+    manager.close()
+  if step is None or keep_best not in (recorded or {}):
+    raise CheckpointError(
+        f"--step {BEST}: no saved step of the run in {workdir} has a validation {keep_best} "
+        f"(checkpoint.keep_best={keep_best!r} ranks the steps saved where the run evaluated; "
+        f"train.eval_every_steps a multiple of checkpoint.every_steps saves each); {instead}")
+  return int(step)
+
+
 def checkpoint_dir(workdir: str, step: int | str | None) -> tuple[epath.Path, int | str]:
   """The directory of a step (newest when None) or of an averaged checkpoint, and its label.
 
-  `step` is a saved step (int, or its digits as a string), None for the newest, or the name of
-  an averaged checkpoint (e.g. 'last5_1000-5000', also accepted as 'averaged/last5_1000-5000');
-  the label is that int or name. CheckpointError, listing what exists, when there is none.
+  `step` is a saved step (int, or its digits as a string), None for the newest, 'best' for
+  `best_step`, or the name of an averaged checkpoint (e.g. 'last5_1000-5000', also accepted
+  as 'averaged/last5_1000-5000'); the label is that int (the step 'best' names) or name.
+  CheckpointError, listing what exists, when there is none.
   """
   steps = saved_steps(workdir)
   if isinstance(step, str) and step.isdigit():
     step = int(step)
-  if step is None:
+  if step is None or step == BEST:
     if not steps:
       averaged = averaged_checkpoints(workdir)
       hint = (f"; averaged checkpoints: {', '.join(averaged)}" if averaged
               else "; train first (jaxformer train --workdir ...)")
       raise CheckpointError(f"no checkpoints in {_checkpoints_dir(workdir)}{hint}")
-    step = steps[-1]
+    step = steps[-1] if step is None else best_step(workdir)
   if isinstance(step, str):
     name = step.removeprefix(workdir_lib.AVERAGED_DIR + "/").rstrip("/")
     path = workdir_lib.path(workdir, workdir_lib.AVERAGED_DIR, name)

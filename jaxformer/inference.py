@@ -5,8 +5,9 @@ Everything that reads a workdir to do something with what was trained:
 - `load_params`: only the parameters (no optimizer state) of a step or of an averaged
   checkpoint, onto the devices of this process (or given shardings), with the run's config;
   `load_for_inference` adds the model and the vocabulary (`InferenceRun`).
-- `average_checkpoints`: the element-wise mean of the parameters of the last K checkpoints, as
-  the paper did (last 5 for base, last 20 for big), saved as a new checkpoint.
+- `average_checkpoints`: the element-wise mean of the parameters of the last K checkpoints (up
+  to a given step, or the best), as the paper did (last 5 for base, last 20 for big), saved as
+  a new checkpoint.
 - `evaluate_checkpoint`: jaxformer.evaluate's metrics of a split, on an evaluation-only
   placement (parameters replicated over a mesh of the devices, batches split over it; no
   optimizer, whatever strategy the run trained with).
@@ -48,14 +49,15 @@ def load_params(workdir: str, step: int | str | None = None, sharding: Any = Non
                 ) -> tuple[PyTree, int | str, ml_collections.FrozenConfigDict]:
   """The parameters of a checkpoint, for evaluation and translation: (params, step, config).
 
-  `step` is a saved step (int, or its digits as a string), None for the newest, or the name of
-  an averaged checkpoint as `average_checkpoints` wrote it (e.g. 'last5_1000-5000', also
-  accepted as 'averaged/last5_1000-5000'); the returned `step` is that int or name. Only the
-  parameters are read (no optimizer state). They land on `sharding`: by default on every
-  device of every process, on `run_mesh(config)` (split over its fsdp groups as in training
-  when the run used fsdp); or one `jax.sharding.Sharding` for every leaf; or a pytree of them
-  shaped like the params; whatever devices, strategy or fsdp the run trained with. `config` is
-  the run's recorded config.json.
+  `step` is a saved step (int, or its digits as a string), None for the newest, 'best' for the
+  best step `checkpoint.keep_best` kept (`checkpoint.best_step`), or the name of an averaged
+  checkpoint as `average_checkpoints` wrote it (e.g. 'last5_1000-5000', also accepted as
+  'averaged/last5_1000-5000'); the returned `step` is that int (the step 'best' names) or
+  name. Only the parameters are read (no optimizer state). They land on `sharding`: by default
+  on every device of every process, on `run_mesh(config)` (split over its fsdp groups as in
+  training when the run used fsdp); or one `jax.sharding.Sharding` for every leaf; or a pytree
+  of them shaped like the params; whatever devices, strategy or fsdp the run trained with.
+  `config` is the run's recorded config.json.
   """
   workdir = workdir_lib.absolute_workdir(workdir)
   if not workdir_lib.path(workdir).is_dir():
@@ -147,31 +149,49 @@ def _mean_params(workdir: str, steps: Sequence[int]) -> PyTree:
   return jax.tree.map(lambda t, x: (t / len(steps)).astype(x.dtype), total, first)
 
 
-def average_checkpoints(workdir: str, last_k: int) -> str:
-  """Averages the parameters of the last `last_k` checkpoints into a new one; returns its path.
-
-  The mean is element-wise, accumulated in float64 on the host and stored in the parameters'
-  own dtype. The result goes to `<workdir>/averaged/last<K>_<first>-<last>` (e.g.
-  `last5_1000-5000`: the 5 newest steps, 1000 to 5000), written atomically by orbax with the
-  same layout as a training checkpoint's parameters (plus `info/` naming the steps); pass that
-  name as `load_params(workdir, step='last5_1000-5000')` (`--step last5_1000-5000` on the
-  command line). The original checkpoints are only read. Raises CheckpointError when there are
-  fewer than `last_k` checkpoints or when that averaged checkpoint already exists.
-  """
-  workdir_lib.check_run_dir(workdir)
-  workdir = workdir_lib.absolute_workdir(workdir)
-  directory = str(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR))
+def _last_steps(workdir: str, last_k: int, up_to: int | str | None) -> list[int]:
+  """The `last_k` newest saved steps at or before `up_to` (a saved step, 'best', or None for
+  the newest), oldest first; CheckpointError when there are fewer."""
   steps = checkpoint.saved_steps(workdir)
   if last_k < 1:
     raise CheckpointError(f"--last {last_k}: average at least 1 checkpoint")
+  which, count = "", ""
+  if up_to is not None:
+    _, up_to = checkpoint.checkpoint_dir(workdir, up_to)  # The step 'best' names; or an error.
+    if not isinstance(up_to, int):
+      raise CheckpointError(f"--step {up_to}: average checkpoints up to a saved step or "
+                            f"{checkpoint.BEST!r}, not an averaged checkpoint")
+    steps = [s for s in steps if s <= up_to]
+    which, count = f" up to step {up_to}", " at or before it"
   if last_k > len(steps):
-    raise CheckpointError(f"cannot average the last {last_k} checkpoints: {directory} has "
-                          f"{len(steps)} (steps: {checkpoint.steps_text(steps)})")
-  chosen = steps[-last_k:]
+    directory = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR)
+    raise CheckpointError(f"cannot average the last {last_k} checkpoints{which}: {directory} "
+                          f"has {len(steps)}{count} (steps: {checkpoint.steps_text(steps)})")
+  return steps[-last_k:]
+
+
+def average_checkpoints(workdir: str, last_k: int, up_to: int | str | None = None) -> str:
+  """Averages the parameters of the last `last_k` checkpoints into a new one; returns its path.
+
+  The last `last_k` saved steps up to and including `up_to` (a saved step, or 'best': the step
+  `checkpoint.best_step` names), by default the newest. The mean is element-wise, accumulated
+  in float64 on the host and stored in the parameters' own dtype. The result goes to
+  `<workdir>/averaged/last<K>_<first>-<last>` (e.g. `last5_1000-5000`: the 5 steps 1000 to
+  5000), written atomically by orbax with the same layout as a training checkpoint's parameters
+  (plus `info/` naming the steps); pass that name as `load_params(workdir,
+  step='last5_1000-5000')` (`--step last5_1000-5000` on the command line). The original
+  checkpoints are only read. Raises CheckpointError when there are fewer than `last_k` saved
+  steps up to `up_to`, when `up_to` is not a saved step, or when that averaged checkpoint
+  already exists.
+  """
+  workdir_lib.check_run_dir(workdir)
+  workdir = workdir_lib.absolute_workdir(workdir)
+  chosen = _last_steps(workdir, last_k, up_to)
   out = checkpoint.averaged_path(workdir, chosen)
   if out.exists():
     raise CheckpointError(f"{out} already exists; it is never overwritten (delete it yourself "
                           "to recompute it)")
+  directory = str(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR))
   checkpoint.save_averaged(out, _mean_params(workdir, chosen), chosen, source=directory)
   return str(out)
 

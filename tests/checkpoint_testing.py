@@ -92,15 +92,20 @@ def assert_trees_identical(a, b):
     assert np.array_equal(x, y)
 
 
-def save_steps(workdir, steps, every_steps=1, keep=10, seeds=None, large=False):
-  """Saves make_state(seed, large=large) at each step; returns {step: state}."""
-  states = {}
+def save_steps(workdir, steps, every_steps=1, keep=10, seeds=None, large=False, keep_best="",
+               scores=None):
+  """Saves make_state(seed, large=large) at each step; returns {step: state}. With `keep_best`,
+  `scores` gives the validation value of that metric at each step (None: not evaluated)."""
+  states, scores = {}, scores or {}
   iterator = make_iterator()
-  with checkpoint.Checkpointer(workdir, every_steps=every_steps, keep=keep) as ckpt:
+  with checkpoint.Checkpointer(workdir, every_steps=every_steps, keep=keep,
+                               keep_best=keep_best) as ckpt:
     for i, step in enumerate(steps):
       next(iterator)
       states[step] = make_state(seeds[i] if seeds else step, large=large)
-      assert ckpt.save(step, states[step], iterator)
+      score = scores.get(step)
+      assert ckpt.save(step, states[step], iterator,
+                       metrics=None if score is None else {keep_best: score})
   return states
 
 

@@ -302,6 +302,55 @@ def test_keep_policy_keeps_the_newest_and_the_best(tmp_path):
     assert best_step(ckpt) == 2
 
 
+def every_file(directory):
+  """{path: (size, mtime)} of every file and directory under `directory`."""
+  return {os.path.join(d, name): (os.stat(os.path.join(d, name)).st_size,
+                                  os.stat(os.path.join(d, name)).st_mtime_ns)
+          for d, dirs, files in os.walk(directory) for name in dirs + files}
+
+
+# Validation scores by step (None: saved without an evaluation); the best is step 2 either way,
+# and reading the order the wrong way round would pick step 1.
+SCORES = {"loss": {1: 3.0, 2: 1.0, 3: None, 4: 2.5, 5: None},
+          "accuracy": {1: 0.2, 2: 0.9, 3: None, 4: 0.5, 5: None}}
+
+
+@pytest.mark.parametrize("keep_best", ["loss", "accuracy"])
+def test_step_best_is_the_best_recorded_step_read_without_writing(tmp_path, keep_best):
+  workdir = str(tmp_path)
+  checkpoint_testing.save_steps(workdir, [1, 2, 3, 4, 5], keep_best=keep_best,
+                                scores=SCORES[keep_best])
+  checkpoint_testing.write_config(tmp_path, **{"checkpoint.keep_best": keep_best})
+  before = every_file(workdir)
+  assert checkpoint.best_step(workdir) == 2
+  assert checkpoint.checkpoint_dir(workdir, "best") == (
+      workdir_lib.path(workdir, "checkpoints", "2"), 2)
+  assert every_file(workdir) == before  # Nothing created, written or deleted.
+
+
+def test_step_best_of_a_run_that_kept_none_says_what_to_do(tmp_path):
+  without = str(tmp_path / "without")
+  checkpoint_testing.save_steps(without, [1, 2])
+  checkpoint_testing.write_config(without)
+  with pytest.raises(CheckpointError, match=(
+      r"^--step best: the run in .*without kept no best checkpoint \(checkpoint.keep_best is "
+      r"not set; train with --config.checkpoint.keep_best=loss, .*\); choose a step with "
+      r"--step N \(available steps: 1, 2\)$")):
+    checkpoint.checkpoint_dir(without, "best")
+
+  unscored = str(tmp_path / "unscored")  # keep_best set, but no step saved at an evaluation.
+  checkpoint_testing.save_steps(unscored, [1, 2], keep_best="bleu", scores={})
+  checkpoint_testing.write_config(unscored, **{"checkpoint.keep_best": "bleu"})
+  with pytest.raises(CheckpointError, match=(
+      r"^--step best: no saved step of the run in .*unscored has a validation bleu .*; choose "
+      r"a step with --step N \(available steps: 1, 2\)$")):
+    checkpoint.best_step(unscored)
+
+  os.remove(os.path.join(unscored, workdir_lib.CONFIG_FILE))
+  with pytest.raises(CheckpointError, match=r"config.json is missing, so which metric"):
+    checkpoint.best_step(unscored)
+
+
 def test_should_save_says_when_a_save_is_due_without_saving(tmp_path):
   state = make_state(0)
   with checkpoint.Checkpointer(str(tmp_path), every_steps=5, keep=3) as ckpt:

@@ -89,6 +89,34 @@ def test_average_of_two_checkpoints_is_the_elementwise_mean(tmp_path):
     inference.average_checkpoints(workdir, 4)
 
 
+def mean_params(*states):
+  total = sum(np.asarray(s.params["dense"]["kernel"], np.float64) for s in states)
+  return (total / len(states)).astype(np.float32)
+
+
+def test_average_up_to_a_step_or_the_best_takes_the_last_k_at_or_before_it(tmp_path):
+  workdir = str(tmp_path)
+  states = save_steps(workdir, [10, 20, 30, 40], keep_best="loss",
+                      scores={10: 3.0, 20: 1.0, 30: None, 40: 2.0})
+  write_config(tmp_path, **{"checkpoint.keep_best": "loss"})
+  path = inference.average_checkpoints(workdir, 2, up_to=30)
+  assert path == os.path.join(workdir, "averaged", "last2_20-30")
+  averaged, _, _ = inference.load_params(workdir, step="last2_20-30")
+  np.testing.assert_array_equal(averaged["dense"]["kernel"], mean_params(states[20], states[30]))
+  # 'best' is step 20 (the lowest loss): the last 2 up to it are 10 and 20.
+  assert inference.average_checkpoints(workdir, 2, up_to="best").endswith("last2_10-20")
+
+  with pytest.raises(CheckpointError, match=r"^cannot average the last 3 checkpoints up to step "
+                                            r"20: .* has 2 at or before it \(steps: 10, 20\)$"):
+    inference.average_checkpoints(workdir, 3, up_to="best")
+  with pytest.raises(CheckpointError, match=r"no checkpoint at step 25 .*available steps: 10, "
+                                            r"20, 30, 40"):
+    inference.average_checkpoints(workdir, 1, up_to=25)
+  with pytest.raises(CheckpointError, match=r"--step last2_20-30: average checkpoints up to a "
+                                            r"saved step or 'best'"):
+    inference.average_checkpoints(workdir, 1, up_to="last2_20-30")
+
+
 def test_load_params_without_checkpoints_is_a_clear_error(tmp_path):
   write_config(tmp_path)
   with pytest.raises(CheckpointError, match=r"no checkpoints in .*checkpoints; train first"):
