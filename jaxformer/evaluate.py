@@ -1,14 +1,15 @@
-"""Evaluation over a whole split: loss, token accuracy, exact match and BLEU.
+"""Evaluation over a whole split: loss, token accuracy, exact match, BLEU and chrF.
 
-Two passes over the split, both distributed over every device of every process:
+Two passes over the split (or over its first `max_examples` examples), both distributed over
+every device of every process:
 1. teacher-forced: the eval step sums the cross entropy and the correct tokens of
    every real target token (filler rows of the last batch are all padding and count nothing);
 2. decoding: beam search (or greedy) translates every source sentence; the detokenized
-   hypotheses are compared with the raw reference text: exact match, and corpus BLEU by
-   sacrebleu (its signature is reported so scores can be compared across papers).
+   hypotheses are compared with the raw reference text: exact match, and corpus BLEU and chrF
+   by sacrebleu (their signatures are reported so scores can be compared across papers).
 
 The training loop's periodic evaluation calls the same `evaluate` with a cap on how many
-sentences are decoded; `jaxformer evaluate` decodes all of them. Where the work runs is the
+sentences are decoded; `jaxformer evaluate` decodes all of them (and may keep them, to write). Where the work runs is the
 caller's: `evaluate` takes an `eval_step` and a `translate_fn`, which the training loop builds
 from its strategy and jaxformer.inference.evaluate_checkpoint from an evaluation-only placement.
 
@@ -37,6 +38,14 @@ Batch = dict[str, np.ndarray]
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[float, str]:
   """Corpus BLEU of detokenized hypotheses against raw references, and sacrebleu's signature."""
   metric = sacrebleu.metrics.BLEU()
+  score = metric.corpus_score(list(hypotheses), [list(references)])
+  return float(score.score), str(metric.get_signature())
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[float, str]:
+  """Corpus chrF (sacrebleu's defaults: character 6-grams, beta 2) of detokenized hypotheses
+  against raw references, and sacrebleu's signature."""
+  metric = sacrebleu.metrics.CHRF()
   score = metric.corpus_score(list(hypotheses), [list(references)])
   return float(score.score), str(metric.get_signature())
 
@@ -130,19 +139,26 @@ def translate_batches(translate_fn: Callable[[np.ndarray], np.ndarray], tokenize
 
 def evaluate(config, *, tokenizer, data_dir: str, split: str, eval_step, translate_fn,
              max_decode_examples: int | None = None, num_samples: int = 0,
-             should_stop: StopFn | None = None) -> dict[str, Any]:
+             should_stop: StopFn | None = None, max_examples: int | None = None,
+             keep_hypotheses: bool = False) -> dict[str, Any]:
   """Every metric of `split` as one flat dict (plus a few sample translations if asked).
 
+  `max_examples` limits both passes to the first that many examples of the split (`examples`
+  in the metrics says how many were evaluated, `decoded_examples` how many decoded: fewer with
+  `max_decode_examples`). With `keep_hypotheses`, `hypotheses` holds the detokenized best
+  hypothesis of every decoded example, in the split's order (on every process).
   `should_stop() -> bool`, when given (on every process), is asked before every batch; when it
   is True on any process, every process raises EvaluationStopped at that batch.
   """
   per_host_batch = config.eval.batch_size // jax.process_count()
   batches = list(pipeline.make_eval_batches(config, tokenizer, data_dir, split,
-                                            batch_size=per_host_batch))
+                                            batch_size=per_host_batch,
+                                            max_examples=max_examples))
   metrics: dict[str, Any] = {"split": split}
   metrics.update(teacher_forced_metrics(eval_step, batches, should_stop, split))
 
-  references = pipeline.eval_references(config, data_dir, split)
+  references = pipeline.eval_references(config, data_dir, split, max_examples)
+  metrics["examples"] = len(references)
   decode_batches = batches
   if max_decode_examples is not None:  # The same number of batches on every process.
     decode_batches = batches[:max(1, math.ceil(max_decode_examples / config.eval.batch_size))]
@@ -153,10 +169,13 @@ def evaluate(config, *, tokenizer, data_dir: str, split: str, eval_step, transla
   targets = [references[i][1] for i in order]
   metrics["exact_match"] = exact_match(hypotheses, targets)
   metrics["bleu"], metrics["bleu_signature"] = bleu(hypotheses, targets)
+  metrics["chrf"], metrics["chrf_signature"] = chrf(hypotheses, targets)
   metrics["decoded_examples"] = len(order)
   if num_samples:
     metrics["samples"] = [{"source": references[i][0], "reference": references[i][1],
                            "translation": translations[i]} for i in order[:num_samples]]
+  if keep_hypotheses:
+    metrics["hypotheses"] = hypotheses
   return metrics
 
 

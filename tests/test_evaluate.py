@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -35,6 +36,16 @@ def test_bleu_is_sacrebleus_corpus_score_with_its_signature():
   assert 0.0 < score < 100.0
   assert evaluate.bleu(references, references)[0] == pytest.approx(100.0)
   assert signature.startswith("nrefs:1|")
+
+
+def test_chrf_is_sacrebleus_corpus_score_with_its_signature():
+  hypotheses = ["the cat sat on the mat", "a dog barked loudly today"]
+  references = ["the cat sat on the mat", "the dog barked today"]
+  score, signature = evaluate.chrf(hypotheses, references)
+  assert score == pytest.approx(sacrebleu.corpus_chrf(hypotheses, [references]).score)
+  assert 0.0 < score < 100.0 and score != pytest.approx(evaluate.bleu(hypotheses, references)[0])
+  assert evaluate.chrf(references, references)[0] == pytest.approx(100.0)
+  assert signature.startswith("nrefs:1|") and "|nc:6|" in signature
 
 
 def test_teacher_forced_metrics_divide_the_sums_of_every_batch_once():
@@ -71,6 +82,50 @@ def test_translate_batches_keys_by_example_id_and_drops_filler_rows():
   got = evaluate.translate_batches(translate_fn, LettersTokenizer(), batches, width=5)
   assert got == {7: "ab", 3: "c", 1: "b"}  # The filler row (id -1) is not an example.
   assert evaluate.translate_batches(translate_fn, LettersTokenizer(), [], width=5) == {}
+
+
+# The config keys `evaluate.evaluate` reads.
+FAKE_CONFIG = types.SimpleNamespace(eval=types.SimpleNamespace(batch_size=2),
+                                    model=types.SimpleNamespace(max_len=5))
+
+
+def test_evaluate_keeps_the_hypotheses_in_the_splits_order_and_limits_both_passes(monkeypatch):
+  """The pipeline (tested in tests/data/test_pipeline.py) is given max_examples; the batches
+  come out of example order, the hypotheses in it; chrF is over the same pairs as BLEU."""
+  batches = [{"inputs": np.array([[6, 4], [4, 0]]), "example_ids": np.array([2, 0])},
+             {"inputs": np.array([[5, 5], [0, 0]]), "example_ids": np.array([1, -1])}]
+  references = [("s0", "a"), ("s1", "bb"), ("s2", "ca")]
+  asked = {}
+
+  def make_eval_batches(config, tokenizer, data_dir, split, *, batch_size, max_examples):
+    asked["batches"] = max_examples
+    return iter(batches)
+
+  def eval_references(config, data_dir, split, max_examples):
+    asked["references"] = max_examples
+    return references
+
+  monkeypatch.setattr(evaluate.pipeline, "make_eval_batches", make_eval_batches)
+  monkeypatch.setattr(evaluate.pipeline, "eval_references", eval_references)
+  seen = []
+
+  def eval_step(batch):
+    seen.append(batch["example_ids"].tolist())
+    return {"loss": 1.0, "nll": 1.0, "correct": 1.0, "num_tokens": 2.0}
+
+  metrics = evaluate.evaluate(
+      FAKE_CONFIG, tokenizer=LettersTokenizer(), data_dir="d", split="test", eval_step=eval_step,
+      translate_fn=lambda inputs: inputs, max_examples=3, keep_hypotheses=True)
+  assert asked == {"batches": 3, "references": 3}
+  assert seen == [[2, 0], [1, -1]]  # Both batches teacher-forced, then both decoded.
+  assert metrics["hypotheses"] == ["a", "bb", "ca"]  # Examples 0, 1, 2.
+  assert metrics["examples"] == metrics["decoded_examples"] == 3
+  assert metrics["exact_match"] == 1.0
+  assert metrics["chrf"] == pytest.approx(100.0)
+  assert metrics["chrf_signature"] == evaluate.chrf(["a"], ["a"])[1]
+  without = evaluate.evaluate(FAKE_CONFIG, tokenizer=LettersTokenizer(), data_dir="d",
+                              split="test", eval_step=eval_step, translate_fn=lambda x: x)
+  assert "hypotheses" not in without and asked == {"batches": None, "references": None}
 
 
 class StopAfter:

@@ -292,13 +292,16 @@ def filler_row(max_len: int) -> Batch:
 
 def make_eval_batches(config, tokenizer: Tokenizer, data_dir: str, split: str, *,
                       batch_size: int, process_index: int | None = None,
-                      process_count: int | None = None) -> Iterator[Batch]:
+                      process_count: int | None = None, max_examples: int | None = None
+                      ) -> Iterator[Batch]:
   """This process's batches of one split: each example of the split exactly once overall.
 
   Process p takes examples p, p + P, p + 2P, ... Every process yields the same number of
   batches (so collective operations in multi-host evaluation line up); places left over in the
   last batches are filler rows, all PAD with `example_ids` -1. Over-long examples are truncated
-  (and counted), never dropped, so metrics cover the whole split.
+  (and counted), never dropped, so metrics cover the whole split. With `max_examples`, only the
+  first that many examples of the split are taken (the batch count, the same on every process,
+  is that of a split of that size).
 
   Yields:
     dicts of int32 arrays: the six `[batch_size, data.max_len]` arrays of the training batches
@@ -316,12 +319,13 @@ def make_eval_batches(config, tokenizer: Tokenizer, data_dir: str, split: str, *
     row["example_ids"] = np.int32(i)
     return row
 
-  ds = grain.MapDataset.range(index, len(source), count).map(example)
+  num_examples = len(source) if max_examples is None else min(max_examples, len(source))
+  ds = grain.MapDataset.range(index, num_examples, count).map(example)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))  # policy counts in order.
   ds = ds.batch(batch_size, batch_fn=lambda rows: _stack(rows, batch_size, max_len))
   batches = iter(ds)
   try:
-    for _ in range(num_eval_batches(len(source), batch_size, count)):
+    for _ in range(num_eval_batches(num_examples, batch_size, count)):
       yield next(batches, None) or _stack([], batch_size, max_len)
   finally:  # Also when the caller stops early: the count then covers what it read.
     policy.report()
@@ -333,7 +337,10 @@ def _stack(rows: list[Batch], batch_size: int, max_len: int) -> Batch:
   return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
 
-def eval_references(config, data_dir: str, split: str) -> list[tuple[str, str]]:
-  """(source text, target text) of every example of a split, indexed by `example_ids`."""
+def eval_references(config, data_dir: str, split: str, max_examples: int | None = None
+                    ) -> list[tuple[str, str]]:
+  """(source text, target text) of every example of a split (of the first `max_examples`),
+  indexed by `example_ids`."""
   source = sources.get_split(config, split, data_dir)
-  return [(pair["source"], pair["target"]) for pair in (source[i] for i in range(len(source)))]
+  count = len(source) if max_examples is None else min(max_examples, len(source))
+  return [(pair["source"], pair["target"]) for pair in (source[i] for i in range(count))]

@@ -281,17 +281,23 @@ def test_over_long_pairs_are_counted_and_dropped_or_truncated(policy, small_conf
 
 # --- Evaluation batches. ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("count", [1, 2, 3, 8])  # 8: shards of 8 and 7, so some pad a batch.
-def test_eval_batches_hold_every_example_once(count, small_config, numbers_tokenizer,
-                                              numbers_data_dir):
+# 8: shards of 8 and 7, so some pad a batch; max_examples 23 (of 60): the first 23 only, in
+# fewer batches; 1: a process with no example at all still yields its (filler) batch.
+@pytest.mark.parametrize("count, max_examples", [(1, None), (2, None), (3, None), (8, None),
+                                                 (3, 23), (2, 1), (1, 500)])
+def test_eval_batches_hold_every_example_once(count, max_examples, small_config,
+                                              numbers_tokenizer, numbers_data_dir):
   config, batch_size = small_config(), 7
-  references = pipeline.eval_references(config, numbers_data_dir, "validation")
-  assert len(references) == 60
+  references = pipeline.eval_references(config, numbers_data_dir, "validation", max_examples)
+  expected = 60 if max_examples is None else min(max_examples, 60)
+  assert len(references) == expected
+  assert references == pipeline.eval_references(config, numbers_data_dir,
+                                                "validation")[:expected]
   seen, num_batches = [], set()
   for index in range(count):
     batches = list(pipeline.make_eval_batches(
         config, numbers_tokenizer, numbers_data_dir, "validation", batch_size=batch_size,
-        process_index=index, process_count=count))
+        process_index=index, process_count=count, max_examples=max_examples))
     num_batches.add(len(batches))
     for batch in batches:
       assert set(batch) == KEYS | {"example_ids"}
@@ -305,8 +311,8 @@ def test_eval_batches_hold_every_example_once(count, small_config, numbers_token
         assert numbers_tokenizer.decode(batch["inputs"][row]) == source
         assert numbers_tokenizer.decode(batch["targets"][row]) == target
         assert batch["inputs_segment_ids"][row].max() == 1
-  assert num_batches == {math.ceil(math.ceil(60 / count) / batch_size)}
-  assert sorted(seen) == list(range(60))
+  assert num_batches == {max(1, math.ceil(math.ceil(expected / count) / batch_size))}
+  assert sorted(seen) == list(range(expected))
 
 
 def test_over_long_eval_examples_are_truncated_and_counted(small_config, numbers_tokenizer,
