@@ -162,6 +162,8 @@ def _raise_if_storage_failure(error: Exception, workdir: str) -> None:
 
 def cmd_evaluate(args, overrides) -> int:
   import json
+  if args.hypotheses:
+    check_output_file(args.hypotheses, "--hypotheses")
   from jaxformer import devices, inference
   from jaxformer import workdir as workdir_lib
   from jaxformer.train.writer import MetricsWriter
@@ -170,12 +172,16 @@ def cmd_evaluate(args, overrides) -> int:
   metrics = inference.evaluate_checkpoint(
       config, params, tokenizer=tokenizer,
       data_dir=workdir_lib.resolve_data_dir(config, args.workdir), split=args.split,
-      beam_size=args.beam_size, alpha=args.alpha, num_samples=args.samples)
+      beam_size=args.beam_size, alpha=args.alpha, num_samples=args.samples,
+      max_examples=args.max_examples, keep_hypotheses=bool(args.hypotheses))
   samples = metrics.pop("samples", [])
+  hypotheses = metrics.pop("hypotheses", [])
   metrics["checkpoint"] = step
   metrics["beam_size"] = args.beam_size or config.decode.beam_size
   metrics["alpha"] = config.decode.alpha if args.alpha is None else args.alpha
   from jaxformer.log import log
+  if args.hypotheses:
+    _write_hypotheses(args.hypotheses, hypotheses)
   try:
     writer = MetricsWriter(args.workdir)
     writer.write(step if isinstance(step, int) else -1, args.split, metrics)
@@ -187,9 +193,22 @@ def cmd_evaluate(args, overrides) -> int:
     log(f"  source:      {sample['source']}\n  reference:   {sample['reference']}\n"
         f"  translation: {sample['translation']}\n")
   log(f"sacrebleu signature: {metrics['bleu_signature']}")
+  log(f"sacrebleu chrF signature: {metrics['chrf_signature']}")
   if devices.is_first_process():  # One result for the whole split, however many processes.
     print(json.dumps(metrics))
   return 0
+
+
+def _write_hypotheses(path: str, hypotheses: list[str]) -> None:
+  """Writes one hypothesis a line, UTF-8 with "\n" ends, from process 0 only (every process of
+  a pod evaluates, and has every hypothesis)."""
+  from jaxformer import devices
+  from jaxformer.data import text as text_lib
+  if not devices.is_first_process():
+    return
+  with open(path, "w", encoding="utf-8", newline="\n") as f:
+    # One line each, whatever the model wrote: line i is the hypothesis of example i.
+    f.write("".join(text_lib.one_line(h) + "\n" for h in hypotheses))
 
 
 def cmd_translate(args, overrides) -> int:
@@ -241,7 +260,7 @@ def cmd_prepare(args, overrides) -> int:
 
 def cmd_average(args, overrides) -> int:
   from jaxformer import inference
-  path = inference.average_checkpoints(args.workdir, args.last)
+  path = inference.average_checkpoints(args.workdir, args.last, up_to=args.step)
   print(path)
   return 0
 
@@ -272,8 +291,15 @@ def cmd_plot(args, overrides) -> int:
 
 
 def _step_arg(text: str):
-  """--step takes a number or the name of an averaged checkpoint."""
+  """--step takes a number, 'best' (the step checkpoint.keep_best kept) or the name of an
+  averaged checkpoint."""
   return int(text) if text.isdigit() else text
+
+
+# The help of --step, wherever a command reads a checkpoint.
+STEP_HELP = ("checkpoint: a saved step, 'best' (the best step by the validation metric "
+             "checkpoint.keep_best names, among the kept ones) or an averaged checkpoint's name "
+             "(default: the newest)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,22 +337,27 @@ def _add_train(sub) -> None:
 
 
 def _add_evaluate(sub) -> None:
-  p = sub.add_parser("evaluate", help="loss, accuracy, exact match and BLEU on a split")
+  p = sub.add_parser("evaluate", help="loss, accuracy, exact match, BLEU and chrF on a split")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--step", type=_step_arg, default=None,
-                 help="checkpoint step or averaged checkpoint name (default: newest)")
+  p.add_argument("--step", type=_step_arg, default=None, metavar="STEP|best",
+                 help=STEP_HELP)
   p.add_argument("--split", default="test", choices=("train", "validation", "test"))
   p.add_argument("--beam-size", type=_at_least(1), default=None)
   p.add_argument("--alpha", type=_finite, default=None)
   p.add_argument("--samples", type=_at_least(0), default=0,
                  help="print this many sample translations")
+  p.add_argument("--max-examples", type=_at_least(1), default=None, metavar="N",
+                 help="evaluate only the first N examples of the split (default: all)")
+  p.add_argument("--hypotheses", default=None, metavar="FILE",
+                 help="write the translations there, one a line, in the split's order")
   p.set_defaults(run=cmd_evaluate)
 
 
 def _add_translate(sub) -> None:
   p = sub.add_parser("translate", help="translate lines of text with beam search")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--step", type=_step_arg, default=None)
+  p.add_argument("--step", type=_step_arg, default=None, metavar="STEP|best",
+                 help=STEP_HELP)
   p.add_argument("--beam-size", type=_at_least(1), default=None)
   p.add_argument("--batch-size", type=_at_least(1), default=32)
   p.add_argument("--input", default=None, help="file of source lines (default: stdin)")
@@ -345,7 +376,10 @@ def _add_prepare(sub) -> None:
 def _add_average(sub) -> None:
   p = sub.add_parser("average", help="average the parameters of the last K checkpoints")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--last", type=_at_least(1), required=True)
+  p.add_argument("--last", type=_at_least(1), required=True, metavar="K")
+  p.add_argument("--step", type=_step_arg, default=None, metavar="S|best",
+                 help="average the last K saved steps up to and including this one: a saved "
+                 "step, or 'best' (the step checkpoint.keep_best kept) (default: the newest)")
   p.set_defaults(run=cmd_average)
 
 
@@ -356,8 +390,8 @@ def _add_plot(sub) -> None:
   k = kinds.add_parser("attention", help="translate a sentence and draw its attention weights")
   k.add_argument("--workdir", required=True)
   k.add_argument("--text", required=True, help="the source sentence to translate")
-  k.add_argument("--step", type=_step_arg, default=None,
-                 help="checkpoint step or averaged checkpoint name (default: newest)")
+  k.add_argument("--step", type=_step_arg, default=None, metavar="STEP|best",
+                 help=STEP_HELP)
   k.add_argument("--layer", type=int, default=-1,
                  help="cross-attention layer whose heads are drawn (default: -1, the last)")
   k.add_argument("--out", default="attention.png", help="image file (.png, .pdf, .svg ...)")
@@ -369,7 +403,8 @@ def _add_plot(sub) -> None:
                  "else 'default')")
   k.add_argument("--workdir", default=None,
                  help="a trained run: its learned table (model.pos_encoding='learned')")
-  k.add_argument("--step", type=_step_arg, default=None)
+  k.add_argument("--step", type=_step_arg, default=None, metavar="STEP|best",
+                 help=f"with --workdir, the {STEP_HELP}")
   k.add_argument("--out", default="positions.png")
   k.set_defaults(run=cmd_plot, takes_overrides=True)
   k = kinds.add_parser("curves", help="loss, learning rate, tokens/s and BLEU against step")

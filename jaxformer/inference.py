@@ -231,10 +231,12 @@ def evaluation_step(config: Any, model: Transformer, params: PyTree
 
 def evaluate_checkpoint(config, params, *, tokenizer, data_dir: str, split: str,
                         beam_size: int | None = None, alpha: float | None = None,
-                        num_samples: int = 0) -> dict[str, Any]:
+                        num_samples: int = 0, max_examples: int | None = None,
+                        keep_hypotheses: bool = False) -> dict[str, Any]:
   """`evaluate.evaluate` for restored parameters, on every device that fits the batch.
 
   The checkpoint may come from any strategy and device count: see `evaluation_step`.
+  `max_examples` and `keep_hypotheses` are those of `evaluate.evaluate`.
   """
   model = Transformer(config=config.model)
   decoding_params = params  # On run_mesh(config), as load_params places them.
@@ -243,7 +245,7 @@ def evaluate_checkpoint(config, params, *, tokenizer, data_dir: str, split: str,
       config, tokenizer=tokenizer, data_dir=data_dir, split=split, eval_step=eval_step,
       translate_fn=evaluate.make_translate_fn(model, decoding_params, run_mesh(config), config,
                                               beam_size, alpha),
-      num_samples=num_samples)
+      num_samples=num_samples, max_examples=max_examples, keep_hypotheses=keep_hypotheses)
 
 
 # --- Pictures. --------------------------------------------------------------------------------

@@ -187,6 +187,17 @@ def listing(workdir):
      ["the directory", "does not exist"]),
     (["plot", "attention", "--text", "one", "--out", "{x}/a.xyz"], ["xyz is not an image format"]),
     (["average", "--last", "0"], ["argument --last: 0 must be at least 1"]),
+    (["average", "--last", "2", "--step", "20"],
+     ["cannot average the last 2 checkpoints up to step 20", "has 1 at or before it"]),
+    (["evaluate", "--max-examples", "0"], ["argument --max-examples: 0 must be at least 1"]),
+    (["evaluate", "--hypotheses", "{x}"], ["--hypotheses", "is a directory; give a file name"]),
+    (["evaluate", "--hypotheses", "{x}/no_such_dir/h.txt"], ["the directory", "does not exist"]),
+    # The reference run keeps no best step (checkpoint.keep_best is not set).
+    *[(command + ["--step", "best"],
+       ["--step best: the run in", "kept no best checkpoint (checkpoint.keep_best is not set",
+        "choose a step with --step N (available steps: 20, 30, 40)"])
+      for command in (["evaluate"], ["translate"], ["plot", "attention", "--text", "one"],
+                      ["average", "--last", "1"])],
     (["train", "--restore-step", "-1"], ["argument --restore-step: -1 must be at least 0"]),
 ])
 def test_a_bad_flag_or_output_path_is_one_line_before_any_work(trained, tmp_path, capsys, args,

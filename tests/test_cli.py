@@ -6,16 +6,20 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+import sacrebleu
 
-from jaxformer import cli
-from jaxformer.data import text, tokenizer as tokenizer_lib
+from jaxformer import checkpoint, cli
+from jaxformer import workdir as workdir_lib
+from jaxformer.data import pipeline, text, tokenizer as tokenizer_lib
 
 from tests import run_testing
 from tests.run_testing import HALF, REFERENCE_STEPS
@@ -24,8 +28,9 @@ pytestmark = pytest.mark.slow
 
 TRAIN_KEYS = {"step", "split", "loss", "accuracy", "learning_rate", "tokens_per_second",
               "step_time", "mfu", "grad_norm"}
-VALIDATION_KEYS = {"step", "split", "loss", "accuracy", "exact_match", "bleu"}
-EVALUATE_KEYS = {"loss", "accuracy", "exact_match", "bleu", "bleu_signature"}
+VALIDATION_KEYS = {"step", "split", "loss", "accuracy", "exact_match", "bleu", "chrf"}
+EVALUATE_KEYS = {"loss", "accuracy", "exact_match", "bleu", "bleu_signature", "chrf",
+                 "chrf_signature", "examples", "decoded_examples"}
 
 
 @pytest.fixture(scope="module")
@@ -103,19 +108,48 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
   assert [e["step"] for e in run_testing.metrics(workdir, "train")] == saved
 
 
-def test_keep_best_ranks_a_checkpoint_by_its_own_evaluation_only(runs, tmp_path):
-  """A save at a step that did not evaluate carries no score (not the last evaluation's)."""
-  workdir = runs.new_workdir(str(tmp_path / "w"))
-  runs.train(workdir, train__steps=40, checkpoint__every_steps=10, train__eval_every_steps=20,
-             checkpoint__keep=10, checkpoint__keep_best="loss", train__log_every_steps=10)
-  assert run_testing.checkpoint_steps(workdir) == [10, 20, 30, 40]
-  scored = {step: os.path.exists(os.path.join(workdir, "checkpoints", str(step), "metrics",
-                                              "metrics"))
-            for step in (10, 20, 30, 40)}
-  assert scored == {10: False, 20: True, 30: False, 40: True}, scored
+# Saves every 10 steps, evaluations every 20 (and at the end), every save kept, the best by loss.
+KEEP_BEST = {"train.steps": 40, "checkpoint.every_steps": 10, "train.eval_every_steps": 20,
+             "checkpoint.keep": 10, "checkpoint.keep_best": "loss", "train.log_every_steps": 10}
+
+
+def recorded_metrics(workdir):
+  """{step: the metrics orbax recorded beside it, or None}, read as orbax reads them."""
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(read_only=True, best_fn=lambda m: m["loss"],
+                                           best_mode="min"))
+  try:
+    return {step: manager.metrics(step) for step in manager.all_steps()}
+  finally:
+    manager.close()
+
+
+def best_validation_step(workdir, steps):
+  """Of `steps`, the one with the lowest validation loss in metrics.jsonl."""
+  losses = {e["step"]: e["loss"] for e in run_testing.metrics(workdir, "validation")}
+  return min((s for s in steps if s in losses), key=losses.get)
+
+
+def test_keep_best_ranks_a_checkpoint_by_its_own_evaluation_only_and_step_best_names_it(
+    runs, tmp_path):
+  """A save at a step that did not evaluate carries no score (not the last evaluation's), so
+  `best` is the best evaluated step kept, even when the newest step is not one."""
+  workdir = runs.trained_once("keep_best", KEEP_BEST)
+  recorded = recorded_metrics(workdir)
+  assert sorted(recorded) == [10, 20, 30, 40]
+  assert [step for step, m in recorded.items() if m is None] == [10, 30], recorded
   validation = {e["step"]: e["loss"] for e in run_testing.metrics(workdir, "validation")}
-  with open(os.path.join(workdir, "checkpoints", "20", "metrics", "metrics")) as f:
-    assert json.load(f)["loss"] == pytest.approx(validation[20])
+  assert {step: m["loss"] for step, m in recorded.items() if m} == pytest.approx(
+      {20: validation[20], 40: validation[40]})
+  best = best_validation_step(workdir, [10, 20, 30, 40])
+  assert checkpoint.checkpoint_dir(workdir, "best")[1] == best
+
+  # Without step 40, the newest is 30, saved between evaluations: the best is 20.
+  copy = run_testing.copy_workdir(workdir, str(tmp_path / "w"))
+  shutil.rmtree(os.path.join(copy, "checkpoints", "40"))
+  assert checkpoint.checkpoint_dir(copy, None)[1] == 30
+  assert checkpoint.checkpoint_dir(copy, "best")[1] == 20
 
 
 # --- evaluate. --------------------------------------------------------------------------------
@@ -138,6 +172,39 @@ def test_evaluate_prints_one_json_object_and_appends_it_as_the_test_split(runs, 
   appended = after[-1]
   assert appended["split"] == "test" and appended["step"] == REFERENCE_STEPS
   assert {k: appended[k] for k in EVALUATE_KEYS} == {k: printed[k] for k in EVALUATE_KEYS}
+
+
+SAMPLE = re.compile(r"  source:      (.*)\n  reference:   (.*)\n  translation: (.*)\n")
+
+
+def test_evaluate_of_the_best_step_on_the_first_examples_writes_their_hypotheses(runs, tmp_path):
+  workdir = run_testing.copy_workdir(runs.trained_once("keep_best", KEEP_BEST),
+                                     str(tmp_path / "w"))
+  out, n = tmp_path / "hypotheses.txt", 5
+  result = runs.run(["evaluate", "--workdir", workdir, "--step", "best", "--split", "validation",
+                     "--max-examples", str(n), "--samples", str(n), "--hypotheses", str(out)])
+  assert result.returncode == 0, result.stderr[-3000:]
+  printed = json.loads(result.stdout)
+  assert printed["checkpoint"] == best_validation_step(workdir, [10, 20, 30, 40])
+  assert printed["examples"] == printed["decoded_examples"] == n
+  # Teacher-forced over the same first n examples: their target tokens, each with its EOS.
+  config = workdir_lib.read_run_config(workdir)
+  references = pipeline.eval_references(config, workdir_lib.resolve_data_dir(config, workdir),
+                                        "validation")[:n]
+  vocab = tokenizer_lib.Tokenizer.load(os.path.join(workdir, "vocab.model"))
+  assert printed["num_tokens"] == sum(min(len(vocab.encode(target)) + 1, config.data.max_len)
+                                      for _, target in references)
+
+  # One line per example, in the split's order: the samples pair them with their sources.
+  hypotheses = out.read_bytes().decode("utf-8").split("\n")
+  assert hypotheses[-1] == "" and len(hypotheses) == n + 1, hypotheses
+  samples = SAMPLE.findall(result.stderr)
+  assert [source for source, _, _ in samples] == [source for source, _ in references]
+  assert [translation for _, _, translation in samples] == hypotheses[:-1]
+  targets = [target for _, target in references]
+  assert printed["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hypotheses[:-1], [targets]).score)
+  assert f"sacrebleu chrF signature: {printed['chrf_signature']}" in result.stderr
+  assert printed["chrf_signature"].startswith("nrefs:1|")
 
 
 @pytest.mark.parametrize("command", ["evaluate", "translate"])
