@@ -666,7 +666,8 @@ def _read_only_manager(workdir: str, keep_best: str) -> ocp.CheckpointManager:
   directories, no root metadata) and ranks the steps as the run's Checkpointer did."""
   options = ocp.CheckpointManagerOptions(
       read_only=True, create=False, save_interval_steps=0, save_root_metadata=False,
-      best_fn=_best_fn(keep_best), best_mode=BEST_MODE[keep_best])
+      enable_async_checkpointing=False, best_fn=_best_fn(keep_best),
+      best_mode=BEST_MODE[keep_best])
   with _absl_warnings_off():
     return ocp.CheckpointManager(_checkpoints_dir(workdir), options=options)
 
@@ -700,8 +701,9 @@ def best_step(workdir: str) -> int:
   if step is None or keep_best not in (recorded or {}):
     raise CheckpointError(
         f"--step {BEST}: no saved step of the run in {workdir} has a validation {keep_best} "
-        f"(checkpoint.keep_best={keep_best!r} ranks the steps saved where the run evaluated; "
-        f"train.eval_every_steps a multiple of checkpoint.every_steps saves each); {instead}")
+        f"(checkpoint.keep_best={keep_best!r} ranks only the steps saved where the run "
+        f"evaluated: make train.eval_every_steps a multiple of checkpoint.every_steps so that "
+        f"each is saved); {instead}")
   return int(step)
 
 
