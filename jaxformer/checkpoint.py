@@ -21,7 +21,8 @@ array and iterator state), but neither the model nor the tokenizer.
   against them, and a mismatch is damage like a missing file. A checkpoint written before
   checksums existed has none and is restored unverified.
 - `checkpoint_dir` resolves a step (the newest, a saved step, 'best': the step `best_step`
-  names, or the name of an averaged checkpoint) to its directory; `restore_params` reads only the parameters stored there (no
+  names from the metrics orbax recorded beside each step, or the name of an averaged
+  checkpoint) to its directory; `restore_params` reads only the parameters stored there (no
   optimizer state), onto given shardings or into host memory.
 - `averaged_path` and `save_averaged` name and write a checkpoint of averaged parameters.
 

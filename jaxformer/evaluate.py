@@ -9,9 +9,10 @@ every device of every process:
    by sacrebleu (their signatures are reported so scores can be compared across papers).
 
 The training loop's periodic evaluation calls the same `evaluate` with a cap on how many
-sentences are decoded; `jaxformer evaluate` decodes all of them (and may keep them, to write). Where the work runs is the
-caller's: `evaluate` takes an `eval_step` and a `translate_fn`, which the training loop builds
-from its strategy and jaxformer.inference.evaluate_checkpoint from an evaluation-only placement.
+sentences are decoded; `jaxformer evaluate` decodes all of them (and may keep them, to write
+them out). Where the work runs is the caller's: `evaluate` takes an `eval_step` and a
+`translate_fn`, which the training loop builds from its strategy and
+jaxformer.inference.evaluate_checkpoint from an evaluation-only placement.
 
 A whole evaluation may take minutes (beam search over a model that does not stop yet). The
 caller may pass `should_stop`: it is asked before every batch of both passes, and when it says
