@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 import sacrebleu
 
-from jaxformer import checkpoint, cli
+from jaxformer import checkpoint, cli, devices
 from jaxformer import workdir as workdir_lib
 from jaxformer.data import pipeline, text, tokenizer as tokenizer_lib
 
@@ -205,6 +205,16 @@ def test_evaluate_of_the_best_step_on_the_first_examples_writes_their_hypotheses
   assert printed["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hypotheses[:-1], [targets]).score)
   assert f"sacrebleu chrF signature: {printed['chrf_signature']}" in result.stderr
   assert printed["chrf_signature"].startswith("nrefs:1|")
+
+
+def test_only_the_first_process_writes_the_hypotheses(tmp_path, monkeypatch):
+  """Every process of a pod has every hypothesis; one file, from process 0."""
+  first, other = tmp_path / "first.txt", tmp_path / "other.txt"
+  cli._write_hypotheses(str(first), ["uno", "dos\ntres", ""])
+  assert first.read_bytes() == b"uno\ndos tres\n\n"  # A hypothesis never spans two lines.
+  monkeypatch.setattr(devices, "is_first_process", lambda: False)
+  cli._write_hypotheses(str(other), ["uno"])
+  assert not other.exists()
 
 
 @pytest.mark.parametrize("command", ["evaluate", "translate"])
