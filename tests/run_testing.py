@@ -220,11 +220,13 @@ DECODE_MARK = "test: decoding a batch at"
 DECODE_MARKS = textwrap.dedent(f"""
     import sys, time
     from jaxformer import cli, decode
-    decode_batch = decode.decode_batch
-    def marked(*args, **kwargs):
-      print(f"{DECODE_MARK} {{time.monotonic():.6f}}", file=sys.stderr, flush=True)
-      return decode_batch(*args, **kwargs)
-    decode.decode_batch = marked
+    def marked(method):
+      def decode_marked(*args, **kwargs):
+        print(f"{DECODE_MARK} {{time.monotonic():.6f}}", file=sys.stderr, flush=True)
+        return method(*args, **kwargs)
+      return decode_marked
+    for name in ("decode_sharded", "decode_local"):  # Every batch goes through one of them.
+      setattr(decode.ParallelDecoder, name, marked(getattr(decode.ParallelDecoder, name)))
     sys.exit(cli.main(sys.argv[1:]))
 """)
 
