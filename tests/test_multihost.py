@@ -366,20 +366,23 @@ def test_pod_evaluates_the_whole_split_to_the_metrics_of_one_process(tmp_path_fa
   runs = run_testing.session_runs(tmp_path_factory)
   workdir = run_testing.copy_workdir(runs.reference(), str(tmp_path / "run"))
   command = ["evaluate", "--workdir", workdir, "--split", "validation"]
-  alone = runs.run(command, devices=1)
+  alone = runs.run(command + ["--hypotheses", str(tmp_path / "alone.txt")], devices=1)
   assert alone.returncode == 0, alone.stderr[-3000:]
   pod = subprocess.run(
       [sys.executable, "-m", "jaxformer.launcher", "--processes", str(PROCESSES),
        "--devices-per-process", str(DEVICES_PER_PROCESS), "--", sys.executable, "-m",
-       "jaxformer", *command], cwd=ROOT, env=runs.env(1), capture_output=True, text=True,
+       "jaxformer", *command, "--hypotheses", str(tmp_path / "pod.txt")], cwd=ROOT, env=runs.env(1), capture_output=True, text=True,
       timeout=POD_TIMEOUT_S)
   assert pod.returncode == 0, (pod.stdout + pod.stderr)[-5000:]
   # One result, from process 0, counted over the whole split once.
   results = [line for line in pod.stdout.splitlines() if line.lstrip("[0123456789] ")[:1] == "{"]
   assert len(results) == 1 and results[0].startswith("[0] "), pod.stdout[-3000:]
   want, got = json.loads(alone.stdout), json.loads(results[0].removeprefix("[0] "))
-  for key in ("num_tokens", "decoded_examples", "exact_match", "bleu", "bleu_signature"):
+  for key in ("num_tokens", "decoded_examples", "exact_match", "bleu", "bleu_signature", "chrf"):
     assert got[key] == want[key], key
   for key in ("loss", "accuracy"):
     assert abs(got[key] - want[key]) <= 1e-5 * abs(want[key]), key
   assert want["decoded_examples"] == 64  # data.num_validation: every example, once.
+  pod_lines = (tmp_path / "pod.txt").read_text(encoding="utf-8").split("\n")
+  assert pod_lines == (tmp_path / "alone.txt").read_text(encoding="utf-8").split("\n")
+  assert len(pod_lines) == 64 + 1  # One line per example, in the split's order.
