@@ -12,6 +12,10 @@ wrong source from there on. So:
 - the newline that ends the last line does not make an extra, empty line;
 - bytes that are not UTF-8 are an error naming the line and the byte offset.
 
+`iter_lines` reads a stream one line at a time (its `readline`), so that a file of any size is
+read in bounded memory and a line typed at a terminal is there as soon as it ends; `split_lines`
+and `read_lines` are the same lines, all at once.
+
 On the way out, `one_line` turns any character that a reader could take for a line break into
 a space, so that one translation stays one line for every reader, `splitlines` included.
 
@@ -21,7 +25,8 @@ without loading the dataset libraries.
 
 from __future__ import annotations
 
-from typing import Type
+import io
+from typing import BinaryIO, Iterator, Type
 
 from jaxformer.errors import DataError, JaxformerError
 
@@ -31,40 +36,58 @@ LINE_BREAKS = "\n\x0b\x0c\r\x1c\x1d\x1e\x85\u2028\u2029"
 _LINE_BREAKS_TO_SPACES = str.maketrans(dict.fromkeys(LINE_BREAKS, " "))
 
 
-def split_lines(data: bytes, name: str, error: Type[JaxformerError] = DataError) -> list[str]:
-  """The lines of UTF-8 `data` (the bytes of a file or stream called `name`), without line ends.
+def iter_lines(stream: BinaryIO, name: str, error: Type[JaxformerError] = DataError
+               ) -> Iterator[str]:
+  """The lines of the UTF-8 binary `stream` called `name`, without line ends, each read (by
+  `stream.readline()`) only when it is asked for.
 
   Raises `error` ('NAME:LINE: invalid UTF-8 at byte offset N ...', N counted from the start of
-  `data`, from 0) at the first line that is not UTF-8.
+  the stream, from 0) when a line that is not UTF-8 is reached.
   """
-  start = len(BOM) if data.startswith(BOM) else 0
-  lines = data[start:].split(b"\n")
-  if lines[-1] == b"":
-    lines.pop()  # The newline that ends the last line (or nothing at all: no lines).
-  text, offset = [], start  # offset: where the line starts in `data`.
-  for number, line in enumerate(lines, start=1):
+  offset = 0  # Where the line starts in the stream.
+  number = 0
+  while True:
+    line = stream.readline()
+    start = len(BOM) if number == 0 and line.startswith(BOM) else 0
+    if not line[start:]:  # The end (a last line without "\n" has bytes of its own).
+      return
+    number += 1
     try:
-      text.append(line.decode("utf-8").removesuffix("\r"))
+      decoded = line[start:].removesuffix(b"\n").decode("utf-8").removesuffix("\r")
     except UnicodeDecodeError as e:
-      raise error(f"{name}:{number}: invalid UTF-8 at byte offset {offset + e.start} (byte "
-                  f"{e.start + 1} of line {number}); save it as UTF-8") from None
-    offset += len(line) + 1
-  return text
+      raise error(f"{name}:{number}: invalid UTF-8 at byte offset {offset + start + e.start} "
+                  f"(byte {e.start + 1} of line {number}); save it as UTF-8") from None
+    yield decoded
+    offset += len(line)
 
 
-def read_lines(path: str, error: Type[JaxformerError] = DataError) -> list[str]:
-  """The lines of the UTF-8 text file `path` (see `split_lines`). Raises `error` naming the file
-  when it cannot be read, and the line and byte offset when it is not UTF-8."""
+def split_lines(data: bytes, name: str, error: Type[JaxformerError] = DataError) -> list[str]:
+  """The lines of UTF-8 `data` (the bytes of a file or stream called `name`): `iter_lines`."""
+  return list(iter_lines(io.BytesIO(data), name, error))
+
+
+def file_lines(path: str, error: Type[JaxformerError] = DataError) -> Iterator[str]:
+  """The lines of the UTF-8 text file `path` (see `iter_lines`), read as they are asked for.
+  Raises `error` naming the file when it cannot be read, and the line and byte offset when it is
+  not UTF-8."""
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    f = open(path, "rb")
   except FileNotFoundError:
     raise error(f"{path}: file not found") from None
   except IsADirectoryError:
     raise error(f"{path}: is a directory, not a file") from None
   except OSError as e:
     raise error(f"{path}: cannot read ({e.strerror})") from None
-  return split_lines(data, path, error)
+  with f:
+    try:
+      yield from iter_lines(f, path, error)
+    except OSError as e:
+      raise error(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_lines(path: str, error: Type[JaxformerError] = DataError) -> list[str]:
+  """Every line of the UTF-8 text file `path`, at once (see `file_lines`)."""
+  return list(file_lines(path, error))
 
 
 def one_line(text: str) -> str:

@@ -1,5 +1,6 @@
 """jaxformer.data.text: lines end at "\\n" only, for translate and the text datasets alike."""
 
+import io
 import os
 import pathlib
 import subprocess
@@ -76,3 +77,31 @@ def test_reading_text_loads_no_dataset_library_nor_jax():
                           timeout=120, env=dict(os.environ, PYTHONPATH=str(root)))
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == "[]"
+
+
+class CountingStream(io.BytesIO):
+  """A stream that counts its readline calls."""
+
+  def __init__(self, data):
+    super().__init__(data)
+    self.reads = 0
+
+  def readline(self, *args):
+    self.reads += 1
+    return super().readline(*args)
+
+
+def test_iter_lines_reads_one_line_per_line_asked_for():
+  stream = CountingStream(text.BOM + b"one\r\n\nthree\nse\xffven\n")
+  lines = text.iter_lines(stream, "stdin", InputError)
+  assert stream.reads == 0
+  assert [next(lines), next(lines)] == ["one", ""] and stream.reads == 2
+  assert next(lines) == "three" and stream.reads == 3
+  with pytest.raises(InputError, match=r"^stdin:4: invalid UTF-8 at byte offset 17 \(byte 3 "):
+    next(lines)
+
+
+def test_file_lines_opens_the_file_when_the_first_line_is_asked_for(tmp_path):
+  lines = text.file_lines(str(tmp_path / "missing.txt"), InputError)  # Nothing read yet.
+  with pytest.raises(InputError, match="missing.txt: file not found"):
+    next(lines)
