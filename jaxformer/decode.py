@@ -16,10 +16,11 @@ The file has two layers.
    that stops as soon as every sentence has finished (for beam search: as soon as no live
    hypothesis of any sentence can still enter its k best finished ones).
 
-2. The binding to the Transformer (`decode_batch`, `naive_decode_batch`, `translate_texts`): the
-   encoder runs once per sentence and the cross-attention keys and values are computed once, by
-   `init_cache`; they stay at batch B, shared by the n hypotheses of each sentence. Only the
-   self-attention cache is tiled and reordered.
+2. The binding to the Transformer (`decode_batch`, `naive_decode_batch`, `ParallelDecoder`):
+   the encoder runs once per sentence and the cross-attention keys and values are computed
+   once, by `init_cache`; they stay at batch B, shared by the n hypotheses of each sentence.
+   Only the self-attention cache is tiled and reordered. Text in and text out is
+   jaxformer.inference's (`translate`).
 
 Conventions shared by both layers:
 - A hypothesis's length counts its tokens, the closing EOS included. A sentence's hypotheses
@@ -47,7 +48,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxformer import devices as devices_lib
 from jaxformer.errors import InputError
-from jaxformer.log import log
 from jaxformer.tokens import BOS_ID, EOS_ID, PAD_ID
 
 State = Any  # any pytree of arrays: the decoder's cache, or a toy model's hidden state.
@@ -57,7 +57,6 @@ ReorderFn = Callable[[State, jax.Array], State]
 LENGTH_PENALTY_BASE = 5.0  # GNMT: lp(L) = ((BASE + L) / (BASE + 1)) ** alpha.
 NEVER_GENERATED = (PAD_ID, BOS_ID)  # tokens a decoder must not output.
 NAIVE_FILLER = EOS_ID  # naive_decode_batch's placeholder for targets not generated yet.
-MIN_LENGTH_BUCKET = 8  # translate_texts pads inputs to powers of two from here up to max_len.
 
 
 class DecodeResult(NamedTuple):
@@ -385,7 +384,7 @@ def _check_decode_args(model: nn.Module, inputs: Any, beam_size: int, max_extra_
                      f"{np.shape(inputs)}")
   if np.shape(inputs)[1] > max_len:
     raise InputError(f"inputs have {np.shape(inputs)[1]} positions, more than max_len="
-                     f"{max_len}; truncate them (translate_texts does)")
+                     f"{max_len}; truncate them (translate --truncate does)")
   return max_len
 
 
@@ -438,6 +437,22 @@ def _with_filler_rows(inputs: np.ndarray, rows: int) -> np.ndarray:
   return padded
 
 
+@functools.lru_cache(maxsize=None)
+def _parallel_search(model: nn.Module, mesh: jax.sharding.Mesh, beam_size: int,
+                     max_extra_len: int, max_len: int, eos_id: int) -> Callable:
+  """The compiled search of ParallelDecoder, (params, inputs [B, S] split by rows over `mesh`,
+  alpha) -> DecodeResult split alike: one per model and setting, so that every decoder of the
+  same settings (one per evaluation of a training run, one per translate call) shares its
+  compiled programs instead of compiling its own."""
+  rows = P(mesh.axis_names)  # [B, ...]: rows over every axis of the mesh.
+  search = functools.partial(_search, model, cached=True, beam_size=beam_size,
+                             max_extra_len=max_extra_len, max_len=max_len, eos_id=eos_id)
+  # check_vma off: the search's loop carries start as constants and become per-device values;
+  # the search knows nothing of devices (no collective in it), so there is nothing to check.
+  return jax.jit(jax.shard_map(search, mesh=mesh, in_specs=(P(), rows, P()), out_specs=rows,
+                               check_vma=False))
+
+
 class ParallelDecoder:
   """decode_batch on every device of `mesh`: the rows of a batch are split over all the mesh's
   devices (of every process, on a pod), and each device searches its own rows.
@@ -460,14 +475,8 @@ class ParallelDecoder:
                                       max_extra_len, max_len)
     self.model, self.params, self.mesh = model, params, mesh
     self.beam_size, self.alpha, self.max_extra_len = beam_size, alpha, max_extra_len
-    rows = P(mesh.axis_names)  # [B, ...]: rows over every axis of the mesh.
-    self.row_sharding = NamedSharding(mesh, rows)
-    search = functools.partial(_search, model, cached=True, beam_size=beam_size,
-                               max_extra_len=max_extra_len, max_len=self.max_len, eos_id=eos_id)
-    # check_vma off: the search's loop carries start as constants and become per-device values;
-    # the search knows nothing of devices (no collective in it), so there is nothing to check.
-    self._search = jax.jit(jax.shard_map(search, mesh=mesh, in_specs=(P(), rows, P()),
-                                         out_specs=rows, check_vma=False))
+    self.row_sharding = NamedSharding(mesh, P(mesh.axis_names))
+    self._search = _parallel_search(model, mesh, beam_size, max_extra_len, self.max_len, eos_id)
 
   @property
   def num_devices(self) -> int:
@@ -502,67 +511,3 @@ class ParallelDecoder:
         self.row_sharding, padded, (len(padded) * processes,) + padded.shape[1:])
     result = self._search(self.params, sharded, jnp.float32(self.alpha))
     return DecodeResult(*(devices_lib.local_rows(x)[:len(local_inputs)] for x in result))
-
-
-# --- Text in, text out. ---------------------------------------------------------------------
-
-def _bucket(n: int, smallest: int, largest: int) -> int:
-  """The smallest power of two >= n (and >= smallest), capped at largest."""
-  size = smallest
-  while size < n:
-    size *= 2
-  return min(size, largest)
-
-
-def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int) -> list[list[int]]:
-  """Source ids of each text: tokenizer.encode(text) + [EOS], or [] for an empty (blank) line.
-
-  A text longer than max_len tokens (EOS included) is cut to its first max_len - 1 tokens and
-  EOS, with a warning on stderr that names its line (1-based).
-  """
-  encoded = []
-  for index, text in enumerate(texts):
-    if not text.strip():
-      encoded.append([])
-      continue
-    ids = list(tokenizer.encode(text)) + [EOS_ID]
-    if len(ids) > max_len:
-      log(f"warning: line {index + 1} has {len(ids)} tokens (EOS included), more than the "
-          f"model's max_len={max_len}; it is truncated")
-      ids = ids[:max_len - 1] + [EOS_ID]
-    encoded.append(ids)
-  return encoded
-
-
-def translate_texts(model: nn.Module, params: Any, tokenizer: Any, texts: Sequence[str], *,
-                    beam_size: int, alpha: float, max_extra_len: int,
-                    max_len: int | None = None, batch_size: int = 64) -> list[str]:
-  """One translation per text, in the order given (the best hypothesis of each).
-
-  Empty (or blank) lines translate to empty lines. Lines are sorted by length and decoded in
-  batches of at most `batch_size`, padded to power-of-two lengths and row counts so that few
-  shapes are compiled. A line longer than max_len tokens (default: the model's) is truncated,
-  with a warning on stderr.
-  """
-  if max_len is None:
-    max_len = model.config.max_len
-  if batch_size < 1:
-    raise InputError(f"batch_size={batch_size} must be at least 1")
-  translations = [""] * len(texts)
-  encoded = encode_texts(tokenizer, texts, max_len)
-  sources = sorted((pair for pair in enumerate(encoded) if pair[1]),
-                   key=lambda pair: len(pair[1]))  # (line index, ids), shortest first.
-  for start in range(0, len(sources), batch_size):
-    chunk = sources[start:start + batch_size]
-    rows = _bucket(len(chunk), 1, batch_size)
-    length = _bucket(max(len(ids) for _, ids in chunk), MIN_LENGTH_BUCKET, max_len)
-    inputs = np.full((rows, length), PAD_ID, np.int32)
-    inputs[len(chunk):, 0] = EOS_ID  # filler rows: an empty sentence each.
-    for row, (_, ids) in enumerate(chunk):
-      inputs[row, :len(ids)] = ids
-    result = decode_batch(model, params, inputs, beam_size=beam_size, alpha=alpha,
-                          max_extra_len=max_extra_len, max_len=max_len)
-    tokens, lengths = np.asarray(result.tokens[:, 0]), np.asarray(result.lengths[:, 0])
-    for row, (index, _) in enumerate(chunk):
-      translations[index] = tokenizer.decode(tokens[row, :lengths[row]].tolist())
-  return translations
