@@ -211,36 +211,96 @@ def _write_hypotheses(path: str, hypotheses: list[str]) -> None:
     f.write("".join(text_lib.one_line(h) + "\n" for h in hypotheses))
 
 
+def _write_stdout(text: str) -> None:
+  """`text` to stdout, flushed: its UTF-8 bytes with "\\n" ends, as the input's."""
+  if getattr(sys.stdout, "buffer", None) is None:  # A text-only stdout (a test's StringIO).
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return
+  # The bytes, not sys.stdout's text layer: its newline translation and encoding depend on the
+  # platform and locale (PYTHONIOENCODING).
+  sys.stdout.flush()
+  sys.stdout.buffer.write(text.encode("utf-8"))
+  sys.stdout.buffer.flush()
+
+
+class _Output:
+  """Where translate writes: --output FILE or stdout, flushed at every write so that each chunk
+  can be read as soon as it is done. The file is created at the first write: an input file
+  found bad before any translation leaves none."""
+
+  def __init__(self, path: str | None):
+    self.path, self.file = path, None
+
+  def write(self, text: str) -> None:
+    if self.path is None:
+      _write_stdout(text)
+      return
+    if self.file is None:
+      self.file = open(self.path, "w", encoding="utf-8", newline="\n")
+    self.file.write(text)
+    self.file.flush()
+
+  def close(self) -> None:
+    if self.file is not None:
+      self.file.close()
+
+
+class _Prompting:
+  """A binary stdin that prints a prompt on stderr before each line it reads (--interactive at
+  a terminal)."""
+
+  def __init__(self, stream, prompt: str = "> "):
+    self.stream, self.prompt = stream, prompt
+
+  def readline(self) -> bytes:
+    from jaxformer.log import to_stderr
+    to_stderr(lambda: print(self.prompt, end="", file=sys.stderr, flush=True))
+    return self.stream.readline()
+
+
+def _translate_source(args):
+  """The lines translate reads: --input FILE (checked whole before any is translated) or
+  stdin, one line at a time (iter_lines reads a line with one readline, never a chunk ahead)."""
+  from jaxformer import inference
+  from jaxformer.data import text as text_lib
+  if args.input:
+    return inference.LineSource(lambda: text_lib.file_lines(args.input, InputError), args.input,
+                                check_first=True)
+  stdin = sys.stdin.buffer
+  if args.interactive and sys.stdin.isatty():
+    stdin = _Prompting(stdin)
+  return inference.LineSource(lambda: text_lib.iter_lines(stdin, "stdin", InputError), "stdin")
+
+
 def cmd_translate(args, overrides) -> int:
   if args.output:
     check_output_file(args.output, "--output")
-  from jaxformer import decode, inference
-  from jaxformer.data import text as text_lib
-  from jaxformer.errors import InputError
-  model, params, config, tokenizer, _ = inference.load_for_inference(args.workdir, args.step)
-  # Lines end at "\n" only (jaxformer.data.text), so line i of the output is the translation
-  # of line i of the input, whatever characters sit inside the lines.
-  if args.input:
-    lines = text_lib.read_lines(args.input, InputError)
-  else:
-    lines = text_lib.split_lines(sys.stdin.buffer.read(), "stdin", InputError)
-  translations = decode.translate_texts(
-      model, params, tokenizer, lines,
-      beam_size=args.beam_size or config.decode.beam_size, alpha=config.decode.alpha,
-      max_extra_len=config.decode.max_extra_len, max_len=config.model.max_len,
-      batch_size=args.batch_size)
-  text = "".join(text_lib.one_line(t) + "\n" for t in translations)
-  if args.output:
-    with open(args.output, "w", encoding="utf-8", newline="\n") as f:
-      f.write(text)
-  elif getattr(sys.stdout, "buffer", None) is None:  # A text-only stdout (a test's StringIO).
-    sys.stdout.write(text)
-  else:
-    # The bytes, not sys.stdout's text layer: its newline translation and encoding depend on the
-    # platform and locale (PYTHONIOENCODING); the output is UTF-8 with "\n" ends, as the input.
-    sys.stdout.flush()
-    sys.stdout.buffer.write(text.encode("utf-8"))
-    sys.stdout.buffer.flush()
+  if args.interactive and args.input:
+    raise InputError("--interactive answers the lines of stdin; drop --input FILE")
+  from jaxformer import devices
+  devices.initialize_distributed()  # A pod runs translate as one program on every process.
+  import jax
+  if jax.process_count() > 1 and not args.output:
+    raise InputError(f"on a pod ({jax.process_count()} processes) translate writes to --output "
+                     "FILE only (the launcher prefixes each line a process prints); add one")
+  from jaxformer import inference
+  from jaxformer.log import log
+  run = inference.load_for_inference(args.workdir, args.step)
+  decoder = inference.parallel_decoder(run, args.beam_size, args.alpha, args.max_extra_len)
+  output = _Output(args.output)
+  try:
+    report = inference.translate(
+        decoder, run.tokenizer, _translate_source(args), output.write,
+        batch_size=1 if args.interactive else args.batch_size, nbest=args.nbest,
+        scores=args.scores, truncate=args.truncate)
+    if jax.process_index() == 0:
+      output.write("")  # An empty input still gets its (empty) output file.
+  finally:
+    output.close()
+  if report.truncated:
+    log(f"jaxformer: {report.truncated} of {report.lines} line(s) had more than max_len="
+        f"{decoder.max_len} tokens and were truncated (--truncate)")
   return 0
 
 
@@ -353,15 +413,51 @@ def _add_evaluate(sub) -> None:
   p.set_defaults(run=cmd_evaluate)
 
 
+# The epilog of `translate --help`: what it writes.
+TRANSLATE_HELP = """Lines end at "\\n" only; an empty (or blank) line gives an empty translation.
+Input is read --batch-size lines at a time, and each chunk's translations are
+written (and flushed) as soon as it is done, in input order.
+
+Output: one translation per input line. With --nbest N and/or --scores, one row
+per hypothesis instead, tab-separated, the text last:
+  index<TAB>rank<TAB>score<TAB>text
+index: the input line's number from 0; rank: 1 (the best) to N (1 without
+--nbest); score: the length-normalised log-probability (9 significant digits;
+an empty line's N rows score 0); the score column only with --scores.
+
+A line longer than the model's max_len tokens is an error (exit 2) unless
+--truncate. An --input FILE is checked whole before anything is written; on
+stdin the error comes when the line is read (what was written stays). On a pod
+every process runs the same command, and --output FILE is required."""
+
+
 def _add_translate(sub) -> None:
-  p = sub.add_parser("translate", help="translate lines of text with beam search")
+  p = sub.add_parser("translate", help="translate lines of text with beam search (a file or a "
+                     "stream)", epilog=TRANSLATE_HELP,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True)
   p.add_argument("--step", type=_step_arg, default=None, metavar="STEP|best",
                  help=STEP_HELP)
-  p.add_argument("--beam-size", type=_at_least(1), default=None)
-  p.add_argument("--batch-size", type=_at_least(1), default=32)
+  p.add_argument("--beam-size", type=_at_least(1), default=None,
+                 help="1 for greedy search (default: the run's decode.beam_size)")
+  p.add_argument("--alpha", type=_finite, default=None,
+                 help="length penalty ((5 + len) / 6) ** alpha (default: the run's decode.alpha)")
+  p.add_argument("--max-extra-len", type=_at_least(0), default=None,
+                 help="output length <= input length + this, capped by the model's max_len "
+                 "(default: the run's decode.max_extra_len)")
+  p.add_argument("--batch-size", type=_at_least(1), default=32,
+                 help="lines read, decoded and written at a time (default 32)")
   p.add_argument("--input", default=None, help="file of source lines (default: stdin)")
   p.add_argument("--output", default=None, help="file for the translations (default: stdout)")
+  p.add_argument("--interactive", action="store_true",
+                 help="answer each line of stdin as soon as it is read (a prompt on stderr at "
+                 "a terminal), until end of input")
+  p.add_argument("--nbest", type=_at_least(1), default=None,
+                 help="the N best hypotheses of each line (N <= beam size), in rows")
+  p.add_argument("--scores", action="store_true", help="add each hypothesis's score, in rows")
+  p.add_argument("--truncate", action="store_true",
+                 help="cut lines longer than the model's max_len (and count them) instead of "
+                 "stopping")
   p.set_defaults(run=cmd_translate)
 
 

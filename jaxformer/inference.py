@@ -11,6 +11,9 @@ Everything that reads a workdir to do something with what was trained:
 - `evaluate_checkpoint`: jaxformer.evaluate's metrics of a split, on an evaluation-only
   placement (parameters replicated over a mesh of the devices, batches split over it; no
   optimizer, whatever strategy the run trained with).
+- `translate`: the lines of a file or a stream, chunk by chunk as they are read, decoded on every
+  device of every process (process 0 reads and writes): the best translation of each line, or
+  its n best with their scores.
 - `plot_attention`, `plot_positions`, `plot_curves`: the `jaxformer plot` commands, which get the
   arrays (jaxformer.attention_maps, a checkpoint's tables, metrics.jsonl) and draw them with
   jaxformer.plots; `log_attention_to_tensorboard`, the training loop's attention image.
@@ -22,23 +25,27 @@ read and what to do with it. It knows nothing of training (no import of jaxforme
 from __future__ import annotations
 
 import functools
+import itertools
 import os
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxformer import attention_maps as attention_lib
 from jaxformer import checkpoint, decode, evaluate, objective, plots
 from jaxformer import devices as devices_lib
 from jaxformer import workdir as workdir_lib
+from jaxformer.data import text as text_lib
 from jaxformer.data.tokenizer import Tokenizer
-from jaxformer.errors import CheckpointError, InputError
+from jaxformer.errors import CheckpointError, InputError, JaxformerError
 from jaxformer.log import log
 from jaxformer.model.embedding import sinusoidal_table
 from jaxformer.model.transformer import Transformer
+from jaxformer.tokens import EOS_ID, PAD_ID
 
 PyTree = Any
 
@@ -126,6 +133,196 @@ def parallel_decoder(run: InferenceRun, beam_size: int | None = None,
 def inference_sharding() -> jax.sharding.Sharding:
   """Where parameters for drawing go: the first local device (one sentence needs no more)."""
   return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+# --- Translating files and streams. -----------------------------------------------------------
+
+MIN_LENGTH_BUCKET = 8  # sources are padded to power-of-two widths from here up to max_len.
+EMPTY_SCORE = 0.0      # the score of an empty line's translation (empty too): log P = 0.
+# Each chunk's header, sent by process 0 before the chunk's ids: lines in it, their width, the
+# input ended with it, process 0 met an input error, lines of it cut to max_len.
+HEADER = ("lines", "width", "ended", "error", "truncated")
+
+
+class LineSource(NamedTuple):
+  """The input of `translate`, read on process 0 only.
+
+  `open()` gives its lines one at a time (jaxformer.data.text.iter_lines or file_lines); `name`
+  is what messages call it ('in.txt', 'stdin'); `check_first`: every line is read and checked
+  once before the first is translated (a file, which can be read twice), so that a line that
+  cannot be translated stops the command before anything is written.
+  """
+  open: Callable[[], Iterable[str]]
+  name: str
+  check_first: bool = False
+
+
+class TranslateReport(NamedTuple):
+  """What `translate` did, the same on every process."""
+  lines: int      # input lines translated (empty ones included)
+  truncated: int  # of them cut to the model's max_len (truncate=True)
+
+
+def power_of_two(n: int, smallest: int, largest: int) -> int:
+  """The smallest power of two >= n (and >= smallest), capped at largest."""
+  size = smallest
+  while size < n:
+    size *= 2
+  return min(size, largest)
+
+
+def encode_line(tokenizer: Tokenizer, text: str, max_len: int, where: str,
+                truncate: bool = False) -> tuple[list[int], bool]:
+  """(source ids, whether they were cut) of one line: tokenizer.encode(text) + [EOS], or [] for
+  an empty (or blank) line.
+
+  A line of more than max_len tokens (EOS included) is an InputError naming `where` ('in.txt:3')
+  and its token count; with `truncate` it is cut to its first max_len - 1 tokens and EOS.
+  """
+  if not text.strip():
+    return [], False
+  ids = list(tokenizer.encode(text)) + [EOS_ID]
+  if len(ids) <= max_len:
+    return ids, False
+  if not truncate:
+    raise InputError(f"{where}: the line has {len(ids)} tokens (EOS included), more than the "
+                     f"model's max_len={max_len}; shorten it, or pass --truncate to cut such "
+                     "lines to max_len")
+  return ids[:max_len - 1] + [EOS_ID], True
+
+
+def _source_chunks(source: LineSource, tokenizer: Tokenizer, max_len: int, batch_size: int,
+                   truncate: bool) -> Iterator[tuple[np.ndarray, bool, int]]:
+  """Process 0's chunks of `source`: (ids [n, W] int32, PAD-padded, W a power of two; whether
+  the input ended with this chunk; how many of its lines were cut), n <= batch_size lines each,
+  an empty line a row of PAD. A line is read only when its chunk is being filled."""
+  def encoded():
+    for number, text in enumerate(source.open(), start=1):
+      yield encode_line(tokenizer, text, max_len, f"{source.name}:{number}", truncate)
+
+  if source.check_first:
+    for _ in encoded():
+      pass
+  lines = encoded()
+  while True:
+    chunk = list(itertools.islice(lines, batch_size))
+    width = power_of_two(max((len(ids) for ids, _ in chunk), default=0), MIN_LENGTH_BUCKET,
+                         max_len)
+    padded = np.full((len(chunk), width), PAD_ID, np.int32)
+    for row, (ids, _) in enumerate(chunk):
+      padded[row, :len(ids)] = ids
+    ended = len(chunk) < batch_size  # islice stopped early: nothing more to read.
+    yield padded, ended, sum(cut for _, cut in chunk)
+    if ended:
+      return
+
+
+def _shared_chunks(local: Iterator[tuple[np.ndarray, bool, int]] | None
+                   ) -> Iterator[tuple[np.ndarray, int]]:
+  """Every chunk of the input, (ids [n, W], lines cut), on every process, in input order.
+
+  Process 0 reads them from `local` (None on the others) and broadcasts each: a fixed-shape
+  header (HEADER) first, then the ids. An input error that process 0 meets is broadcast too:
+  process 0 raises it and every other process an InputError, so that none is left waiting for
+  a chunk that will not come.
+  """
+  while True:
+    header, ids, failure = np.zeros(len(HEADER), np.int32), None, None
+    if local is not None:
+      try:
+        ids, ended, cut = next(local)
+        header[:] = (*ids.shape, ended, 0, cut)
+      except JaxformerError as e:
+        header[:], failure = (0, 0, 1, 1, 0), e
+    lines, width, ended, error, cut = multihost_utils.broadcast_one_to_all(header).tolist()
+    if failure is not None:
+      raise failure
+    if error:
+      raise InputError("process 0 stopped at an error in the input (its own error line says "
+                       "which)")
+    if lines:
+      if ids is None:
+        ids = np.zeros((lines, width), np.int32)
+      yield multihost_utils.broadcast_one_to_all(ids), cut
+    if ended:
+      return
+
+
+def _decode_chunk(decoder: decode.ParallelDecoder, tokenizer: Tokenizer, ids: np.ndarray,
+                  nbest: int, max_rows: int) -> list[list[tuple[float, str]]]:
+  """The `nbest` best (score, text) of each line of `ids` [n, W], best first.
+
+  The lines are decoded in groups of one power-of-two width (their PAD beyond it cut), each
+  group padded with filler rows to a power-of-two row count (at most max_rows), so that the
+  same few shapes are compiled once and reused by every chunk. An empty line (all PAD) is not
+  decoded: its nbest hypotheses are empty texts scored EMPTY_SCORE.
+  """
+  lengths = np.sum(ids != PAD_ID, axis=1)
+  widths = [power_of_two(n, MIN_LENGTH_BUCKET, decoder.max_len) if n else 0 for n in lengths]
+  best = [[(EMPTY_SCORE, "")] * nbest for _ in range(len(ids))]
+  for width in sorted(set(widths) - {0}):
+    rows = [i for i, w in enumerate(widths) if w == width]
+    inputs = np.full((power_of_two(len(rows), 1, max_rows), width), PAD_ID, np.int32)
+    inputs[:len(rows)] = ids[rows, :width]
+    inputs[len(rows):, 0] = EOS_ID  # Filler rows: an empty sentence each, dropped below.
+    result = decoder(inputs)
+    for row, i in enumerate(rows):
+      best[i] = [(float(result.scores[row, k]),
+                  tokenizer.decode(result.tokens[row, k, :result.lengths[row, k]].tolist()))
+                 for k in range(nbest)]
+  return best
+
+
+def format_translations(first: int, best: Sequence[Sequence[tuple[float, str]]],
+                        nbest: int | None = None, scores: bool = False) -> str:
+  """The output lines of a chunk of `best` ((score, text) per line, best first) whose first line
+  is line `first` (0-based) of the input.
+
+  Plain (no nbest, no scores): the best text of each line, one line each. Otherwise one row per
+  hypothesis, `index<TAB>rank<TAB>score<TAB>text`: the line's 0-based index in the input, rank
+  1 to nbest (1 without nbest), the length-normalised log-probability with 9 significant digits
+  (it reads back as the same float32), and the text, last; without `scores` no score column.
+  Every text is kept on one line (jaxformer.data.text.one_line).
+  """
+  if nbest is None and not scores:
+    return "".join(text_lib.one_line(hypotheses[0][1]) + "\n" for hypotheses in best)
+  rows = []
+  for index, hypotheses in enumerate(best, start=first):
+    for rank, (score, text) in enumerate(hypotheses[:nbest or 1], start=1):
+      columns = [str(index), str(rank)] + ([format(score, ".9g")] if scores else [])
+      rows.append("\t".join(columns + [text_lib.one_line(text)]) + "\n")
+  return "".join(rows)
+
+
+def translate(decoder: decode.ParallelDecoder, tokenizer: Tokenizer, source: LineSource,
+              write: Callable[[str], None], *, batch_size: int, nbest: int | None = None,
+              scores: bool = False, truncate: bool = False) -> TranslateReport:
+  """Translates the lines of `source` chunk by chunk, on every device of every process.
+
+  Process 0 reads `batch_size` lines at a time (encode_line: a line longer than the model's
+  max_len is an InputError unless `truncate`), sends their ids to the other processes, every
+  process decodes them (`_decode_chunk`), and process 0 calls `write` with the chunk's output
+  lines (`format_translations`) as soon as the chunk is done, in input order. Memory holds one
+  chunk, whatever the size of the input; a chunk of 1 answers each line as it comes.
+
+  Every process calls it alike (a pod runs one program): only process 0 reads `source` and
+  calls `write`. An input error (a line that does not fit, bytes that are not UTF-8) raises
+  InputError on every process: before anything is written when `source.check_first`, else when
+  its line is read (the chunks before it are written). `nbest` is at most the beam size.
+  """
+  if nbest is not None and not 1 <= nbest <= decoder.beam_size:
+    raise InputError(f"--nbest {nbest} is more than the beam size, {decoder.beam_size}; ask for "
+                     f"at most {decoder.beam_size} or raise --beam-size")
+  first = jax.process_index() == 0
+  local = (_source_chunks(source, tokenizer, decoder.max_len, batch_size, truncate) if first
+           else None)
+  lines = truncated = 0
+  for ids, cut in _shared_chunks(local):
+    best = _decode_chunk(decoder, tokenizer, ids, nbest or 1, batch_size)
+    if first:
+      write(format_translations(lines, best, nbest, scores))
+    lines, truncated = lines + len(ids), truncated + cut
+  return TranslateReport(lines, truncated)
 
 
 # --- Averaging. -------------------------------------------------------------------------------

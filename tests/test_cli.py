@@ -5,11 +5,13 @@ import io
 import json
 import math
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -294,6 +296,60 @@ def test_translate_of_stdin_that_is_not_utf8_is_one_line_naming_the_line(
   assert status == 2 and captured.out == ""
   assert captured.err.strip().splitlines() == [
       "error: stdin:3: invalid UTF-8 at byte offset 16 (byte 3 of line 3); save it as UTF-8"]
+
+
+# 37 lines (blank ones among them): two chunks of 16 and one of 5 on the pod below.
+MORE = ["twelve", "five hundred five", "thirty", "two million", "eleven"]
+LINES_37 = [(LINES + MORE)[(5 * i) % len(LINES + MORE)] for i in range(37)]
+
+
+@pytest.fixture(scope="module")
+def translated_37(runs, tmp_path_factory):
+  """(path, lines, translations) of LINES_37, translated by one process on one device."""
+  path = tmp_path_factory.mktemp("translate") / "in37.txt"
+  return path, LINES_37, translate(runs, runs.reference(), LINES_37, path.parent, path.name)
+
+
+def test_translate_interactive_answers_each_line_before_the_next_is_sent(runs, translated_37):
+  _, lines, expected = translated_37
+  process = subprocess.Popen(
+      [sys.executable, "-m", "jaxformer", "translate", "--workdir", runs.reference(),
+       "--interactive"], cwd=run_testing.REPO, env=runs.env(1), stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  answers = queue.Queue()
+  threading.Thread(target=lambda: [answers.put(line) for line in process.stdout],
+                   daemon=True).start()
+  try:
+    asked = [i for i, line in enumerate(lines) if line.strip()][:3]
+    asked.insert(1, lines.index(""))
+    for number, i in enumerate(asked):  # The first answer waits for loading and compiling.
+      process.stdin.write(lines[i].encode() + b"\n")
+      process.stdin.flush()
+      answer = answers.get(timeout=run_testing.RUN_TIMEOUT_S if number == 0 else 60)
+      assert answer.decode() == expected[i] + "\n", (i, answer)
+      assert process.poll() is None  # Still waiting for the next line.
+    process.stdin.close()
+    assert process.wait(timeout=60) == 0, process.stderr.read().decode()[-3000:]
+    assert answers.empty()
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+
+
+def test_a_pod_of_2_processes_translates_37_lines_as_one_process_does(runs, translated_37,
+                                                                       tmp_path):
+  """Process 0 reads the file and writes the output; both decode (2 x 2 devices)."""
+  path, _, expected = translated_37
+  out = tmp_path / "out.txt"
+  result = subprocess.run(
+      [sys.executable, "-m", "jaxformer.launcher", "--processes", "2", "--devices-per-process",
+       "2", "--", sys.executable, "-m", "jaxformer", "translate", "--workdir", runs.reference(),
+       "--input", str(path), "--output", str(out), "--batch-size", "16"],
+      cwd=run_testing.REPO, env=runs.env(1), capture_output=True, text=True,
+      timeout=run_testing.RUN_TIMEOUT_S)
+  assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+  assert out.read_text(encoding="utf-8").split("\n")[:-1] == expected
 
 
 # --- Signals. ---------------------------------------------------------------------------------

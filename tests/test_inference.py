@@ -12,6 +12,7 @@ import json
 import math
 import os
 import struct
+import types
 
 import jax
 import ml_collections
@@ -21,9 +22,9 @@ import pytest
 from jaxformer import checkpoint, cli, inference, objective, plots
 from jaxformer import config as config_lib
 from jaxformer import workdir as workdir_lib
-from jaxformer.errors import CheckpointError
+from jaxformer.errors import CheckpointError, InputError
 from jaxformer.model.transformer import Transformer
-from jaxformer.tokens import PAD_ID
+from jaxformer.tokens import EOS_ID, PAD_ID
 
 from tests import checkpoint_testing
 from tests import tiny_run_testing
@@ -301,6 +302,189 @@ def test_tensorboard_hook_writes_an_attention_image(run, tokenizer, capsys):
                                      " ".join(["seven hundred"] * 8), config)
   assert (20, "validation/attention") not in writer.images
   assert "model.max_len" in capsys.readouterr().err
+
+
+# --- Translating files and streams. -----------------------------------------------------------
+
+# Lines of two source widths (10 tokens: width 16; 3 and 7: width 8), so that a chunk decodes
+# in two groups and must put them back in input order.
+REAL = ["three hundred twelve", "forty two", "seven hundred seventy seven"]
+TOO_LONG = " ".join(["seven hundred"] * 8)  # 25 tokens with EOS: more than MAX_LEN.
+
+
+@pytest.fixture(scope="module")
+def translator(run):
+  """(decoder, tokenizer) of the tiny run, beam 3, on the 8 devices of this process."""
+  loaded = inference.load_for_inference(run[0])
+  return inference.parallel_decoder(loaded, beam_size=3), loaded.tokenizer
+
+
+def translate_lines(translator, lines, **settings):
+  """The text `inference.translate` writes for `lines`."""
+  decoder, tokenizer = translator
+  written = []
+  inference.translate(decoder, tokenizer, inference.LineSource(lambda: iter(lines), "test"),
+                      written.append, **{"batch_size": 8, **settings})
+  return "".join(written)
+
+
+def test_translate_reads_10000_lines_one_chunk_at_a_time_and_writes_each_in_order(translator):
+  """Bounded memory: when chunk k is written, exactly its lines and those before were read."""
+  lines = [""] * 10_000
+  for k in range(10):  # Each chunk of 1000 lines holds the 3 real lines, in another order.
+    for j in range(3):
+      lines[1000 * k + 7 + 300 * j] = REAL[(j + k) % 3]
+  read = []
+
+  def reading():
+    for line in lines:
+      read.append(line)
+      yield line
+
+  writes = []
+  decoder, tokenizer = translator
+  report = inference.translate(decoder, tokenizer, inference.LineSource(reading, "test"),
+                               lambda text: writes.append((len(read), text)), batch_size=1000)
+  assert report == inference.TranslateReport(lines=10_000, truncated=0)
+  assert [consumed for consumed, _ in writes] == list(range(1000, 10_001, 1000))
+  assert all(text.count("\n") == 1000 for _, text in writes)
+  alone = dict(zip(REAL, translate_lines(translator, REAL).splitlines()))
+  assert len(set(alone.values())) == 3, alone  # Misplaced lines would show.
+  output = "".join(text for _, text in writes).split("\n")[:-1]
+  assert output == [alone.get(line, "") for line in lines]
+
+
+def test_nbest_3_with_scores_rows_ranks_scores_and_the_plain_translation(
+    run, translator, tmp_path, capsys):
+  lines = [REAL[0], "", REAL[1], REAL[2]]
+  source = tmp_path / "in.txt"
+  source.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+  outputs = {}
+  for name, flags in (("nbest", ["--nbest", "3", "--scores"]), ("plain", [])):
+    outputs[name] = tmp_path / f"{name}.txt"
+    status = cli.main(["translate", "--workdir", run[0], "--beam-size", "3", "--input",
+                       str(source), "--output", str(outputs[name]), *flags])
+    assert status == 0, capsys.readouterr().err
+  plain = outputs["plain"].read_text(encoding="utf-8").split("\n")[:-1]
+  rows = [row.split("\t") for row in outputs["nbest"].read_text(encoding="utf-8").splitlines()]
+  assert [(int(i), int(rank)) for i, rank, _, _ in rows] == [(i, r) for i in range(4)
+                                                             for r in (1, 2, 3)]
+  scores = np.array([float(s) for _, _, s, _ in rows]).reshape(4, 3)
+  assert np.all(np.diff(scores, axis=1) <= 0), scores
+  assert [text for _, rank, _, text in rows if rank == "1"] == plain
+  assert rows[3:6] == [["1", str(r), "0", ""] for r in (1, 2, 3)]  # The empty line.
+
+  decoder, tokenizer = translator
+  real = [0, 2, 3]
+  ids = [inference.encode_line(tokenizer, lines[i], MAX_LEN, "test")[0] for i in real]
+  inputs = np.full((len(ids), MAX_LEN), PAD_ID, np.int32)  # Another shape than translate's.
+  for row, line_ids in enumerate(ids):
+    inputs[row, :len(line_ids)] = line_ids
+  np.testing.assert_allclose(scores[real], decoder(inputs).scores, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flags, lines, fragments", [
+    ([], ["one", "two", TOO_LONG, "three"],
+     ["in.txt:3: the line has 25 tokens (EOS included), more than the model's max_len=16",
+      "--truncate"]),
+    (["--nbest", "3"], ["one"], ["--nbest 3 is more than the beam size, 2"]),
+    (["--interactive"], ["one"], ["--interactive answers the lines of stdin; drop --input"]),
+    (["pod"], ["one"], ["on a pod (2 processes) translate writes to --output FILE only"]),
+], ids=["too-long", "nbest", "interactive-input", "pod-stdout"])
+def test_translate_refuses_bad_input_in_one_line_and_writes_nothing(
+    run, tmp_path, capsys, monkeypatch, flags, lines, fragments):
+  source, out = tmp_path / "in.txt", tmp_path / "out.txt"
+  source.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+  args = ["translate", "--workdir", run[0], "--input", str(source)]
+  if flags == ["pod"]:  # A pod of 2 processes, to the check: nothing reaches its devices.
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+  else:
+    args += ["--output", str(out), *flags]
+  status = cli.main(args)
+  captured = capsys.readouterr()
+  errors = captured.err.strip().splitlines()
+  assert status == 2 and len(errors) == 1 and errors[0].startswith("error: "), captured.err
+  assert all(fragment in errors[0] for fragment in fragments), errors[0]
+  assert not out.exists() and captured.out == ""
+
+
+def test_truncate_cuts_long_lines_and_counts_them(run, tmp_path, capsys):
+  source, out = tmp_path / "in.txt", tmp_path / "out.txt"
+  source.write_text(f"one\n{TOO_LONG}\n\n", encoding="utf-8")
+  status = cli.main(["translate", "--workdir", run[0], "--input", str(source), "--output",
+                     str(out), "--truncate", "--beam-size", "3"])  # The compiled beam of 3.
+  err = capsys.readouterr().err
+  assert status == 0, err
+  assert ("jaxformer: 1 of 3 line(s) had more than max_len=16 tokens and were truncated "
+          "(--truncate)") in err.splitlines()
+  assert out.read_text(encoding="utf-8").count("\n") == 3
+
+
+class NoLines:
+  """A LineSource.open that must not be called: only process 0 reads the input."""
+
+  def __call__(self):
+    raise AssertionError("a process other than 0 read the input")
+
+
+def test_an_input_error_on_process_0_is_sent_so_that_every_process_stops(
+    tokenizer, monkeypatch):
+  """Process 0 broadcasts the error in the chunk header, and raises it; another process, given
+  that header, raises too (a simulated broadcast: a real pod is tests/test_cli.py's)."""
+  decoder = types.SimpleNamespace(beam_size=2, max_len=MAX_LEN)  # Nothing is decoded.
+  sent, received = [], []
+
+  def send(tree):  # Process 0: every process gets what it sends.
+    sent.append(np.array(tree))
+    return np.array(tree)
+
+  monkeypatch.setattr(inference.multihost_utils, "broadcast_one_to_all", send)
+  source = inference.LineSource(lambda: iter(["one", TOO_LONG]), "in.txt", check_first=True)
+  with pytest.raises(InputError, match="^in.txt:2: the line has 25 tokens"):
+    inference.translate(decoder, tokenizer, source, print, batch_size=8)
+  assert [s.tolist() for s in sent] == [[0, 0, 1, 1, 0]]  # The header: error, the end.
+
+  def receive(tree):  # Process 1: it gets what process 0 sent.
+    received.append(np.array(tree))
+    return sent[0]
+
+  monkeypatch.setattr(inference.multihost_utils, "broadcast_one_to_all", receive)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  with pytest.raises(InputError, match="^process 0 stopped at an error in the input"):
+    inference.translate(decoder, tokenizer, inference.LineSource(NoLines(), "in.txt"), print,
+                        batch_size=8)
+  assert [r.tolist() for r in received] == [[0] * 5]
+
+
+class LettersTokenizer:
+  """Each character is a token (4 + its code mod 20)."""
+
+  def encode(self, text):
+    return [4 + ord(c) % 20 for c in text]
+
+
+def test_encode_line_appends_eos_keeps_empty_lines_and_cuts_only_when_asked():
+  tok = LettersTokenizer()
+  assert inference.encode_line(tok, "abc", 16, "f:1") == (tok.encode("abc") + [EOS_ID], False)
+  assert inference.encode_line(tok, " \t", 16, "f:1") == ([], False)
+  assert inference.encode_line(tok, "z" * 15, 16, "f:1") == (tok.encode("z" * 15) + [EOS_ID],
+                                                              False)  # Exactly max_len: kept.
+  with pytest.raises(InputError, match="^f:7: the line has 17 tokens"):
+    inference.encode_line(tok, "y" * 16, 16, "f:7")
+  assert inference.encode_line(tok, "y" * 16, 16, "f:7", truncate=True) == (
+      tok.encode("y" * 15) + [EOS_ID], True)
+
+
+def test_format_translations_plain_and_in_rows():
+  best = [[(-0.5, "uno"), (-1.25, "una")], [(0.0, ""), (0.0, "")],
+          [(-0.1, "a\u2028b"), (-2.0, "ab")]]
+  assert inference.format_translations(4, best) == "uno\n\na b\n"
+  assert inference.format_translations(4, best, nbest=2) == (
+      "4\t1\tuno\n4\t2\tuna\n5\t1\t\n5\t2\t\n6\t1\ta b\n6\t2\tab\n")
+  assert inference.format_translations(0, best[:1], scores=True) == "0\t1\t-0.5\tuno\n"
+  score = float(np.float32(-1 / 3))
+  (row,) = inference.format_translations(0, [[(score, "x")]], scores=True).splitlines()
+  assert np.float32(row.split("\t")[2]) == np.float32(score)  # 9 digits: the same float32.
 
 
 # --- plot positions. -------------------------------------------------------------------------
