@@ -294,7 +294,7 @@ def cmd_translate(args, overrides) -> int:
         decoder, run.tokenizer, _translate_source(args), output.write,
         batch_size=1 if args.interactive else args.batch_size, nbest=args.nbest,
         scores=args.scores, truncate=args.truncate)
-    if jax.process_index() == 0:
+    if devices.is_first_process():
       output.write("")  # An empty input still gets its (empty) output file.
   finally:
     output.close()

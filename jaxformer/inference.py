@@ -313,7 +313,7 @@ def translate(decoder: decode.ParallelDecoder, tokenizer: Tokenizer, source: Lin
   if nbest is not None and not 1 <= nbest <= decoder.beam_size:
     raise InputError(f"--nbest {nbest} is more than the beam size, {decoder.beam_size}; ask for "
                      f"at most {decoder.beam_size} or raise --beam-size")
-  first = jax.process_index() == 0
+  first = devices_lib.is_first_process()
   local = (_source_chunks(source, tokenizer, decoder.max_len, batch_size, truncate) if first
            else None)
   lines = truncated = 0
