@@ -1,8 +1,10 @@
-"""Shared pieces of the training tests: a tiny model config and random packed batches.
+"""Shared pieces of the training tests: a tiny model config, random packed batches, and the
+per-tensor distance between two parameter trees.
 
 (A plain module, not conftest.py, so that tests import it by a name no other test dir uses.)
 """
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -53,3 +55,22 @@ def random_batch(rng: np.random.RandomState, rows: int, length: int = LENGTH,
         batch[f"{side}_segment_ids"][row, start:start + size] = pair + 1
         start += size
   return batch
+
+
+def relative_errors(a, b) -> dict[str, float]:
+  """||a - b|| / ||b|| for each array of two pytrees of the same structure, by path.
+
+  Per tensor, not against the largest value of the whole tree: a small tensor (a bias or a
+  LayerNorm offset, zero at init, only a few updates big after a few steps) would hide its
+  error behind the large ones.
+  """
+  def error(x, y):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-12))
+  return {jax.tree_util.keystr(path): value for path, value in
+          jax.tree_util.tree_leaves_with_path(jax.tree.map(error, a, b))}
+
+
+def worst_relative_error(a, b) -> tuple[str, float]:
+  """(path, error) of the tensor farthest from its counterpart (see relative_errors)."""
+  return max(relative_errors(a, b).items(), key=lambda item: item[1])
