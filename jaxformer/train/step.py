@@ -14,6 +14,14 @@ micro-batch (and, under pmap, of every device), then divided once by that total 
 So the update equals the one of a single step on the whole accumulated global batch, whatever
 the number of devices or micro-batches.
 
+Equal up to float32 rounding. The forward pass of a row is the same bit for bit on any device
+layout; only the order of the sums over rows (the gradients, the clipping norm) differs, by
+about 1e-7 relative. Later steps keep that size, except where a ReLU input lies within
+rounding of 0: its sign may then differ between two runs, and with it one token's share of one
+unit's gradient, which leaves the small tensors (biases and LayerNorm offsets, which start at
+0) 1e-5 to 1e-3 apart. That is float32 arithmetic, not the placement: one device, fsdp and
+pmap alike are hit, each run by chance (benchmarks/RESULTS.md has the measurements).
+
 Dropout randomness. The key of a step is derived from the seed and the step only:
 
     key = fold_in(fold_in(PRNGKey(train.seed), step), device_index)   # pmap: each device
