@@ -358,8 +358,9 @@ def test_mixed_batch_equals_each_sentence_alone(tiny):
 
 # --- Every device decodes its own rows. ---------------------------------------------------
 
-@pytest.mark.parametrize("beam_size", [1, 4])
-@pytest.mark.parametrize("fsdp", [1, 2])
+# Greedy with replicated parameters, beam 4 with parameters split over fsdp pairs (each case
+# compiles a search for 1 and for 8 devices: the two cover both searches and both placements).
+@pytest.mark.parametrize("beam_size,fsdp", [(1, 1), (4, 2)])
 def test_parallel_decoder_splits_rows_over_8_devices_and_equals_one_device(beam_size, fsdp):
   assert jax.device_count() == 8
   model, params = tiny_model()
