@@ -63,8 +63,8 @@ def _model_defaults() -> ml_collections.ConfigDict:
 def _data_defaults() -> ml_collections.ConfigDict:
   """Input data (jaxformer/data)."""
   s = ml_collections.ConfigDict()
-  s.task = "numbers"                # 'numbers' | 'copy' | 'reverse' | 'sort' | 'addition'
-                                    # | 'text' | 'tfds'
+  s.task = "numbers"                # 'numbers' | 'numbers_es_en' | 'copy' | 'reverse' | 'sort'
+                                    # | 'addition' | 'text' | 'tfds'
   s.data_dir = ""                   # where tfds datasets live; '' = <workdir>/tfds.
   s.num_train = 20000               # generated tasks: examples per split.
   s.num_validation = 1000
@@ -168,7 +168,8 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "model.attention_kernel": ("auto", "xla", "cudnn"),
-    "data.task": ("numbers", "copy", "reverse", "sort", "addition", "text", "tfds"),
+    "data.task": ("numbers", "numbers_es_en", "copy", "reverse", "sort", "addition", "text",
+                  "tfds"),
     "data.vocab_type": ("unigram", "bpe"),
     "data.length_policy": ("drop", "truncate"),
     "train.schedule": ("rsqrt_warmup", "cosine", "constant"),

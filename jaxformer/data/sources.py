@@ -4,9 +4,10 @@ Three kinds of data, chosen by `data.task`, all ending up as tfds datasets in ar
 that `builder.as_data_source()` reads with random access (what grain needs to shuffle globally
 and to shard by index):
 
-- generated tasks ('numbers', 'copy', 'reverse', 'sort', 'addition'): `GeneratedTask`, a
-  `tfds.core.GeneratorBasedBuilder` that draws the splits of jaxformer/data/tasks.py (its
-  features and examples come from `PairBuilder`, the base it shares with `TextPairs`);
+- generated tasks ('numbers', 'numbers_es_en', 'copy', 'reverse', 'sort', 'addition'):
+  `GeneratedTask`, a `tfds.core.GeneratorBasedBuilder` that draws the splits of
+  jaxformer/data/tasks.py (its features and examples come from `PairBuilder`, the base it shares
+  with `TextPairs`);
 - local parallel text ('text'): `TextPairs`, a builder over aligned `*.src` / `*.tgt` files or a
   TSV file per split, checked line by line;
 - catalog datasets ('tfds'): e.g. `wmt14_translate/de-en`, prepared once by

@@ -11,7 +11,8 @@ The default task, 'numbers', is a small translation problem a learner recognises
 It cannot be solved by copying: the vocabularies differ, the word order changes ("twenty-one"
 -> "veintiuno" is one word; "thirty-one" -> "treinta y uno" is three) and Spanish has irregular
 forms ("quinientos", "cien" but "ciento uno", "veintiún mil"). Lengths vary from one word to a
-dozen, so padding and masks matter.
+dozen, so padding and masks matter. 'numbers_es_en' is the same task the other way round
+(Spanish -> English): a changed task over the same words, to fine-tune a 'numbers' model on.
 
 The algorithmic tasks (copy, reverse, sort, addition) use the digits 0-9 as symbols, written
 with spaces between them ("3 1 4"), so every symbol is one token of the vocabulary. Their input
@@ -157,6 +158,13 @@ def sample_numbers(rng: random.Random, lengths: tuple[int, int]) -> Pair:
   return english_number(n), spanish_number(n)
 
 
+def sample_numbers_es_en(rng: random.Random, lengths: tuple[int, int]) -> Pair:
+  """Spanish words -> English words: 'numbers' the other way round. Its pairs use the words of
+  'numbers', so a model trained there can be fine-tuned here with the same vocabulary."""
+  english, spanish = sample_numbers(rng, lengths)
+  return spanish, english
+
+
 def sample_copy(rng: random.Random, lengths: tuple[int, int]) -> Pair:
   """'3 1 4' -> '3 1 4'."""
   symbols = " ".join(_random_digits(rng, _random_length(rng, lengths)))
@@ -184,6 +192,7 @@ def sample_addition(rng: random.Random, lengths: tuple[int, int]) -> Pair:
 
 SAMPLERS: dict[str, Sampler] = {
     "numbers": sample_numbers,
+    "numbers_es_en": sample_numbers_es_en,
     "copy": sample_copy,
     "reverse": sample_reverse,
     "sort": sample_sort,

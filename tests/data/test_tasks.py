@@ -97,6 +97,16 @@ def test_number_words_read_back_for_random_numbers():
         assert after != "mil", spanish
 
 
+def test_numbers_es_en_is_numbers_the_other_way_round():
+  """Spanish words -> the English words of the same number (read back, not recomputed)."""
+  splits = tasks.generate_splits("numbers_es_en", {"train": 500}, {"train": (1, 8)}, seed=0)
+  for source, target in splits["train"]:
+    assert read_spanish(source) == read_english(target)
+  # The same draws as 'numbers', each pair turned round: the same words, the same vocabulary.
+  numbers = tasks.generate_splits("numbers", {"train": 500}, {"train": (1, 8)}, seed=0)
+  assert [(t, s) for s, t in splits["train"]] == numbers["train"]
+
+
 SIZES = {"train": 300, "validation": 40, "test": 40}
 
 
