@@ -23,7 +23,8 @@ array and iterator state), but neither the model nor the tokenizer.
 - `checkpoint_dir` resolves a step (the newest, a saved step, 'best': the step `best_step`
   names from the metrics orbax recorded beside each step, or the name of an averaged
   checkpoint) to its directory; `restore_params` reads only the parameters stored there (no
-  optimizer state), onto given shardings or into host memory.
+  optimizer state), onto given shardings or into host memory; `saved_param_shapes` their
+  shapes alone.
 - `averaged_path` and `save_averaged` name and write a checkpoint of averaged parameters.
 
 Every failure a user can cause raises `CheckpointError` with a one-line message;
@@ -735,6 +736,20 @@ def checkpoint_dir(workdir: str, step: int | str | None) -> tuple[epath.Path, in
   if step not in steps:
     raise CheckpointError(f"no checkpoint at step {step} in {workdir}; {available(workdir)}")
   return workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR, str(step)), int(step)
+
+
+def saved_param_shapes(ckpt_dir: epath.Path, label: int | str, where: str
+                       ) -> dict[str, tuple[int, ...]]:
+  """{'encoder.layers_0...kernel': (D, F), ...}: the shape of every parameter saved in
+  `ckpt_dir`, read from its metadata (no array is read), keyed as `flat_shapes` of the params.
+
+  To compare with a model before `restore_params` reads it onto that model's shardings.
+  CheckpointError when it holds no parameters, DamagedCheckpointError when its metadata cannot
+  be read (`label` and `where` as in `restore_params`)."""
+  tree = _read_tree_metadata(ckpt_dir, label, where)
+  if PARAMS_KEY not in tree:
+    raise CheckpointError(f"the checkpoint {label} in {where} holds no {PARAMS_KEY!r}")
+  return flat_shapes(tree[PARAMS_KEY])
 
 
 def restore_params(ckpt_dir: epath.Path, label: int | str, where: str,

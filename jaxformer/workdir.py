@@ -28,6 +28,8 @@ The workdir may be a local directory or a gs:// URL (etils.epath reads and write
 A resume must not change what the checkpoints hold: `check_compatible` names every config key
 whose change would make them unusable (the model's shape, what its parameters compute, the
 vocabulary), and lets every other key change (steps, learning rate, logging, parallelism ...).
+A run that starts from another run's parameters (fine-tuning) must keep its model:
+`check_can_start_from`; its data may change, as it takes the other run's vocabulary along.
 
 One trainer per workdir: `WorkdirLock` keeps a second one out (see there). The commands that
 only read (evaluate, translate, plot, average) take no lock and run beside a trainer: they read
@@ -239,6 +241,27 @@ def check_compatible(saved_config: ml_collections.ConfigDict,
         f"the config changes what the checkpoints in this workdir hold: {changes}; "
         "put these values back, or use a new --workdir to train a different model")
   return sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
+
+
+def check_can_start_from(source_config: ml_collections.ConfigDict,
+                         new_config: ml_collections.ConfigDict) -> None:
+  """Checks that a run with `new_config` can start from the parameters of a run made with
+  `source_config` (fine-tuning, `train.init_from`).
+
+  Raises CheckpointError naming every key of the model's shape (model.vocab_size included) or
+  of what its parameters compute that differs. The data and tokenizer keys may differ: the
+  source's vocabulary is copied into the new run and used. So may every other key (dropout,
+  learning rate, schedule, steps ...).
+  """
+  saved = {k: _normalize(v) for k, v in config_lib.flatten(source_config).items()}
+  new = {k: _normalize(v) for k, v in config_lib.flatten(new_config).items()}
+  breaking = [k for k in _breaking_keys(saved, new) if k not in TOKENIZER_KEYS]
+  if breaking:
+    changes = ", ".join(f"{k} ({saved.get(k)!r} in the source, {new.get(k)!r} here)"
+                        for k in breaking)
+    raise CheckpointError(
+        f"the model differs from the source's: {changes}; fine-tuning keeps the source's "
+        "model, so set these keys as its config.json has them")
 
 
 def read_run_config(workdir: str) -> ml_collections.FrozenConfigDict | None:

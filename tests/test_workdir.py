@@ -55,6 +55,20 @@ def test_check_compatible_names_breaking_keys_and_allows_harmless_ones():
   assert workdir_lib.check_compatible(saved, sinusoidal_longer) == ["model.max_len"]
 
 
+def test_a_fine_tuning_run_keeps_the_model_and_may_change_the_data_and_the_training():
+  source = config_lib.load_config("default")
+  changed = config_lib.get_default_config()
+  changed.update(source.as_configdict())
+  changed.data.task, changed.data.vocab_type = "numbers_es_en", "bpe"  # The vocab is copied.
+  changed.train.learning_rate, changed.model.dropout_rate = 0.01, 0.3
+  workdir_lib.check_can_start_from(source, changed)
+  changed.model.d_ff, changed.model.activation = 1024, "gelu"
+  with pytest.raises(CheckpointError, match=r"model\.d_ff \(512 in the source, 1024 here\), "
+                     r"model\.activation \('relu' in the source, 'gelu' here\)") as info:
+    workdir_lib.check_can_start_from(source, changed)
+  assert "data." not in str(info.value) and "train." not in str(info.value)
+
+
 def test_write_run_files_keeps_history_and_refuses_incompatible_configs(tmp_path):
   workdir = str(tmp_path)
   write_config(tmp_path, **{"train.steps": 100})

@@ -89,15 +89,23 @@ def init_params(config: ml_collections.ConfigDict, rng: jax.Array) -> Params:
   return jax.tree.map(lambda p: p.astype(jnp.float32), variables["params"])
 
 
+def state_from_params(config: ml_collections.ConfigDict, params: Params) -> TrainState:
+  """A TrainState at step 0 holding `params`, with the optimizer's initial state.
+
+  The start of fine-tuning (jaxformer.train.finetune): the parameters of another run, and an
+  optimizer, step and schedule that start afresh. Pure and traceable, like `init_state`.
+  """
+  opt_state = make_optimizer(config).init(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+
 def init_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
   """A fresh TrainState: step 0, new parameters from `rng`, the optimizer's initial state.
 
   Pure and traceable: jaxformer.train.parallel jit-compiles it with output shardings, so that
   parameters are created where they live and never all on one device.
   """
-  params = init_params(config, rng)
-  opt_state = make_optimizer(config).init(params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+  return state_from_params(config, init_params(config, rng))
 
 
 def count_parameters_by_module(config: ml_collections.ConfigDict, depth: int = 2

@@ -91,6 +91,19 @@ def set_aside_records_after(workdir: str, step: int) -> tuple[int, epath.Path | 
   return len(later), target
 
 
+def read_records(workdir: str) -> list[dict[str, Any]]:
+  """The records of `<workdir>/metrics.jsonl` in file order ([] when there is none); lines that
+  are not records (a line cut short by a crash, say) are skipped."""
+  path = workdir_lib.path(workdir, workdir_lib.METRICS_FILE)
+  if not path.exists():
+    return []
+  records = []
+  for line in path.read_text(encoding="utf-8").splitlines():
+    if _step_of(line) is not None:
+      records.append(json.loads(line))
+  return records
+
+
 def _plain(value: Any) -> Any:
   """A JSON-friendly version of a metric value (NaN and infinity become strings)."""
   if isinstance(value, (np.generic, jax.Array)):
