@@ -107,6 +107,11 @@ def _train_defaults() -> ml_collections.ConfigDict:
   s.log_every_steps = 100
   s.eval_every_steps = 1000
   s.peak_flops = 0.0                # per device, for MFU; 0 = measure a matmul at start.
+  s.init_from = ""                  # fine-tuning: 'SOURCE[:STEP|best]', a workdir whose
+                                    # parameters start the run ('' = fresh ones); config.json
+                                    # records it resolved, 'SOURCE:STEP'.
+  s.early_stop_patience = 0         # stop after this many evaluations in a row without an
+                                    # improvement of checkpoint.keep_best's metric; 0 = off.
   return s
 
 
@@ -190,7 +195,7 @@ POSITIVE = (
 # Settings that may be 0 (off, none) but not negative.
 NON_NEGATIVE = (
     "train.seed", "train.warmup_steps", "train.weight_decay", "train.grad_clip_norm",
-    "train.peak_flops", "decode.max_extra_len", "eval.num_samples",
+    "train.peak_flops", "train.early_stop_patience", "decode.max_extra_len", "eval.num_samples",
 )
 
 # Rates and shares that must lie in [0, 1).
@@ -279,6 +284,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if t.schedule == "cosine" and t.steps <= t.warmup_steps:
     raise ConfigError(f"train.schedule='cosine' needs train.steps={t.steps} > "
                       f"train.warmup_steps={t.warmup_steps} (the decay follows the warmup)")
+  if t.early_stop_patience and not config.checkpoint.keep_best:
+    raise ConfigError(f"train.early_stop_patience={t.early_stop_patience} needs "
+                      "checkpoint.keep_best, the validation metric whose improvement it waits "
+                      "for: set --config.checkpoint.keep_best=loss, accuracy or bleu")
   p = config.parallel
   if p.strategy == "pmap" and p.fsdp != 1:
     raise ConfigError(f"parallel.fsdp={p.fsdp} needs parallel.strategy='mesh'; pmap keeps a full "
