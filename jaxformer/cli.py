@@ -19,7 +19,7 @@ from jaxformer.errors import (EXIT_FINISHED, EXIT_STOPPED, EXIT_USER_ERROR, Inpu
 
 # The table of exit statuses, at the end of `--help`.
 EXIT_STATUSES = f"""exit statuses:
-  {EXIT_FINISHED}    finished (training reached train.steps)
+  {EXIT_FINISHED}    finished (training reached train.steps, or early stopping ended it)
   {EXIT_USER_ERROR}    a user error, one `error:` line, nothing written (also a diverged run: its
        last good checkpoint is kept)
   {EXIT_STOPPED}   stopped by SIGTERM, SIGINT or SIGHUP, with a checkpoint at the stop step; run
@@ -133,6 +133,11 @@ def cmd_info(args, overrides) -> int:
 
 def cmd_train(args, overrides) -> int:
   from jaxformer import config as config_lib
+  if args.init_from is not None:  # The flag is a short way to write the config key.
+    if overrides.get(INIT_FROM_KEY, args.init_from) != args.init_from:
+      raise JaxformerError(f"--init-from {args.init_from} and --config.{INIT_FROM_KEY}="
+                           f"{overrides[INIT_FROM_KEY]} differ; give the source once")
+    overrides = {**overrides, INIT_FROM_KEY: args.init_from}
   config = config_lib.load_config(args.config, overrides)
   from jaxformer.train import loop
   # The loop joins the processes and checks the config against the devices, the workdir and
@@ -356,6 +361,9 @@ def _step_arg(text: str):
   return int(text) if text.isdigit() else text
 
 
+# The config key that --init-from sets.
+INIT_FROM_KEY = "train.init_from"
+
 # The help of --step, wherever a command reads a checkpoint.
 STEP_HELP = ("checkpoint: a saved step, 'best' (the best step by the validation metric "
              "checkpoint.keep_best names, among the kept ones) or an averaged checkpoint's name "
@@ -393,6 +401,11 @@ def _add_train(sub) -> None:
   p.add_argument("--workdir", required=True)
   p.add_argument("--restore-step", type=_at_least(0), default=None,
                  help="resume from this checkpoint step instead of the newest")
+  p.add_argument("--init-from", default=None, metavar="SOURCE[:STEP|best]",
+                 help="fine-tune: a new run starts from the parameters (and vocabulary) of "
+                 "the workdir SOURCE, at a saved step, 'best' or (default) the newest; "
+                 "optimizer, step, schedule and data start fresh (the config key "
+                 f"{INIT_FROM_KEY}; a workdir with checkpoints resumes from them instead)")
   p.set_defaults(run=cmd_train, takes_overrides=True)
 
 

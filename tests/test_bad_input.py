@@ -7,6 +7,7 @@ of the session's reference run; the full and read-only disks are in tests/test_s
 """
 
 import os
+import shutil
 
 import pytest
 
@@ -252,3 +253,50 @@ def test_a_hand_edited_config_json_is_one_line(trained, tmp_path, capsys, edit, 
   before = listing(workdir)
   one_error_line(capsys, cli.main([command, "--workdir", workdir]), *fragments)
   assert listing(workdir) == before
+
+
+def _copy_without(trained, tmp_path, *names):
+  """A copy of the trained run without the files or directories `names` (relative paths)."""
+  copy = run_testing.copy_workdir(trained, str(tmp_path / "source"))
+  for name in names:
+    path = os.path.join(copy, name)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  return copy
+
+
+# (the --init-from source made from the trained run (steps 20, 30, 40) in a temporary directory,
+# more arguments, fragments of the one error line).
+INIT_FROM_CASES = [
+    (lambda trained, tmp: trained, ["--config.model.d_ff=128"],
+     ["error: --init-from ", "the model differs from the source's: model.d_ff (64 in the "
+      "source, 128 here)", "set these keys as its config.json has them"]),
+    (lambda trained, tmp: trained, ["--config.model.vocab_size=128", "--config.model.norm=pre"],
+     ["model.vocab_size (64 in the source, 128 here), model.norm ('post' in the source, 'pre' "
+      "here)"]),
+    (lambda trained, tmp: f"{trained}:7", [], ["no checkpoint at step 7", "available steps: "
+                                               "20, 30, 40"]),
+    (lambda trained, tmp: f"{trained}:best", [], ["kept no best checkpoint"]),
+    (lambda trained, tmp: str(tmp / "missing"), [], ["missing does not exist; train first"]),
+    (lambda trained, tmp: _copy_without(trained, tmp, "checkpoints"), [], ["no checkpoints in"]),
+    (lambda trained, tmp: _copy_without(trained, tmp, "config.json"), [],
+     ["config.json is missing, so which model its checkpoints hold is unknown"]),
+    (lambda trained, tmp: _copy_without(trained, tmp, "vocab.model"), [],
+     ["vocab.model is missing: the source's parameters need the vocabulary"]),
+    (lambda trained, tmp: _copy_without(trained, tmp, "checkpoints/40/state/_METADATA"), [],
+     ["checkpoint at step 40 in", "is damaged (missing state/_METADATA)"]),
+    (lambda trained, tmp: trained, ["--config.train.init_from=elsewhere"],
+     ["and --config.train.init_from=elsewhere differ; give the source once"]),
+]
+
+
+@pytest.mark.parametrize("make_source, args, fragments", INIT_FROM_CASES,
+                         ids=[" ".join(c[2])[:60] for c in INIT_FROM_CASES])
+def test_a_source_that_cannot_start_a_fine_tuning_run_is_one_line_before_any_write(
+    runs, trained, tmp_path, capsys, make_source, args, fragments):
+  source = make_source(trained, tmp_path)
+  before = listing(source)
+  workdir = str(tmp_path / "never_created")
+  status = cli.main(train_args(runs, workdir, []) + ["--init-from", source] + args)
+  one_error_line(capsys, status, *fragments)
+  assert not os.path.exists(workdir)
+  assert listing(source) == before  # The source is only read.

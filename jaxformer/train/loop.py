@@ -1,11 +1,14 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-  set up: join the processes, check the config against the devices, the workdir and the data,
-          lock the workdir
-  -> resume or start (metrics of the steps it trains again set aside)
+  set up: join the processes, check the config against the devices, the workdir, the data and
+          the source of a fine-tuning run (train.init_from: jaxformer/train/finetune.py), lock
+          the workdir
+  -> resume, or start: from fresh parameters, or from the source's (saved as step 0); metrics
+     of the steps it trains again set aside
   -> for each step: next batch, train step, (NaN check) (log) (evaluate) (checkpoint)
-  -> stop at train.steps, or at the step the hosts agreed on after a preemption signal, or,
-     when the signal comes during an evaluation, before its next batch (the step is saved)
+  -> stop at train.steps; or when early stopping's patience runs out (saved, finished:
+     jaxformer/train/early_stop.py); or at the step the hosts agreed on after a preemption
+     signal, or, when the signal comes during an evaluation, before its next batch (saved)
 
 Everything that can fail because of the user's input (config against the devices, a workdir
 that cannot be written, that another trainer holds, or whose checkpoints the config does not
@@ -40,7 +43,8 @@ from jaxformer.data.tokenizer import Tokenizer
 from jaxformer.errors import JaxformerError
 from jaxformer.log import log, to_stderr
 from jaxformer.model.transformer import Transformer
-from jaxformer.train import parallel, preemption, throughput
+from jaxformer.train import early_stop as early_stop_lib
+from jaxformer.train import finetune, parallel, preemption, throughput
 from jaxformer.train.state import TrainState
 from jaxformer.train.writer import MetricsWriter
 
@@ -58,13 +62,16 @@ class NonFiniteLossError(JaxformerError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-  """How a run ended: at train.steps, or stopped by a signal (`stopped_by`) at `step`."""
+  """How a run ended: at train.steps, by early stopping (`stopped_early`), or stopped by a signal
+  (`stopped_by`) at `step`."""
   step: int                     # The last step trained (and saved).
   metrics: dict[str, Any]       # The last validation metrics ({} when none were computed).
   stopped_by: str | None = None  # 'SIGTERM', 'SIGINT', 'SIGHUP', 'a preemption notice'.
+  stopped_early: bool = False   # The validation metric stopped improving (train.early_stop_*).
 
   @property
   def finished(self) -> bool:
+    """Whether the run is over (at train.steps or stopped early), not waiting for a resume."""
     return self.stopped_by is None
 
 
@@ -79,6 +86,7 @@ class _Run:
   model: Transformer
   checkpointer: checkpoint.Checkpointer
   writer: MetricsWriter
+  early_stop: early_stop_lib.EarlyStopping | None = None  # Set once the start step is known.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,89 +97,114 @@ class _Due:
   log: bool
   evaluate: bool
   check: bool      # Check the pending steps for NaN now.
+  stop_early: bool = False  # Its evaluation was the last one early stopping waits for.
 
 
 def train_and_evaluate(config, workdir: str, restore_step: int | None = None) -> TrainResult:
-  """Trains `config` in `workdir` (resuming from its newest checkpoint, or from `restore_step`)
-  to train.steps, or until a signal stops it (saved at the step it stopped at). Returns how it
-  ended, with the last validation metrics ({} when there was nothing left to train)."""
+  """Trains `config` in `workdir` (resuming from its newest checkpoint, or from `restore_step`;
+  a new run starts from fresh parameters, or from those of `train.init_from`) to train.steps,
+  until early stopping finishes it, or until a signal stops it (saved at the step it stopped
+  at). Returns how it ended, with the last validation metrics ({} when there was nothing left
+  to train)."""
   lock, run = workdir_lib.WorkdirLock(workdir), None  # _set_up takes it before its first write.
   try:
-    run = _set_up(config, workdir, lock)
-    state, start_step = _restore_or_init(run, restore_step)
+    run, source = _set_up(config, workdir, lock)
+    state, start_step = _restore_or_init(run, restore_step, source)
+    del source  # Its parameters live on in `state` alone.
     run.writer.start_at(start_step)  # Sets aside the metrics of the steps this run trains again.
-    if start_step >= config.train.steps:
-      log(f"jaxformer: the checkpoint at step {start_step} already reaches train.steps="
-          f"{config.train.steps}; raise --config.train.steps to train on")
-      return TrainResult(step=start_step, metrics={})
-    peak_flops = throughput.PeakFlops(config.train.peak_flops, config.model.dtype)
-    meter, bar = throughput.Throughput(), _progress(start_step, config.train.steps)
-    eval_metrics: dict[str, Any] = {}
-    pending: Pending = []
-    step, previous_metrics = start_step, None
-    stopped, interrupted = False, False  # By a signal; during the evaluation of `step`.
-    with preemption.PreemptionGuard() as guard:
-      while step < config.train.steps:
-        state, metrics = _train_step(run, state, meter, previous_metrics)
-        step, previous_metrics = step + 1, metrics
-        pending.append((step, metrics))
-        if bar is not None:
-          to_stderr(lambda: bar.update(1))
-        due = _due(run, guard, step, len(pending))
-        if due.check:
-          _check_finite(run.checkpointer, pending)  # Never log or save a diverged run's state.
-          pending = []
-        if step == start_step + 1 and not due.log:
-          jax.block_until_ready(metrics)
-          meter.restart()  # The first step compiles: that is not training speed.
-        if due.log:
-          _log_train(run, step, metrics, meter, peak_flops, bar)
-        evaluated = None
-        if due.evaluate:
-          with meter.paused():  # Evaluation time is not training time.
-            evaluated = _evaluate(run, state, step, guard)
-          if evaluated is None:  # A signal came during it: save this step (no metrics), stop.
-            due, interrupted = dataclasses.replace(due, preempted=True, save=True), True
-          else:
-            eval_metrics = evaluated
-        if due.save:  # keep_best ranks a step by its own evaluation only, if it had one.
-          _save(run, step, state, evaluated or {})
-        if due.preempted:
-          stopped = True
-          break
-    if bar is not None:
-      to_stderr(bar.close)
-    _finish(run, step, guard, stopped, interrupted)
-    return TrainResult(step=step, metrics=eval_metrics,
-                       stopped_by=guard.reason if stopped else None)
+    run = dataclasses.replace(run, early_stop=early_stop_lib.EarlyStopping.resume(
+        run.config, workdir, start_step))
+    done = _nothing_to_train(run, start_step)
+    return done if done is not None else _train(run, state, start_step)
   finally:
     _close(run, lock)
 
 
+def _nothing_to_train(run: _Run, start_step: int) -> TrainResult | None:
+  """How the run ended, when it already has: at train.steps, or stopped early."""
+  config, early = run.config, run.early_stop
+  if start_step >= config.train.steps:
+    log(f"jaxformer: the checkpoint at step {start_step} already reaches train.steps="
+        f"{config.train.steps}; raise --config.train.steps to train on")
+    return TrainResult(step=start_step, metrics={})
+  if early is not None and early.exhausted:
+    log(f"jaxformer: the run stopped early at step {start_step}: {early.describe()}; raise "
+        "train.early_stop_patience (or set it to 0) to train on")
+    return TrainResult(step=start_step, metrics={}, stopped_early=True)
+  return None
+
+
+def _train(run: _Run, state: TrainState, start_step: int) -> TrainResult:
+  """Trains from `start_step` to train.steps, an early stop or a signal; saves where it ends."""
+  config = run.config
+  peak_flops = throughput.PeakFlops(config.train.peak_flops, config.model.dtype)
+  meter, bar = throughput.Throughput(), _progress(start_step, config.train.steps)
+  eval_metrics: dict[str, Any] = {}
+  pending: Pending = []
+  step, previous_metrics = start_step, None
+  with preemption.PreemptionGuard() as guard:
+    while step < config.train.steps:
+      state, metrics = _train_step(run, state, meter, previous_metrics)
+      step, previous_metrics = step + 1, metrics
+      pending.append((step, metrics))
+      if bar is not None:
+        to_stderr(lambda: bar.update(1))
+      due = _due(run, guard, step, len(pending))
+      if due.check:
+        _check_finite(run.checkpointer, pending)  # Never log or save a diverged run's state.
+        pending = []
+      if step == start_step + 1 and not due.log:
+        jax.block_until_ready(metrics)
+        meter.restart()  # The first step compiles: that is not training speed.
+      if due.log:
+        _log_train(run, step, metrics, meter, peak_flops, bar)
+      evaluated = None
+      if due.evaluate:
+        with meter.paused():  # Evaluation time is not training time.
+          due, evaluated = _evaluate_due(run, state, step, guard, due)
+        eval_metrics = eval_metrics if evaluated is None else evaluated
+      if due.save:  # keep_best ranks a step by its own evaluation only, if it had one.
+        _save(run, step, state, evaluated or {})
+      if due.preempted or due.stop_early:
+        break
+  if bar is not None:
+    to_stderr(bar.close)
+  _finish(run, step, guard, due)
+  return TrainResult(step=step, metrics=eval_metrics,
+                     stopped_by=guard.reason if due.preempted else None,
+                     stopped_early=due.stop_early)
+
+
 # --- Set up and resume. --------------------------------------------------------------------------
 
-def _set_up(config, workdir: str, lock: workdir_lib.WorkdirLock) -> _Run:
-  """Joins the processes, checks the config against the devices and the workdir, takes the
-  workdir's `lock`, then opens the run's vocabulary, data, checkpoints and metrics (in this
-  order)."""
+def _set_up(config, workdir: str, lock: workdir_lib.WorkdirLock
+            ) -> tuple[_Run, finetune.Source | None]:
+  """Joins the processes, checks the config against the devices and the workdir, reads the
+  source of a fine-tuning run, takes the workdir's `lock`, then opens the run's vocabulary,
+  data, checkpoints and metrics (in this order). Returns the run and the source read (None
+  unless a new run starts from another run's parameters)."""
   devices.initialize_distributed()
   # Everything that can be checked is checked before the first write: the devices, the
-  # workdir, the data; then the run config (refused when the checkpoints do not fit it).
+  # workdir, the data, the source to fine-tune from; then the run config (refused when the
+  # checkpoints do not fit it).
   strategy = parallel.make_strategy(config)
   data_dir = workdir_lib.resolve_data_dir(config, workdir)
   workdir_lib.check_can_write(workdir)
   sources.check_ready(config, data_dir)
+  config, source = finetune.prepare(config, workdir, strategy)  # Records the source resolved.
   lock.acquire()  # One trainer per workdir: a second one stops here, having written nothing.
   workdir_lib.write_run_config(workdir, config)
   log(f"jaxformer: {jax.process_count()} process(es), {jax.device_count()} device(s) "
       f"({jax.devices()[0].platform}), strategy {config.parallel.strategy}")
+  if source is not None:
+    finetune.copy_vocabulary(source, workdir)
   tokenizer = vocab.load_or_train(config, workdir)
   train_iter = pipeline.make_train_iterator(config, tokenizer, data_dir)
   model = Transformer(config=config.model)
   checkpointer = checkpoint.Checkpointer.from_config(workdir, config)
   return _Run(config=config, strategy=strategy, tokenizer=tokenizer, data_dir=data_dir,
               train_iter=train_iter, model=model, checkpointer=checkpointer,
-              writer=MetricsWriter(workdir))
+              writer=MetricsWriter(workdir)), source
 
 
 def _close(run: _Run | None, lock: workdir_lib.WorkdirLock) -> None:
@@ -185,16 +218,26 @@ def _close(run: _Run | None, lock: workdir_lib.WorkdirLock) -> None:
     lock.release()
 
 
-def _restore_or_init(run: _Run, restore_step: int | None) -> tuple[TrainState, int]:
+def _restore_or_init(run: _Run, restore_step: int | None, source: finetune.Source | None
+                     ) -> tuple[TrainState, int]:
   """The state to train on and its step: from a checkpoint (it also restores the data
-  iterator's position), or a fresh one at step 0."""
+  iterator's position), or a new one at step 0: fresh, or with the parameters of `source`
+  (saved at once, as step 0)."""
   restored = run.checkpointer.restore_or_none(run.strategy.abstract_state(), run.train_iter,
                                               restore_step=restore_step)
-  if restored is None:
+  if restored is not None:
+    state, step = run.strategy.place_state(restored[0]), restored[1]
+    log(f"jaxformer: resumed from the checkpoint at step {step}")
+    return state, step
+  if source is None:
     return run.strategy.init_state(jax.random.key(run.config.train.seed)), 0
-  state, step = run.strategy.place_state(restored[0]), restored[1]
-  log(f"jaxformer: resumed from the checkpoint at step {step}")
-  return state, step
+  state = finetune.start_state(run.strategy, source.params)
+  # The start is the run's first checkpoint: a resume never needs the source again, and
+  # `jaxformer evaluate --step 0` tells how the source does on this run's data.
+  _save(run, 0, state, {})
+  log(f"jaxformer: fine-tuning from {source.spec}: its parameters and vocabulary, with a fresh "
+      "optimizer state, step, schedule and data position (saved as step 0)")
+  return state, 0
 
 
 # --- One step. -----------------------------------------------------------------------------------
@@ -340,6 +383,20 @@ def _evaluate(run: _Run, state: TrainState, step: int, guard: preemption.Preempt
   return result
 
 
+def _evaluate_due(run: _Run, state: TrainState, step: int, guard: preemption.PreemptionGuard,
+                  due: _Due) -> tuple[_Due, dict[str, Any] | None]:
+  """Evaluates `state` (`_evaluate`) and counts it for early stopping. Returns what is due now,
+  with the validation metrics: None when a signal came during the evaluation (then the step is
+  saved, without metrics, and the run stops); when early stopping's patience has run out, the
+  step is saved and the run finishes."""
+  evaluated = _evaluate(run, state, step, guard)
+  if evaluated is None:
+    return dataclasses.replace(due, preempted=True, save=True), None
+  if run.early_stop is not None and run.early_stop.add(step, evaluated):
+    return dataclasses.replace(due, save=True, stop_early=True), evaluated
+  return due, evaluated
+
+
 def _save(run: _Run, step: int, state: TrainState, eval_metrics: dict[str, Any]) -> None:
   """A checkpoint of `state` and the data iterator's position at `step` (every process)."""
   # Under pmap, checkpoint_state copies the state to the host: only when a save is due.
@@ -347,21 +404,26 @@ def _save(run: _Run, step: int, state: TrainState, eval_metrics: dict[str, Any])
                         metrics=eval_metrics, force=True)
 
 
-def _finish(run: _Run, step: int, guard: preemption.PreemptionGuard, stopped: bool,
-            interrupted: bool) -> None:
-  """Waits for the saves in flight, then says why the run stopped and where its checkpoints are.
-
-  `stopped`: by a signal, at `step`; `interrupted`: during the evaluation of `step`.
-  """
+def _finish(run: _Run, step: int, guard: preemption.PreemptionGuard, due: _Due) -> None:
+  """Waits for the saves in flight, then says why the run ended at `step` (`due` is what was
+  due after it) and where its checkpoints are: trained to train.steps, stopped early (also a
+  record in metrics.jsonl), or stopped by a signal (maybe during the evaluation of `step`)."""
   checkpointer = run.checkpointer
   checkpointer.wait()
-  if not stopped:
+  if due.stop_early:
+    run.writer.write(step, early_stop_lib.SPLIT, run.early_stop.record())
+    log(f"jaxformer: stopped early at step {step}: {run.early_stop.describe()}; checkpoints in "
+        f"{checkpointer.directory}")
+    return
+  if not due.preempted:
     log(f"jaxformer: trained to step {step}; checkpoints in {checkpointer.directory}")
     return
   log(f"jaxformer: stopped by {guard.reason} at step {step}; the checkpoint is saved in "
       f"{checkpointer.directory}. Run the same command to resume.")
   # Resuming goes on from the next step: an evaluation due at this one is never made up for.
   train = run.config.train
+  # Due to evaluate, and preempted: the signal came during the evaluation (`_evaluate_due`).
+  interrupted = due.evaluate
   missed = "interrupted" if interrupted else ""
   if not interrupted and (step % train.eval_every_steps == 0 or step == train.steps):
     missed = "skipped"  # The signal came during the step's training: _due left it out.
