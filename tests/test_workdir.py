@@ -69,6 +69,11 @@ def test_a_fine_tuning_run_keeps_the_model_and_may_change_the_data_and_the_train
   assert "data." not in str(info.value) and "train." not in str(info.value)
 
 
+def test_the_fine_tuning_experiment_starts_from_a_run_of_the_default_experiment():
+  workdir_lib.check_can_start_from(config_lib.load_config("default"),
+                                   config_lib.load_config("default_finetune"))
+
+
 def test_write_run_files_keeps_history_and_refuses_incompatible_configs(tmp_path):
   workdir = str(tmp_path)
   write_config(tmp_path, **{"train.steps": 100})
