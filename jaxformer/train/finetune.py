@@ -17,9 +17,9 @@ The training loop calls, in this order:
   A workdir with checkpoints of its own resumes from them: the source is not read again, and
   the source recorded in its config.json stays.
 - `copy_vocabulary`, once the workdir is locked, before the vocabulary is loaded;
-- `start_state`: the TrainState at step 0, which the loop saves as the run's first checkpoint
-  (a resume then never needs the source, and `jaxformer evaluate --step 0` measures the source
-  on the new task).
+- `start_state`: the TrainState at step 0, which the loop saves as the run's first checkpoint:
+  a resume never needs the source, and, while the step is kept (`checkpoint.keep`), `jaxformer
+  evaluate --step 0` measures the source on the new data.
 """
 
 from __future__ import annotations

@@ -233,7 +233,7 @@ def _restore_or_init(run: _Run, restore_step: int | None, source: finetune.Sourc
     return run.strategy.init_state(jax.random.key(run.config.train.seed)), 0
   state = finetune.start_state(run.strategy, source.params)
   # The start is the run's first checkpoint: a resume never needs the source again, and
-  # `jaxformer evaluate --step 0` tells how the source does on this run's data.
+  # (while it is kept) `jaxformer evaluate --step 0` tells how the source does on this data.
   _save(run, 0, state, {})
   log(f"jaxformer: fine-tuning from {source.spec}: its parameters and vocabulary, with a fresh "
       "optimizer state, step, schedule and data position (saved as step 0)")
