@@ -21,3 +21,16 @@ jax_internals.install()
 # a Python handler here instead becomes the default in each child, so Ctrl-C (SIGINT) is a
 # KeyboardInterrupt there, as at a terminal.
 signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# The files that take longest (minutes of subprocess runs each), in that order. pytest-xdist's
+# `--dist loadfile` (launch.sh) hands files to its workers in collection order, so these go
+# first: the suite ends with short files on both workers, not one long file on one of them.
+LONGEST_FILES = ("test_resume.py", "test_multihost.py", "test_cli.py", "test_launcher.py",
+                 "test_bf16_quality.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = os.path.basename(str(item.fspath))
+    return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+  items.sort(key=rank)  # Stable: within a file, and among the others, the order stays.
