@@ -229,6 +229,17 @@ class MeshStrategy(Strategy):
   def train_step(self, state, batch):
     return self._train_step(state, batch)
 
+  def lowerable_train_step(self, length: int) -> tuple[Any, TrainState, Batch]:
+    """(the jitted train step, its abstract state, its abstract global batch): the arguments
+    are jax.ShapeDtypeStruct leaves with this strategy's shardings, the batch `[A, B, length]`
+    int32 (A = train.grad_accum_steps, B = train.batch_size), as
+    `jax.export.export(step, platforms=...)(state, batch)` takes them to build the program of
+    another platform (a GPU's, a TPU's) on this machine, without running or compiling it."""
+    shape = (self.config.train.grad_accum_steps, self.config.train.batch_size, length)
+    batch = {key: jax.ShapeDtypeStruct(shape, np.int32, sharding=self.train_batch_sharding)
+             for key in objective.BATCH_KEYS}
+    return self._train_step, self.abstract_state(), batch
+
   def eval_step(self, params, batch):
     return self._eval_step(params, batch)
 
