@@ -337,21 +337,6 @@ def test_translate_interactive_answers_each_line_before_the_next_is_sent(runs, t
       process.wait()
 
 
-def test_a_pod_of_2_processes_translates_37_lines_as_one_process_does(runs, translated_37,
-                                                                       tmp_path):
-  """Process 0 reads the file and writes the output; both decode (2 x 2 devices)."""
-  path, _, expected = translated_37
-  out = tmp_path / "out.txt"
-  result = subprocess.run(
-      [sys.executable, "-m", "jaxformer.launcher", "--processes", "2", "--devices-per-process",
-       "2", "--", sys.executable, "-m", "jaxformer", "translate", "--workdir", runs.reference(),
-       "--input", str(path), "--output", str(out), "--batch-size", "16"],
-      cwd=run_testing.REPO, env=runs.env(1), capture_output=True, text=True,
-      timeout=run_testing.RUN_TIMEOUT_S)
-  assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-  assert out.read_text(encoding="utf-8").split("\n")[:-1] == expected
-
-
 # --- Signals. ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command, signum", [("evaluate", signal.SIGINT),

@@ -360,19 +360,35 @@ def test_tpu_revision_checks_out_the_same_commit_on_every_worker(tmp_path):
 
 # --- Using a trained run on a pod. ------------------------------------------------------------
 
-def test_pod_evaluates_the_whole_split_to_the_metrics_of_one_process(tmp_path_factory, tmp_path):
+# `python -c` code that runs two jaxformer commands, split at '--then', in one process: a pod
+# joins once and restores the run once for both, which keeps the suite within its budget.
+TWO_COMMANDS = ("import sys; from jaxformer import cli; i = sys.argv.index('--then'); "
+                "sys.exit(cli.main(sys.argv[1:i]) or cli.main(sys.argv[i + 1:]))")
+
+
+def test_pod_evaluates_and_translates_as_one_process_does(tmp_path_factory, tmp_path):
+  """evaluate: one result from process 0, the whole split counted once; translate: process 0
+  reads the file and writes the output in input order, every process decodes."""
   runs = run_testing.session_runs(tmp_path_factory)
   workdir = run_testing.copy_workdir(runs.reference(), str(tmp_path / "run"))
-  command = ["evaluate", "--workdir", workdir, "--split", "validation"]
-  alone = runs.run(command + ["--hypotheses", str(tmp_path / "alone.txt")], devices=1)
+  source = tmp_path / "in37.txt"  # 37 lines: 2 chunks of 16 and one of 5, empty lines among them.
+  source.write_text("".join(f"{'' if i % 6 == 5 else str(i * 37)}\n" for i in range(37)),
+                    encoding="utf-8")
+
+  def commands(name):
+    return ["evaluate", "--workdir", workdir, "--split", "validation", "--hypotheses",
+            str(tmp_path / f"{name}.hyp"), "--then", "translate", "--workdir", workdir,
+            "--input", str(source), "--output", str(tmp_path / f"{name}.out"),
+            "--batch-size", "16"]
+
+  alone = runs.python(TWO_COMMANDS, commands("alone"), devices=1)
   assert alone.returncode == 0, alone.stderr[-3000:]
   pod = subprocess.run(
       [sys.executable, "-m", "jaxformer.launcher", "--processes", str(PROCESSES),
-       "--devices-per-process", str(DEVICES_PER_PROCESS), "--", sys.executable, "-m",
-       "jaxformer", *command, "--hypotheses", str(tmp_path / "pod.txt")], cwd=ROOT, env=runs.env(1), capture_output=True, text=True,
-      timeout=POD_TIMEOUT_S)
+       "--devices-per-process", str(DEVICES_PER_PROCESS), "--", sys.executable, "-c",
+       TWO_COMMANDS, *commands("pod")], cwd=ROOT, env=runs.env(1), capture_output=True,
+      text=True, timeout=POD_TIMEOUT_S)
   assert pod.returncode == 0, (pod.stdout + pod.stderr)[-5000:]
-  # One result, from process 0, counted over the whole split once.
   results = [line for line in pod.stdout.splitlines() if line.lstrip("[0123456789] ")[:1] == "{"]
   assert len(results) == 1 and results[0].startswith("[0] "), pod.stdout[-3000:]
   want, got = json.loads(alone.stdout), json.loads(results[0].removeprefix("[0] "))
@@ -381,6 +397,7 @@ def test_pod_evaluates_the_whole_split_to_the_metrics_of_one_process(tmp_path_fa
   for key in ("loss", "accuracy"):
     assert abs(got[key] - want[key]) <= 1e-5 * abs(want[key]), key
   assert want["decoded_examples"] == 64  # data.num_validation: every example, once.
-  pod_lines = (tmp_path / "pod.txt").read_text(encoding="utf-8").split("\n")
-  assert pod_lines == (tmp_path / "alone.txt").read_text(encoding="utf-8").split("\n")
-  assert len(pod_lines) == 64 + 1  # One line per example, in the split's order.
+  for kind, lines in (("hyp", 64), ("out", 37)):  # One line each, in order, as one process.
+    pod_lines = (tmp_path / f"pod.{kind}").read_text(encoding="utf-8").split("\n")
+    assert pod_lines == (tmp_path / f"alone.{kind}").read_text(encoding="utf-8").split("\n")
+    assert len(pod_lines) == lines + 1
