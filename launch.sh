@@ -79,8 +79,9 @@ case "${1:-}" in
     shift
     setup_env
     # Two workers (the CI machine has two cores), each test file kept on one worker so that
-    # its module fixtures (data, vocabularies, reference runs) are built once.
-    exec "$PY" -m pytest -n 2 --dist loadfile "$@"
+    # its module fixtures (data, vocabularies, reference runs) are built once; files handed
+    # out in collection order (tests/conftest.py puts the longest first), not by test count.
+    exec "$PY" -m pytest -n 2 --dist loadfile --no-loadscope-reorder "$@"
     ;;
 esac
 

@@ -22,9 +22,10 @@ jax_internals.install()
 # KeyboardInterrupt there, as at a terminal.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
-# The files that take longest (minutes of subprocess runs each), in that order. pytest-xdist's
-# `--dist loadfile` (launch.sh) hands files to its workers in collection order, so these go
-# first: the suite ends with short files on both workers, not one long file on one of them.
+# The files that take longest (minutes of subprocess runs each), in that order. launch.sh's
+# pytest-xdist (`--dist loadfile --no-loadscope-reorder`) hands files to its workers in
+# collection order, so these go first: the suite ends with short files on both workers, not
+# with one long file (the bf16 test is one test of 80 s) on one of them.
 LONGEST_FILES = ("test_resume.py", "test_multihost.py", "test_cli.py", "test_launcher.py",
                  "test_bf16_quality.py")
 
