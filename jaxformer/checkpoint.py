@@ -34,7 +34,6 @@ checksums.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -54,7 +53,7 @@ from jax.experimental import multihost_utils
 
 from jaxformer import workdir as workdir_lib
 from jaxformer.errors import CheckpointError
-from jaxformer.log import log
+from jaxformer.log import absl_warnings_off, log
 
 PyTree = Any
 
@@ -650,19 +649,6 @@ def averaged_checkpoints(workdir: str) -> list[str]:
                 key=lambda n: tuple(int(g) for g in _AVERAGED_NAME.match(n).groups()))
 
 
-@contextlib.contextmanager
-def _absl_warnings_off():
-  """Silences orbax's absl warnings (a read-only manager warns that it is read-only), so that
-  a command's error stays its one line."""
-  logger = logging.getLogger("absl")
-  level = logger.level
-  logger.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    logger.setLevel(level)
-
-
 def _read_only_manager(workdir: str, keep_best: str) -> ocp.CheckpointManager:
   """An orbax manager of `<workdir>/checkpoints` that writes nothing (no saves, no deletions, no
   directories, no root metadata) and ranks the steps as the run's Checkpointer did."""
@@ -670,7 +656,7 @@ def _read_only_manager(workdir: str, keep_best: str) -> ocp.CheckpointManager:
       read_only=True, create=False, save_interval_steps=0, save_root_metadata=False,
       enable_async_checkpointing=False, best_fn=_best_fn(keep_best),
       best_mode=BEST_MODE[keep_best])
-  with _absl_warnings_off():
+  with absl_warnings_off():  # It warns that it is read-only.
     return ocp.CheckpointManager(_checkpoints_dir(workdir), options=options)
 
 

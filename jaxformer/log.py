@@ -8,6 +8,7 @@ prefixed with the process index when there are several. stdout is kept for resul
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -94,3 +95,17 @@ def one_line_library_errors() -> None:
     logger = logging.getLogger(name)
     if not any(isinstance(f, kind) for f in logger.filters):
       logger.addFilter(kind())
+
+
+@contextlib.contextmanager
+def absl_warnings_off():
+  """Silences the absl warnings of what is normal while a library sets itself up (tfds: a
+  builder config made at run time; orbax: a read-only manager), so that a command's error
+  stays its one line."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)

@@ -22,11 +22,9 @@ Every source, whatever its kind, reads as `source[i] -> {'source': str, 'target'
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import importlib
-import logging
 import os
 import runpy
 import sys
@@ -40,6 +38,7 @@ import tensorflow_datasets as tfds
 from jaxformer import config as config_lib
 from jaxformer.data import tasks, text
 from jaxformer.errors import ConfigError, DataError
+from jaxformer.log import absl_warnings_off
 
 SPLITS = ("train", "validation", "test")
 FILE_FORMAT = "array_record"   # random access, readable without TensorFlow.
@@ -79,19 +78,6 @@ def wait_until(ready: Callable[[], bool], what: str, timeout_s: float | None = N
                       "check process 0's log, and that every process sees the same workdir "
                       "(and data.data_dir)")
     time.sleep(WAIT_POLL_S)
-
-
-@contextlib.contextmanager
-def _quiet_tfds():
-  """Hides tfds's warnings about what is normal here while a builder is made: a builder config
-  made at run time (from the jaxformer config) and a dataset that is not built yet."""
-  logger = logging.getLogger("absl")
-  level = logger.level
-  logger.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    logger.setLevel(level)
 
 
 # --- Random-access sources of {'source': str, 'target': str}. -------------------------------
@@ -274,7 +260,7 @@ def catalog_builder(config: Config, data_dir: str) -> tfds.core.DatasetBuilder:
   if module:
     importlib.import_module(module)  # Registers the builder; needs no TensorFlow.
   try:
-    with _quiet_tfds():
+    with absl_warnings_off():
       return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise ConfigError(f"data.tfds_name={name!r} is not in the tfds catalog; jaxformer is tested "
@@ -303,10 +289,10 @@ def _not_prepared(config: Config, data_dir: str) -> DataError:
 def local_builder(config: Config, data_dir: str) -> tfds.core.GeneratorBasedBuilder:
   """The builder of a generated task or of local text files (not yet prepared)."""
   if config.data.task == "text":
-    with _quiet_tfds():
+    with absl_warnings_off():
       return TextPairs(data_dir=data_dir, config=TextPairs.config_for(config))
   if config.data.task in tasks.SAMPLERS:
-    with _quiet_tfds():
+    with absl_warnings_off():
       return GeneratedTask(data_dir=data_dir, config=GeneratedTask.config_for(config))
   raise ConfigError(f"data.task={config.data.task!r} is not a generated or text task")
 
@@ -324,7 +310,7 @@ def prepare(config: Config, data_dir: str) -> tfds.core.DatasetBuilder:
   else:
     builder = local_builder(config, data_dir)
     tfds.display_progress_bar(False)  # Seconds of work: no progress bars in the log.
-  with _quiet_tfds():
+  with absl_warnings_off():
     prepared = builder.is_prepared()
   if not prepared:
     try:
@@ -349,12 +335,12 @@ def check_ready(config: Config, data_dir: str) -> None:
   if config.data.task == "tfds":
     builder = catalog_builder(config, data_dir)
     direction_keys(config, builder)
-    with _quiet_tfds():
+    with absl_warnings_off():
       if not builder.is_prepared():
         raise _not_prepared(config, data_dir)
   elif config.data.task == "text" and jax.process_index() == 0:
     builder = local_builder(config, data_dir)  # Finds every file (their stamps name the data).
-    with _quiet_tfds():
+    with absl_warnings_off():
       prepared = builder.is_prepared()
     if not prepared:
       for _, paths in builder.builder_config.files:
