@@ -34,7 +34,7 @@ from jaxformer import devices as devices_lib
 from jaxformer.config import get_default_config
 from jaxformer.model.transformer import Transformer
 from jaxformer.tokens import EOS_ID
-from jaxformer.train import parallel
+from jaxformer.train import jax_internals, parallel
 
 from tests.train.train_testing import LENGTH, tiny_config
 
@@ -52,10 +52,10 @@ BEAM, EXTRA, ROWS, WIDTH = 4, 3, 16, 7
 
 
 @pytest.fixture
-def cudnn_installed(monkeypatch):
+def cudnn_installed():
   """jax's cuDNN attention traces here as on a GPU machine (see the module docstring)."""
-  monkeypatch.setattr("jax._src.cudnn.fused_attention_stablehlo.check_cudnn_version",
-                      lambda: PRETEND_CUDNN_VERSION)
+  with jax_internals.cudnn_version_assumed(PRETEND_CUDNN_VERSION):
+    yield
 
 
 def custom_calls(module: str) -> collections.Counter:

@@ -25,8 +25,10 @@ and says so through the common logger; only speed or noise changes, never a resu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+from typing import Iterator
 
 import jax
 
@@ -102,3 +104,18 @@ def preemption_service_running() -> bool:
         "signals only")
     return False
   return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+
+
+@contextlib.contextmanager
+def cudnn_version_assumed(version: int) -> Iterator[None]:
+  """jax's cuDNN attention traces as on a GPU machine with cuDNN `version`, on a machine
+  without the CUDA plugin: for exporting the GPU program from a CPU
+  (tests/test_accelerator_export.py). jax asks the plugin for the version while tracing; the
+  lowered program does not depend on it."""
+  from jax._src.cudnn import fused_attention_stablehlo
+  saved = fused_attention_stablehlo.check_cudnn_version
+  fused_attention_stablehlo.check_cudnn_version = lambda: version
+  try:
+    yield
+  finally:
+    fused_attention_stablehlo.check_cudnn_version = saved
