@@ -1,4 +1,4 @@
-"""`jaxformer train|evaluate|translate|average|info|plot|prepare`: the command line.
+"""`jaxformer train|evaluate|translate|export|import|average|info|plot|prepare`: the command line.
 
 Each command parses its arguments, then calls one function of the package. A `JaxformerError`
 (anything the user can fix) is printed as one line, `error: <message>`, with exit status 2.
@@ -330,6 +330,18 @@ def cmd_average(args, overrides) -> int:
   return 0
 
 
+def cmd_export(args, overrides) -> int:
+  from jaxformer import inference
+  print(inference.export_run(args.workdir, args.step, args.format, args.out, args.quantize))
+  return 0
+
+
+def cmd_import(args, overrides) -> int:
+  from jaxformer import inference
+  print(inference.import_run(args.format, args.source, args.workdir))
+  return 0
+
+
 def cmd_plot(args, overrides) -> int:
   check_output_file(args.out, "--out")
   from jaxformer import plots
@@ -376,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--version", action="version", version=f"jaxformer {version()}")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   for add_command in (_add_info, _add_train, _add_evaluate, _add_translate, _add_prepare,
-                      _add_average, _add_plot):
+                      _add_average, _add_export, _add_import, _add_plot):
     add_command(sub)
   return parser
 
@@ -490,6 +502,32 @@ def _add_average(sub) -> None:
                  help="average the last K saved steps up to and including this one: a saved "
                  "step, or 'best' (the step checkpoint.keep_best kept) (default: the newest)")
   p.set_defaults(run=cmd_average)
+
+
+def _add_export(sub) -> None:
+  from jaxformer import interop
+  p = sub.add_parser("export", help="write a checkpoint for Hugging Face (MarianMT), "
+                     "CTranslate2 or StableHLO (jax.export)")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--step", type=_step_arg, default=None, metavar="STEP|best", help=STEP_HELP)
+  p.add_argument("--format", required=True, choices=tuple(interop.EXPORT_MODULES))
+  p.add_argument("--out", required=True, metavar="DIR",
+                 help="a new (or empty) directory; written whole or not at all")
+  p.add_argument("--quantize", default=None, choices=("int8",),
+                 help="ctranslate2 only: store the weights as int8")
+  p.set_defaults(run=cmd_export)
+
+
+def _add_import(sub) -> None:
+  from jaxformer import interop
+  p = sub.add_parser("import", help="make a Hugging Face MarianMT model directory (e.g. an "
+                     "Opus-MT model) a jaxformer workdir")
+  p.add_argument("--format", required=True, choices=tuple(interop.IMPORT_MODULES))
+  p.add_argument("--from", dest="source", required=True, metavar="DIR",
+                 help="the model directory (what save_pretrained wrote)")
+  p.add_argument("--workdir", required=True,
+                 help="a new (or empty) directory: config.json, vocabulary, one checkpoint")
+  p.set_defaults(run=cmd_import)
 
 
 def _add_plot(sub) -> None:

@@ -25,6 +25,7 @@ read and what to do with it. It knows nothing of training (no import of jaxforme
 from __future__ import annotations
 
 import functools
+import importlib
 import itertools
 import os
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -128,6 +129,37 @@ def parallel_decoder(run: InferenceRun, beam_size: int | None = None,
       alpha=d.alpha if alpha is None else alpha,
       max_extra_len=d.max_extra_len if max_extra_len is None else max_extra_len,
       max_len=run.config.model.max_len)
+
+
+def export_run(workdir: str, step: int | str | None, fmt: str, out: str,
+               quantize: str | None = None) -> str:
+  """Writes the checkpoint `step` of `workdir` in format `fmt` (jaxformer.interop.EXPORT_MODULES)
+  into the new directory `out`, all or nothing; returns `out`."""
+  from jaxformer import interop
+  module = importlib.import_module(f"jaxformer.interop.{interop.EXPORT_MODULES[fmt]}")
+  if quantize is not None and quantize not in interop.QUANTIZATIONS.get(fmt, ()):
+    raise InputError(f"--quantize {quantize} is not offered for --format {fmt} (offered: "
+                     f"{dict((f, q) for f, q in interop.QUANTIZATIONS.items())})")
+  workdir_lib.check_new_dir(out, "--out")
+  run = load_for_inference(workdir, step, sharding=inference_sharding())
+  run = run._replace(params=jax.device_get(run.params))
+  with workdir_lib.written_whole(out) as scratch:
+    module.export(run, scratch, quantize)
+  return out
+
+
+def import_run(fmt: str, source: str, workdir: str) -> str:
+  """Makes the model directory `source` (format `fmt`, jaxformer.interop.IMPORT_MODULES) a
+  jaxformer workdir at the new directory `workdir`, all or nothing; returns `workdir`."""
+  from jaxformer import interop
+  module = importlib.import_module(f"jaxformer.interop.{interop.IMPORT_MODULES[fmt]}")
+  if not os.path.isdir(source):
+    raise InputError(f"--from {source} is not a directory; give the directory of a saved model "
+                     "(for hf: what save_pretrained wrote)")
+  workdir_lib.check_new_dir(workdir, "--workdir")
+  with workdir_lib.written_whole(workdir) as scratch:
+    module.import_model(source, scratch)
+  return workdir
 
 
 def inference_sharding() -> jax.sharding.Sharding:

@@ -38,6 +38,7 @@ only finished checkpoints, which orbax renames into place once complete.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -48,7 +49,7 @@ import shutil
 import socket
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -143,6 +144,35 @@ def check_can_write(workdir: str, name: str = "--workdir") -> None:
     reason = "a read-only file system" if _read_only(existing) else "no write permission"
     raise WorkdirError(f"{name} {workdir} cannot be written ({reason} at {existing}); "
                        "choose a directory you can write")
+
+
+def check_new_dir(directory: str, flag: str) -> None:
+  """Raises WorkdirError unless `directory` (local) is missing or empty: what export and import
+  write never replaces a user's files."""
+  if "://" in str(directory):
+    raise WorkdirError(f"{flag} {directory}: export and import write local directories only; "
+                       "copy the result to the bucket afterwards")
+  if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+    raise WorkdirError(f"{flag} {directory} already exists and is not an empty directory; give "
+                       "a new one (nothing is overwritten)")
+  check_can_write(os.path.dirname(os.path.abspath(directory)), name=f"the parent of {flag}")
+
+
+@contextlib.contextmanager
+def written_whole(directory: str) -> Iterator[str]:
+  """Yields a scratch directory beside `directory` that becomes `directory` when the block ends
+  without an error, and is removed when it fails: a failed export or import leaves nothing."""
+  directory = os.path.abspath(directory)
+  scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-",
+                             dir=os.path.dirname(directory))
+  try:
+    yield scratch
+    if os.path.isdir(directory):
+      os.rmdir(directory)  # check_new_dir allowed it only empty.
+    os.replace(scratch, directory)
+  finally:
+    if os.path.isdir(scratch):
+      shutil.rmtree(scratch)
 
 
 def check_run_dir(workdir: str) -> None:

@@ -16,9 +16,9 @@ PACKAGE = ROOT / "jaxformer"
 
 # The rooms of the house, top to bottom (../shared/DESIGN.md, "Layout"): a module may import
 # only rooms below its own. Modules of one package (train/, model/, data/) import each other.
-ROOMS = ("__main__", "cli", "launcher", "train", "inference", "plots", "attention_maps",
-         "evaluate", "decode", "checkpoint", "objective", "model", "data", "devices", "workdir",
-         "config", "log", "tokens", "errors")
+ROOMS = ("__main__", "cli", "launcher", "train", "inference", "interop", "plots",
+         "attention_maps", "evaluate", "decode", "checkpoint", "objective", "model", "data",
+         "devices", "workdir", "config", "log", "tokens", "errors")
 # Where a private API of jax or grain may be used, and where global hooks are installed.
 INTERNALS = "jaxformer/train/jax_internals.py"
 MAX_FUNCTION_LINES = 60
