@@ -37,7 +37,9 @@
 # with `python3 -m venv` and `pip install -c constraints.txt -e '.[test]'` (the tested version
 # of every dependency), and reinstalled when pyproject.toml or constraints.txt changes.
 # JAXFORMER_UNPINNED=1 installs without the constraints (pyproject's floors only: the newest
-# versions in a new environment).
+# versions in a new environment). JAXFORMER_EXTRAS=interop (comma-separated extras) adds those
+# extras to the install: CI runs `JAXFORMER_EXTRAS=interop ./launch.sh test`, so the
+# Hugging Face, CTranslate2 and torch tests run there (they skip, saying so, without it).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
@@ -45,12 +47,12 @@ cd "$ROOT"
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 
 setup_env() {
-  local stamp want pins=(-c "$ROOT/constraints.txt")
+  local stamp want pins=(-c "$ROOT/constraints.txt") extras="test${JAXFORMER_EXTRAS:+,$JAXFORMER_EXTRAS}"
   if [[ "${JAXFORMER_UNPINNED:-0}" != 0 ]]; then
     pins=()
-    want="$(cksum < pyproject.toml) unpinned"
+    want="$(cksum < pyproject.toml) unpinned [$extras]"
   else
-    want="$(cksum < pyproject.toml) $(cksum < constraints.txt)"
+    want="$(cksum < pyproject.toml) $(cksum < constraints.txt) [$extras]"
   fi
   if [[ -n "${VIRTUAL_ENV:-}" && -x "${VIRTUAL_ENV}/bin/python" ]]; then
     PY="${VIRTUAL_ENV}/bin/python"
@@ -65,7 +67,7 @@ setup_env() {
   if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]] || ! "$PY" -c 'import jaxformer, pytest' 2>/dev/null; then
     echo "launch.sh: installing jaxformer and its dependencies into $("$PY" -c 'import sys; print(sys.prefix)')" >&2
     "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q ${pins[@]+"${pins[@]}"} -e "$ROOT[test]"
+    "$PY" -m pip install -q ${pins[@]+"${pins[@]}"} -e "$ROOT[$extras]"
     echo "$want" > "$stamp"
   fi
 }

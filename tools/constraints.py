@@ -27,7 +27,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT = "jaxformer"
-EXTRAS = ("test",)  # Installed by launch.sh beside the runtime dependencies, so tested too.
+EXTRAS = ("test", "interop")  # What launch.sh (and CI, with the interop extra) tests with.
 
 
 def project_requirements(pyproject: str = os.path.join(ROOT, "pyproject.toml")
@@ -77,14 +77,16 @@ def render(dists: dict[str, importlib.metadata.Distribution]) -> str:
   """The file: a header saying where it came from, then `Name==version` lines (as pip freeze
   writes them), sorted by name."""
   header = [
-      "# The tested version of every dependency of jaxformer (runtime and the test extra),",
+      "# The tested version of every dependency of jaxformer (runtime, test and interop extras),",
       "# transitive ones included, written by `python tools/constraints.py` in the environment",
       f"# the tests passed in: Python {platform.python_version()}, {sys.platform} "
       f"{platform.machine()}.",
       "# Installs use it (`pip install -c constraints.txt ...`); JAXFORMER_UNPINNED=1 opts out.",
       "# Refresh it when pyproject.toml changes: README, Tests.",
   ]
-  pins = [f"{d.metadata['Name']}=={d.version}" for _, d in sorted(dists.items())]
+  # A local version label (torch's `+cpu`) names a build, not a release on the package index:
+  # `==2.13.0` takes whichever build of 2.13.0 the machine finds (`+cpu` where it lies on disk).
+  pins = [f"{d.metadata['Name']}=={d.version.split('+')[0]}" for _, d in sorted(dists.items())]
   return "\n".join(header + pins) + "\n"
 
 
