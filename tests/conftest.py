@@ -39,3 +39,29 @@ def pytest_collection_modifyitems(items):
     name = os.path.basename(str(item.fspath))
     return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
   items.sort(key=rank)  # Stable: within a file, and among the others, the order stays.
+
+
+# The optional `interop` extra (pyproject.toml): its tests skip without it, and the run says so
+# in one line. CI installs it (.ci/run), so there they always run.
+INTEROP_LIBRARIES = ("transformers", "torch", "safetensors", "ctranslate2")
+
+
+def missing_interop_libraries() -> list[str]:
+  import importlib.util
+  return [name for name in INTEROP_LIBRARIES if importlib.util.find_spec(name) is None]
+
+
+def pytest_report_header(config):
+  missing = missing_interop_libraries()
+  if missing:
+    return (f"interop tests skipped: {', '.join(missing)} not installed (install the extra: "
+            "JAXFORMER_EXTRAS=interop ./launch.sh test)")
+  return None
+
+
+def pytest_terminal_summary(terminalreporter):
+  missing = missing_interop_libraries()
+  if missing:
+    terminalreporter.write_line(
+        f"interop tests skipped: {', '.join(missing)} not installed (install the extra: "
+        "JAXFORMER_EXTRAS=interop ./launch.sh test)")
