@@ -46,22 +46,21 @@ def pytest_collection_modifyitems(items):
 INTEROP_LIBRARIES = ("transformers", "torch", "safetensors", "ctranslate2")
 
 
-def missing_interop_libraries() -> list[str]:
+def interop_skip_line() -> str | None:
+  """One line naming the interop libraries that are missing, or None when all are installed."""
   import importlib.util
-  return [name for name in INTEROP_LIBRARIES if importlib.util.find_spec(name) is None]
+  missing = [name for name in INTEROP_LIBRARIES if importlib.util.find_spec(name) is None]
+  if not missing:
+    return None
+  return (f"interop tests skipped: {', '.join(missing)} not installed (install the extra: "
+          "JAXFORMER_EXTRAS=interop ./launch.sh test)")
 
 
 def pytest_report_header(config):
-  missing = missing_interop_libraries()
-  if missing:
-    return (f"interop tests skipped: {', '.join(missing)} not installed (install the extra: "
-            "JAXFORMER_EXTRAS=interop ./launch.sh test)")
-  return None
+  return interop_skip_line()
 
 
 def pytest_terminal_summary(terminalreporter):
-  missing = missing_interop_libraries()
-  if missing:
-    terminalreporter.write_line(
-        f"interop tests skipped: {', '.join(missing)} not installed (install the extra: "
-        "JAXFORMER_EXTRAS=interop ./launch.sh test)")
+  line = interop_skip_line()
+  if line:
+    terminalreporter.write_line(line)
