@@ -18,6 +18,7 @@ benchmarks' folder first on sys.path.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -139,6 +140,32 @@ def synthetic_rows(config, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
                                   dtype=np.int32),
           "inputs_positions": positions, "targets_positions": positions.copy(),
           "inputs_segment_ids": ones, "targets_segment_ids": ones.copy()}
+
+
+def packed_rows(config, rows: int, lengths: tuple[int, int], seed: int = 0
+                ) -> dict[str, np.ndarray]:
+  """`rows` training rows of data.max_len tokens, each packed with random pairs whose sides
+  are `lengths` (min, max) tokens long, EOS last, until the next pair does not fit; the rest
+  is padding. Segment ids number the pairs from 1, positions restart at 0 in each."""
+  length = config.data.max_len
+  rng = np.random.default_rng(seed)
+  out = {key: np.zeros((rows, length), np.int32) for key in
+         ("inputs", "targets", "inputs_positions", "targets_positions", "inputs_segment_ids",
+          "targets_segment_ids")}
+  for row in range(rows):
+    used = {"inputs": 0, "targets": 0}
+    for segment in itertools.count(1):
+      sizes = {side: int(rng.integers(lengths[0], lengths[1] + 1)) for side in used}
+      if any(used[side] + sizes[side] > length for side in used):
+        break
+      for side, size in sizes.items():
+        span = slice(used[side], used[side] + size)
+        out[side][row, span] = rng.integers(FIRST_REAL_ID, config.model.vocab_size, size)
+        out[side][row, span.stop - 1] = EOS_ID
+        out[f"{side}_positions"][row, span] = np.arange(size)
+        out[f"{side}_segment_ids"][row, span] = segment
+        used[side] += size
+  return out
 
 
 # --- Real runs of the training loop. ------------------------------------------------------------

@@ -84,14 +84,24 @@ class ModelSpec:
   about: str
 
 
+D256 = dict(d_model=256, num_layers=3, num_heads=4, d_ff=1024)
 MODELS = {
     "default": ModelSpec("default", {}, 64, 32, 10, "experiments/default.py"),
-    "d256": ModelSpec("default", dict(d_model=256, num_layers=3, num_heads=4, d_ff=1024),
-                      64, 32, 10, "default with D=256, F=1024, 3+3 layers"),
+    "d256": ModelSpec("default", D256, 64, 32, 10, "default with D=256, F=1024, 3+3 layers"),
+    # The peers' workloads (../shared/peers/torch_peers.py), at their vocabularies.
+    "small": ModelSpec("default", dict(D256, vocab_size=8000), 64, 32, 10,
+                       "the peers' small: d256 with V=8000"),
+    "base32k": ModelSpec("wmt14_en_de_base", dict(vocab_size=32000), 16, 64, 5,
+                         "the peers' base: the paper's base with V=32000"),
+    # Long packed rows: pairs of 10-60 tokens a side packed into rows of 128.
+    "packed": ModelSpec("default", dict(D256, vocab_size=8000, max_len=128), 36, 128, 8,
+                        "small at 36 packed rows of 128 (pairs of 10-60 tokens)"),
     "base": ModelSpec("wmt14_en_de_base", {}, 16, 64, 5, "the paper's base model"),
     "big": ModelSpec("wmt14_en_de_big", {}, 16, 64, 3, "the paper's big model"),
 }
 QUICK_MODELS = ("default", "d256")
+# The models whose synthetic rows are packed pairs, and the pairs' length range (each side).
+PACKED_MODELS = {"packed": (10, 60)}
 
 
 # --- Settings and configs. --------------------------------------------------------------------
@@ -144,10 +154,10 @@ def first_step(strategy, state, batch) -> tuple[float, object, dict, dict]:
 
 
 def step_figures(config, timing: common.Timing, peaks: list[tuple[float, float]],
-                 settings: dict) -> dict:
-  """The train step's settings, FLOPs, times, tokens/s and MFU (by wall and by CPU time)."""
+                 settings: dict, target_tokens: int) -> dict:
+  """The train step's settings, FLOPs, times, tokens/s (real target tokens: packed rows have
+  padding) and MFU (by wall and by CPU time)."""
   step_flops = throughput.train_step_flops(config)
-  target_tokens = config.train.batch_size * config.data.max_len
   best, median = timing.best, timing.median
   peak = settings["peak_flops"] or max(wall for wall, _ in peaks)
   cpu_peak = max(cpu for _, cpu in peaks)
@@ -177,7 +187,12 @@ def measure_training(name: str, settings: dict) -> dict:
 
   strategy = parallel.make_strategy(config)
   state = strategy.init_state(jax.random.key(0))
-  batch = strategy.shard_batch(common.synthetic_rows(config, strategy.host_batch_size))
+  if name in PACKED_MODELS:
+    rows = common.packed_rows(config, strategy.host_batch_size, PACKED_MODELS[name])
+  else:
+    rows = common.synthetic_rows(config, strategy.host_batch_size)
+  target_tokens = int(np.count_nonzero(rows["targets"]))
+  batch = strategy.shard_batch(rows)
   first, state, metrics, donation = first_step(strategy, state, batch)
 
   def one_step():
@@ -191,7 +206,8 @@ def measure_training(name: str, settings: dict) -> dict:
   peaks.append(common.matmul_peak(config.model.dtype))
   memory, memory_kind = peak_memory()
   timing = common.Timing(first, times, cpu_seconds)
-  result = dict(model=name, about=spec.about, **step_figures(config, timing, peaks, settings),
+  result = dict(model=name, about=spec.about,
+                **step_figures(config, timing, peaks, settings, target_tokens),
                 peak_memory_bytes=memory, peak_memory_kind=memory_kind, **donation,
                 loss=float(metrics["loss"]), device=device_info())
   if settings["trace"]:

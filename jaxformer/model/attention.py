@@ -8,11 +8,15 @@ computes softmax(Q K^T / sqrt(K)) V in every head, and projects the H results ba
 decoding it keeps keys and values in the 'cache' collection:
 
 - self-attention writes this step's key and value at position `cache_index` `[B*n]` (one per
-  row) of `cached_key` and `cached_value` `[B*n, L, H, K]` (L = the longest decode) and attends
+  row) of `cached_key` and `cached_value` `[B*n, H, L, K]` (L = the longest decode) and attends
   to the positions <= that index;
 - cross-attention projects the encoder output to keys and values once per sentence (mode
-  'init_cache') into `cross_key` and `cross_value` `[B, S, H, K]`; every step then only projects
-  its queries. With n hypotheses per sentence (beam search), the n queries of sentence b attend
+  'init_cache') into `cross_key` and `cross_value` `[B, H, S, K]`; every step then only projects
+  its queries.
+
+The cache keeps each head's keys and values together (heads before positions): a step's
+attention is then a batched matrix product over the cache as it lies in memory, where the
+`[.., L, H, K]` layout of the projections would be transposed, whole, at every step. With n hypotheses per sentence (beam search), the n queries of sentence b attend
   to sentence b's keys and values, which are never copied n times.
 
 Every cache entry has its batch on axis 0. `init_cache` makes the self-attention entries with
@@ -112,18 +116,33 @@ def masked_fill_value(dtype: Any) -> float:
   return float(jnp.finfo(dtype).min) * MASK_FILL_FRACTION
 
 
-def attention_weights(query: jnp.ndarray, key: jnp.ndarray, mask: jnp.ndarray | None
-                      ) -> jnp.ndarray:
+def attention_weights(query: jnp.ndarray, key: jnp.ndarray, mask: jnp.ndarray | None,
+                      heads_first: bool = False) -> jnp.ndarray:
   """softmax(Q K^T / sqrt(K)) per head, in float32.
 
-  Queries `[B, T, H, K]`, keys `[B, S, H, K]`, mask `[B, 1, T, S]` -> weights `[B, H, T, S]`.
+  Queries `[B, T, H, K]`, keys `[B, S, H, K]` (or `[B, H, S, K]` with `heads_first`, the cache's
+  layout), mask `[B, 1, T, S]` -> weights `[B, H, T, S]`.
   """
   depth = query.shape[-1]
-  scores = jnp.einsum("bthk,bshk->bhts", query, key, preferred_element_type=jnp.float32)
+  keys = "bhsk" if heads_first else "bshk"
+  scores = jnp.einsum(f"bthk,{keys}->bhts", query, key, preferred_element_type=jnp.float32)
   scores = scores / np.sqrt(depth).astype(np.float32)
   if mask is not None:
     scores = jnp.where(mask, scores, masked_fill_value(scores.dtype))
   return jax.nn.softmax(scores, axis=-1)
+
+
+def heads_first(x: jnp.ndarray) -> jnp.ndarray:
+  """A projection `[B, S, H, K]` in the cache's layout `[B, H, S, K]`."""
+  return jnp.swapaxes(x, 1, 2)
+
+
+def cached_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray,
+                     mask: jnp.ndarray) -> jnp.ndarray:
+  """Attention over cached keys and values (decoding): queries `[B, T, H, K]`, keys and values
+  `[B, H, S, K]`, mask `[B, 1, T, S]` -> `[B, T, H, K]`. No dropout, nothing recorded."""
+  weights = attention_weights(query, key, mask, heads_first=True)
+  return jnp.einsum("bhts,bhsk->bthk", weights.astype(value.dtype), value)
 
 
 # cuDNN's fused attention takes these compute dtypes and head sizes (multiples of 8, up to 128).
@@ -184,11 +203,11 @@ class MultiHeadAttention(nn.Module):
 
     if mode == INIT_CACHE:
       if self.cross:
-        self.variable("cache", "cross_key", lambda: project_key(inputs_kv))
-        self.variable("cache", "cross_value", lambda: project_value(inputs_kv))
+        self.variable("cache", "cross_key", lambda: heads_first(project_key(inputs_kv)))
+        self.variable("cache", "cross_value", lambda: heads_first(project_value(inputs_kv)))
       else:
         batch, length = inputs_q.shape[:2]
-        shape, dtype = (batch, length, heads, depth), jnp.dtype(cfg.dtype)
+        shape, dtype = (batch, heads, length, depth), jnp.dtype(cfg.dtype)
         self.variable("cache", "cached_key", jnp.zeros, shape, dtype)
         self.variable("cache", "cached_value", jnp.zeros, shape, dtype)
         self.variable("cache", "cache_index", jnp.zeros, (batch,), jnp.int32)
@@ -241,18 +260,18 @@ class MultiHeadAttention(nn.Module):
     cached_value = self.variable("cache", "cached_value")
     cache_index = self.variable("cache", "cache_index")
     index = cache_index.value                                         # [B*n]
-    length = cached_key.value.shape[1]
+    length = cached_key.value.shape[2]
     # Write this step's key and value at position `index` of each row (an elementwise select,
     # cheaper than a scatter on every backend).
-    here = (jnp.arange(length) == index[:, None])[:, :, None, None]  # [B*n, L, 1, 1]
-    cached_key.value = jnp.where(here, key, cached_key.value)
-    cached_value.value = jnp.where(here, value, cached_value.value)
+    here = (jnp.arange(length) == index[:, None])[:, None, :, None]  # [B*n, 1, L, 1]
+    cached_key.value = jnp.where(here, heads_first(key), cached_key.value)
+    cached_value.value = jnp.where(here, heads_first(value), cached_value.value)
     cache_index.value = index + 1
     mask = cached_positions_mask(index, length)
-    return self._attend(query, cached_key.value, cached_value.value, mask, deterministic=True)
+    return cached_attention(query, cached_key.value, cached_value.value, mask)
 
   def _cross_attend_cached(self, query: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    """Queries `[B*n, T, H, K]` over the cached encoder keys/values `[B, S, H, K]`.
+    """Queries `[B*n, T, H, K]` over the cached encoder keys/values `[B, H, S, K]`.
 
     The n hypotheses of sentence b (rows b*n .. b*n + n-1) become n*T queries of row b, so they
     share that sentence's keys and values. `mask` is `[B, 1, 1, S]`.
@@ -261,5 +280,5 @@ class MultiHeadAttention(nn.Module):
     value = self.variable("cache", "cross_value").value
     batch, (rows, length, heads, depth) = key.shape[0], query.shape
     query = query.reshape(batch, (rows // batch) * length, heads, depth)
-    out = self._attend(query, key, value, mask, deterministic=True)
+    out = cached_attention(query, key, value, mask)
     return out.reshape(rows, length, heads, depth)
