@@ -421,6 +421,25 @@ def naive_decode_batch(model: nn.Module, params: Any, inputs: jax.Array, *, beam
                  eos_id=eos_id)
 
 
+# --- The source widths translate pads to. -----------------------------------------------
+
+MIN_LENGTH_BUCKET = 8  # sources are padded to power-of-two widths from here up to max_len.
+
+
+def power_of_two(n: int, smallest: int, largest: int) -> int:
+  """The smallest power of two >= n (and >= smallest), capped at largest."""
+  size = smallest
+  while size < n:
+    size *= 2
+  return min(size, largest)
+
+
+def length_buckets(max_len: int) -> list[int]:
+  """Every source width jaxformer.inference.translate pads a batch to: the powers of two from
+  MIN_LENGTH_BUCKET up, the last capped at max_len ([8, 16, 32, 64, 128, 256] for 256)."""
+  return sorted({power_of_two(n, MIN_LENGTH_BUCKET, max_len) for n in range(1, max_len + 1)})
+
+
 # --- Every device decodes its own rows. ----------------------------------------------------
 
 def padded_rows(rows: int, multiple: int) -> int:

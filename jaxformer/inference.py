@@ -42,6 +42,7 @@ from jaxformer import devices as devices_lib
 from jaxformer import workdir as workdir_lib
 from jaxformer.data import text as text_lib
 from jaxformer.data.tokenizer import Tokenizer
+from jaxformer.decode import MIN_LENGTH_BUCKET, power_of_two  # Shared with interop.stablehlo.
 from jaxformer.errors import CheckpointError, InputError, JaxformerError
 from jaxformer.log import log
 from jaxformer.model.embedding import sinusoidal_table
@@ -169,7 +170,6 @@ def inference_sharding() -> jax.sharding.Sharding:
 
 # --- Translating files and streams. -----------------------------------------------------------
 
-MIN_LENGTH_BUCKET = 8  # sources are padded to power-of-two widths from here up to max_len.
 EMPTY_SCORE = 0.0      # the score of an empty line's translation (empty too): log P = 0.
 # Each chunk's header, sent by process 0 before the chunk's ids: lines in it, their width, the
 # input ended with it, process 0 met an input error, lines of it cut to max_len.
@@ -193,14 +193,6 @@ class TranslateReport(NamedTuple):
   """What `translate` did, the same on every process."""
   lines: int      # input lines translated (empty ones included)
   truncated: int  # of them cut to the model's max_len (truncate=True)
-
-
-def power_of_two(n: int, smallest: int, largest: int) -> int:
-  """The smallest power of two >= n (and >= smallest), capped at largest."""
-  size = smallest
-  while size < n:
-    size *= 2
-  return min(size, largest)
 
 
 def encode_line(tokenizer: Tokenizer, text: str, max_len: int, where: str,
