@@ -21,9 +21,9 @@ Exported whose `.call(params, inputs, alpha)` takes
 
 and returns (tokens [B, k, L] int32, scores [B, k] float32, lengths [B, k] int32): the k =
 beam_size best hypotheses, best first, each `lengths` tokens long (its EOS included, if it
-ended with one), PAD after; L = min(W + max_extra_len, max_len). That is jaxformer.decode's
-DecodeResult (decode_batch), as a tuple. docs/stablehlo_translate.py reads the directory with jax, numpy and
-sentencepiece only.
+ended with one), PAD after; L = min(W + max_extra_len, max_len): the DecodeResult of
+jaxformer.decode.decode_batch, as a tuple. docs/stablehlo_translate.py reads the directory with
+jax, numpy and sentencepiece only.
 
 Platforms: CPU by default. `export(..., platforms=("cpu", "cuda"))` lowers every program for
 both (jax.export's multi-platform lowering, which works on a machine without a GPU and adds a few
@@ -33,7 +33,8 @@ fused kernel (model.attention_kernel is set to 'xla' for the export): the kernel
 the machine the export runs on, and a custom call would tie the programs to one platform.
 
 Compatibility is jax.export's: a program serialised by one jax version can be called by later
-versions for at least six months (the manifest records the jax that wrote it).
+versions for about six months (JAX's export documentation); the manifest records the jax that
+wrote it.
 """
 
 from __future__ import annotations
