@@ -154,3 +154,9 @@ def test_the_export_gives_the_live_beam_search_without_jaxformer(workdir, export
   def best_text(width, row):
     return run.tokenizer.decode(live[width].tokens[row, 0, :live[width].lengths[row, 0]])
   assert answer["translations"] == [best_text(*place) if place else "" for place in where]
+
+
+@pytest.mark.parametrize("max_len, widths", [(256, [8, 16, 32, 64, 128, 256]), (24, [8, 16, 24]),
+                                             (5, [5])])
+def test_one_program_per_width_translate_pads_to(max_len, widths):
+  assert decode.length_buckets(max_len) == widths
