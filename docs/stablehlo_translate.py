@@ -25,6 +25,9 @@ def load(directory):
   """The manifest, the parameters, the vocabulary and the programs {width: Exported}."""
   with open(os.path.join(directory, "manifest.json")) as f:
     manifest = json.load(f)
+  if (manifest.get("format"), manifest.get("version")) != ("jaxformer-stablehlo", 1):
+    raise ValueError(f"{directory} is not a jaxformer StableHLO export (version 1) this script "
+                     "reads")
   with np.load(os.path.join(directory, manifest["parameters"])) as arrays:
     params = {name: arrays[name] for name in arrays.files}
   vocab = spm.SentencePieceProcessor(model_file=os.path.join(directory, manifest["vocabulary"]))
