@@ -8,7 +8,7 @@ with each package's markers evaluated for this interpreter and the extras asked 
 else installed here (a linter, a profiler) is pinned. Refreshing (README, "Tests"):
 
   python3 -m venv /tmp/fresh
-  JAXFORMER_UNPINNED=1 VIRTUAL_ENV=/tmp/fresh ./launch.sh test   # the newest versions, tested
+  JAXFORMER_UNPINNED=1 JAXFORMER_EXTRAS=interop VIRTUAL_ENV=/tmp/fresh ./launch.sh test
   /tmp/fresh/bin/python tools/constraints.py                      # rewrites constraints.txt
 
 `python tools/constraints.py -` prints the file instead of writing it.
