@@ -147,6 +147,7 @@ def test_launch_sh_installs_the_pinned_versions_and_reinstalls_when_the_pins_cha
   log = tmp_path / "installs.log"
   env = dict(os.environ, VIRTUAL_ENV=str(venv), FAKE_PREFIX=str(venv), FAKE_LOG=str(log))
   env.pop(launcher.UNPINNED_VARIABLE, None)
+  env.pop("JAXFORMER_EXTRAS", None)  # CI sets it for the suite itself.
 
   def installs(**extra_env) -> list[str]:
     before = log.read_text().splitlines() if log.exists() else []
@@ -160,11 +161,17 @@ def test_launch_sh_installs_the_pinned_versions_and_reinstalls_when_the_pins_cha
   assert installs() == []  # Installed, and nothing changed: no reinstall.
   assert installs(JAXFORMER_UNPINNED="1") == [f"-m pip install -q -e {ROOT}[test]"]
   assert installs() == [pinned]  # Back to the pins.
+  # An extra asked for (CI asks for interop) is installed beside test, and stays asked for.
+  with_interop = pinned.replace("[test]", "[test,interop]")
+  assert installs(JAXFORMER_EXTRAS="interop") == [with_interop]
+  assert installs(JAXFORMER_EXTRAS="interop") == []
+  assert installs() == [pinned]
   # The stamp holds the checksum of constraints.txt: a refreshed file reinstalls.
   checksums = [subprocess.run(f"cksum < {ROOT / name}", shell=True, capture_output=True,
                               text=True, check=True).stdout.strip()
                for name in ("pyproject.toml", "constraints.txt")]
-  assert (venv / ".jaxformer-installed").read_text().split() == " ".join(checksums).split()
+  assert (venv / ".jaxformer-installed").read_text().split() == [*" ".join(checksums).split(),
+                                                                 "[test]"]
 
 
 def _wheel_venv(tmp_path: pathlib.Path) -> pathlib.Path:
