@@ -169,6 +169,7 @@ def step_figures(config, timing: common.Timing, peaks: list[tuple[float, float]]
       batch=config.train.batch_size, length=config.data.max_len,
       parameters=state_lib.count_parameters_by_module(config)["total"],
       step_flops=step_flops, flops_per_token=step_flops / target_tokens,
+      target_tokens=target_tokens,
       compile_seconds=timing.compile_seconds, step_seconds=best, median_step_seconds=median,
       step_times=timing.times, tokens_per_second=target_tokens / best,
       peak_flops=peak, peak_flops_measured=[wall for wall, _ in peaks],
