@@ -172,6 +172,7 @@ def step_figures(config, timing: common.Timing, peaks: list[tuple[float, float]]
       target_tokens=target_tokens,
       compile_seconds=timing.compile_seconds, step_seconds=best, median_step_seconds=median,
       step_times=timing.times, tokens_per_second=target_tokens / best,
+      median_tokens_per_second=target_tokens / median,  # the peers report medians
       peak_flops=peak, peak_flops_measured=[wall for wall, _ in peaks],
       mfu=step_flops / best / (peak * devices),
       median_mfu=step_flops / median / (peak * devices),
