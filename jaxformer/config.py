@@ -48,10 +48,20 @@ def _model_defaults() -> ml_collections.ConfigDict:
   s.pos_encoding = "sinusoidal"     # 'sinusoidal' | 'learned'
   s.max_len = 256                   # longest sequence (positions) the model accepts.
   s.norm = "post"                   # 'post' (the paper) | 'pre'
-  s.activation = "relu"             # 'relu' (the paper) | 'gelu'
+  s.activation = "relu"             # 'relu' (the paper) | 'gelu' (tanh approximation) |
+                                    # 'swish' (SiLU, x * sigmoid(x): most Opus-MT models).
   s.share_embeddings = True         # one embedding table for source and target.
   s.tie_output = True               # logits = decoder output @ target embedding^T.
   s.attention_bias = True           # biases in the Q, K, V and output projections.
+  s.final_logits_bias = False       # a learned [V] bias added to the tied output projection's
+                                    # logits (Marian's final_logits_bias); needs tie_output
+                                    # (the untied projection has a bias of its own).
+  s.layer_norm_epsilon = 1e-6       # added to the variance in every LayerNorm (HF Marian and
+                                    # PyTorch use 1e-5).
+  s.sinusoid_layout = "interleaved" # where sinusoidal positions put cos: 'interleaved' (the
+                                    # paper: sin at even dims, cos at odd) | 'half' (Marian,
+                                    # fairseq: sin in the first half of the dims, cos in the
+                                    # second), which an imported Opus-MT model keeps.
   s.dtype = "float32"               # compute dtype: 'float32' | 'bfloat16'. Params stay float32.
   s.scan_layers = False             # nn.scan over layers (compile time independent of depth).
   s.remat = "none"                  # rematerialisation per layer: 'none' | 'full' | 'dots'.
@@ -169,7 +179,8 @@ def get_default_config() -> ml_collections.ConfigDict:
 CHOICES = {
     "model.pos_encoding": ("sinusoidal", "learned"),
     "model.norm": ("post", "pre"),
-    "model.activation": ("relu", "gelu"),
+    "model.activation": ("relu", "gelu", "swish"),
+    "model.sinusoid_layout": ("interleaved", "half"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "model.attention_kernel": ("auto", "xla", "cudnn"),
@@ -189,7 +200,7 @@ POSITIVE = (
     "data.vocab_sample_size", "train.steps", "train.batch_size", "train.grad_accum_steps",
     "train.log_every_steps", "train.eval_every_steps", "parallel.fsdp", "checkpoint.every_steps",
     "checkpoint.keep", "decode.beam_size", "eval.batch_size", "eval.bleu_examples",
-    "train.learning_rate", "train.adam_eps",
+    "train.learning_rate", "train.adam_eps", "model.layer_norm_epsilon",
 )
 
 # Settings that may be 0 (off, none) but not negative.
@@ -258,6 +269,9 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   if model.pos_encoding == "sinusoidal" and model.d_model % 2:
     raise ConfigError(f"model.d_model={model.d_model} must be even for sinusoidal positions "
                       "(sin and cos pairs)")
+  if model.final_logits_bias and not model.tie_output:
+    raise ConfigError("model.final_logits_bias=True needs model.tie_output=True; the untied "
+                      "output projection (tie_output=False) has its own bias already")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

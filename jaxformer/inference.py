@@ -522,7 +522,7 @@ def position_tables(config: Any, workdir: str | None = None, step: int | str | N
   """
   m = config.model
   if m.pos_encoding == "sinusoidal":
-    return {"sinusoidal": sinusoidal_table(m.max_len, m.d_model)}
+    return {"sinusoidal": sinusoidal_table(m.max_len, m.d_model, m.sinusoid_layout)}
   if workdir is None:
     raise InputError("model.pos_encoding='learned': the table is learned, so it comes from a "
                      "checkpoint; give --workdir of a trained run")

@@ -85,10 +85,11 @@ SUPERSEDED_METRICS = "metrics.{n}.jsonl"  # in SUPERSEDED_DIR, n = 1, 2, ...
 MODEL_SHAPE_KEYS = (
     "model.vocab_size", "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
     "model.pos_encoding", "model.share_embeddings", "model.tie_output", "model.attention_bias",
-    "model.scan_layers",
+    "model.final_logits_bias", "model.scan_layers",
 )
 # Same shapes, but the parameters were trained to compute something else.
-MODEL_FUNCTION_KEYS = ("model.norm", "model.activation")
+MODEL_FUNCTION_KEYS = ("model.norm", "model.activation", "model.layer_norm_epsilon",
+                       "model.sinusoid_layout")
 # The vocabulary in the workdir was trained for this data with these settings.
 TOKENIZER_KEYS = ("data.vocab_type", "data.task", "data.tfds_name", "data.direction")
 # The size the vocabulary was trained to.

@@ -94,7 +94,11 @@ BAD_SETTINGS = [
     (dict(d_model=30, num_heads=4), "model.d_model=30 is not divisible by model.num_heads=4"),
     (dict(pos_encoding="rotary"), "model.pos_encoding='rotary'.*'sinusoidal', 'learned'"),
     (dict(norm="sandwich"), "model.norm='sandwich'.*'post', 'pre'"),
-    (dict(activation="swish"), "model.activation='swish'.*'relu', 'gelu'"),
+    (dict(activation="mish"), "model.activation='mish'.*'relu', 'gelu', 'swish'"),
+    (dict(sinusoid_layout="blocks"), "model.sinusoid_layout='blocks'.*'interleaved', 'half'"),
+    (dict(layer_norm_epsilon=0.0), "model.layer_norm_epsilon=0.0 must be positive"),
+    (dict(final_logits_bias=True, tie_output=False), "model.final_logits_bias=True needs "
+     "model.tie_output=True"),
     (dict(dtype="float16"), "model.dtype='float16'.*'float32', 'bfloat16'"),
     (dict(remat="some"), "model.remat='some'.*'none', 'full', 'dots'"),
     (dict(d_model=15, num_heads=5), "model.d_model=15 must be even"),

@@ -12,6 +12,9 @@ embedding: either the paper's fixed sinusoids,
     PE[p, 2i + 1] = cos(p / 10000^(2i / D)),
 
 (sin at even dimensions, cos at the odd dimension next to it), or a learned `[max_len, D]` table.
+Marian and fairseq lay the same sinusoids out 'half' and half: sin(angle i) at dimension i and
+cos(angle i) at dimension D/2 + i (`model.sinusoid_layout`), which a model imported from them
+keeps. The two layouts are one permutation of the dimensions apart (`half_layout_order`).
 Positions are passed in explicitly when a row holds several packed sequences (each restarts at 0)
 or when decoding one position at a time.
 """
@@ -32,10 +35,19 @@ SINUSOID_BASE = 10000.0
 LEARNED_POSITION_INIT_STDDEV = 0.02
 
 
-def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
+def half_layout_order(d_model: int) -> np.ndarray:
+  """The interleaved dimensions in half/half order, `[D]`: 0, 2, 4, ..., 1, 3, 5, ...
+
+  `interleaved_table[:, order]` is the half/half table; `np.argsort(order)` goes back.
+  """
+  return np.concatenate([np.arange(0, d_model, 2), np.arange(1, d_model, 2)])
+
+
+def sinusoidal_table(max_len: int, d_model: int, layout: str = "interleaved") -> np.ndarray:
   """The paper's positional encodings for positions 0..max_len-1: float32 `[max_len, D]`.
 
-  Column 2i holds sin(p / 10000^(2i/D)) and column 2i+1 holds cos of the same angle.
+  'interleaved': column 2i holds sin(p / 10000^(2i/D)) and column 2i+1 holds cos of the same
+  angle. 'half': column i holds that sin and column D/2 + i that cos.
   """
   positions = np.arange(max_len, dtype=np.float64)[:, None]            # [L, 1]
   two_i = np.arange(0, d_model, 2, dtype=np.float64)[None, :]          # [1, D/2]
@@ -43,6 +55,8 @@ def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
   table = np.zeros((max_len, d_model), dtype=np.float64)
   table[:, 0::2] = np.sin(angles)
   table[:, 1::2] = np.cos(angles)
+  if layout == "half":
+    table = table[:, half_layout_order(d_model)]
   return table.astype(np.float32)
 
 
@@ -88,7 +102,7 @@ class PositionalEncoding(nn.Module):
     cfg = self.config
     check_length(positions.shape[-1], cfg.max_len, "a sequence")
     if cfg.pos_encoding == "sinusoidal":
-      table = jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))
+      table = jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model, cfg.sinusoid_layout))
     else:  # 'learned'
       table = self.param("pos_embedding",
                          nn.initializers.normal(stddev=LEARNED_POSITION_INIT_STDDEV),

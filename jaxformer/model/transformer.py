@@ -34,8 +34,8 @@ from jaxformer.model.embedding import (PositionalEncoding, TokenEmbedding, check
                                        default_positions)
 from jaxformer.tokens import BOS_ID, PAD_ID
 
-ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}
-LAYER_NORM_EPSILON = 1e-6
+# nn.gelu is the tanh approximation (HF's 'gelu_new'); swish is SiLU, x * sigmoid(x).
+ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "swish": nn.swish}
 # The name of each stack's layers in the parameter tree: `layers` (scanned, a leading axis of N)
 # or `layers_0` .. `layers_{N-1}` (unrolled).
 LAYERS = "layers"
@@ -63,7 +63,7 @@ def shift_right(targets: jnp.ndarray, segment_ids: jnp.ndarray | None = None) ->
 
 
 def layer_norm(config: Any, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=jnp.dtype(config.dtype),
+  return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=jnp.dtype(config.dtype),
                       param_dtype=jnp.float32, name=name)
 
 
@@ -82,7 +82,7 @@ def residual(config: Any, x: jnp.ndarray, sublayer: Callable[[jnp.ndarray], jnp.
 
 
 class FeedForward(nn.Module):
-  """Position-wise feed-forward network: Dense(F), ReLU (or GELU), dropout, Dense(D)."""
+  """Position-wise feed-forward network: Dense(F), ReLU (or GELU, swish), dropout, Dense(D)."""
   config: Any
 
   @nn.compact
@@ -233,6 +233,9 @@ class Decoder(nn.Module):
       x = layer_norm(cfg, "final_norm")(x)
     if cfg.tie_output:
       logits = self.embedding.attend(x)
+      if cfg.final_logits_bias:
+        logits = logits + self.param("logits_bias", nn.initializers.zeros, (cfg.vocab_size,),
+                                     jnp.float32).astype(logits.dtype)
     else:
       logits = dense(cfg, cfg.vocab_size, "logits")(x)
     return logits.astype(jnp.float32)
