@@ -25,7 +25,8 @@ array and iterator state), but neither the model nor the tokenizer.
   checkpoint) to its directory; `restore_params` reads only the parameters stored there (no
   optimizer state), onto given shardings or into host memory; `saved_param_shapes` their
   shapes alone.
-- `averaged_path` and `save_averaged` name and write a checkpoint of averaged parameters.
+- `averaged_path` and `save_averaged` name and write a checkpoint of averaged parameters;
+  `save_params` writes any parameters alone (an imported model's step 0).
 
 Every failure a user can cause raises `CheckpointError` with a one-line message;
 `DamagedCheckpointError` when a checkpoint's files cannot be read or do not match their
@@ -791,8 +792,16 @@ def save_averaged(out: epath.Path, params: PyTree, steps: Sequence[int], source:
   `restore_params`), plus `info/` naming the averaged `steps` and their `source` directory,
   and `checksums/` (checked by `restore_params` as a training checkpoint's are).
   Written atomically by orbax (a half-written average never appears)."""
+  save_params(out, params, {"averaged_steps": list(steps), "source": source})
+
+
+def save_params(out: epath.Path, params: PyTree, info: dict[str, Any]) -> None:
+  """Writes parameters alone (no optimizer state, no data position) to `out`, with the layout
+  of a training checkpoint's parameters (read by `restore_params`), `info/` (JSON saying where
+  they come from) and `checksums/`: an averaged checkpoint, or the step 0 of an imported
+  model, which translate, evaluate, export and fine-tuning (--init-from) read. Atomic."""
   ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(out, args=ocp.args.Composite(**{
       STATE_ITEM: ocp.args.PyTreeSave({PARAMS_KEY: params}),
-      INFO_ITEM: ocp.args.JsonSave({"averaged_steps": list(steps), "source": source}),
+      INFO_ITEM: ocp.args.JsonSave(info),
       CHECKSUMS_ITEM: ocp.args.JsonSave(_checksums({PARAMS_KEY: params}, data={})),
   }))

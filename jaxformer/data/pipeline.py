@@ -71,8 +71,9 @@ def per_host_batch_size(global_batch_size: int, process_count: int) -> int:
 
 def tokenize(tokenizer: Tokenizer, pair: dict[str, str]) -> dict[str, np.ndarray]:
   """{'source', 'target'} text -> {'inputs': [S], 'targets': [T]} int32 ids, each ending in EOS."""
-  return {feature: np.asarray(tokenizer.encode(pair[side]) + [EOS_ID], np.int32)
-          for feature, side in zip(FEATURES, ("source", "target"))}
+  inputs, targets = tokenizer.encode(pair["source"]), tokenizer.encode_target(pair["target"])
+  return {feature: np.asarray(ids + [EOS_ID], np.int32)
+          for feature, ids in zip(FEATURES, (inputs, targets))}
 
 
 def truncate(ids: np.ndarray, max_len: int) -> np.ndarray:
