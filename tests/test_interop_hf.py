@@ -7,6 +7,7 @@ Models are tiny with random weights (no training), written straight into workdir
 run in this process (`jaxformer.cli.main`).
 """
 
+import functools
 import io
 import json
 import os
@@ -86,26 +87,45 @@ def jax_run(workdir):
   return inference.load_for_inference(workdir, sharding=inference.inference_sharding())
 
 
+@functools.lru_cache
+def compiled_apply(model):
+  """`model.apply`, compiled once per model (a dozen times quicker than op by op here)."""
+  return jax.jit(model.apply)
+
+
+def jax_logits(run, inputs, targets):
+  return np.asarray(compiled_apply(run.model)({"params": run.params}, inputs, targets))
+
+
+def shifted(targets):
+  """Decoder inputs as jaxformer makes them: BOS, then the targets but the last."""
+  return np.concatenate([np.full((len(targets), 1), BOS_ID), targets[:, :-1]], axis=1)
+
+
 @pytest.mark.parametrize("name", EXPORTED)
-def test_marian_computes_jaxformer_s_logits_and_greedy_translations(exported, name):
+def test_marian_computes_jaxformer_s_logits(exported, name):
   workdir, _, out = exported[name]
   run = jax_run(workdir)
   model = transformers.MarianMTModel.from_pretrained(out).eval()
   inputs = padded([run.tokenizer.encode(s) + [EOS_ID] for s in SOURCES])
   targets = padded([run.tokenizer.encode(s) + [EOS_ID] for s in ("uno", "tres mil", "dos")])
-  logits = np.asarray(run.model.apply({"params": run.params}, inputs, targets))
-  decoder_inputs = np.asarray(jax.device_get(
-      jax.numpy.pad(targets, ((0, 0), (1, 0)), constant_values=BOS_ID)[:, :-1]))
-  hf = hf_logits(model, inputs, decoder_inputs)
   real = targets != PAD_ID  # Padded positions compute nothing that is used.
-  assert_close(hf[real], logits[real])
+  assert_close(hf_logits(model, inputs, shifted(targets))[real],
+               jax_logits(run, inputs, targets)[real])
 
+
+def test_marian_generate_gives_jaxformer_s_greedy_tokens(exported):
+  workdir, _, out = exported["biases_tied"]
+  run = jax_run(workdir)
+  model = transformers.MarianMTModel.from_pretrained(out).eval()
+  inputs = padded([run.tokenizer.encode(s) + [EOS_ID] for s in SOURCES])
   greedy = decode.decode_batch(run.model, run.params, inputs, beam_size=1, alpha=0.0,
                                max_extra_len=run.config.decode.max_extra_len)
   lengths = np.asarray(greedy.lengths[:, 0])
-  with torch.no_grad():  # generation_config.json: from BOS, PAD and BOS banned.
+  with torch.no_grad():  # generation_config.json: from BOS, with PAD and BOS banned.
     generated = model.generate(torch.tensor(inputs), attention_mask=torch.tensor(inputs != 0),
-                               num_beams=1, do_sample=False).numpy()
+                               num_beams=1, do_sample=False,
+                               max_new_tokens=int(lengths.max())).numpy()
   assert (generated[:, 0] == BOS_ID).all()
   for row, length in enumerate(lengths):
     np.testing.assert_array_equal(generated[row, 1:1 + length],
@@ -224,7 +244,7 @@ def test_an_imported_marian_model_computes_hf_s_logits(opus):
     hf = model(input_ids=torch.tensor(batch.input_ids),
                attention_mask=torch.tensor(batch.attention_mask),
                labels=torch.tensor(batch.labels)).logits.numpy()
-  logits = np.asarray(run.model.apply({"params": run.params}, inputs, labels))
+  logits = jax_logits(run, inputs, labels)
   real = labels != PAD_ID
   assert_close(logits[real][:, to_ours], hf[real])
   # The added BOS row takes no probability: the softmax is Marian's.
@@ -259,11 +279,13 @@ def test_an_imported_model_exports_again(opus, tmp_path):
   with open(os.path.join(out, marian.CONFIG_FILE)) as f:
     assert json.load(f)[marian.SINUSOID_LAYOUT_KEY] == "half"  # Marian's: nothing to permute.
   again = transformers.MarianMTModel.from_pretrained(out).eval()
-  inputs = np.asarray([[5, 6, 7, EOS_ID]])
-  decoder_inputs = np.asarray([[BOS_ID, 8, 9]])
-  run = jax_run(workdir)
-  logits = np.asarray(run.model.apply({"params": run.params}, inputs, np.asarray([[8, 9, 10]])))
-  assert_close(hf_logits(again, inputs, decoder_inputs), logits)
+  to_ours = to_our_ids(jax_run(workdir), directory)
+  inputs, labels = np.asarray([[5, 6, 7, 0]]), np.asarray([[8, 9, 10, 0]])  # Marian's ids.
+  with torch.no_grad():
+    original = model(input_ids=torch.tensor(inputs), labels=torch.tensor(labels)).logits.numpy()
+  # The export has jaxformer's ids (and the BOS row): the same numbers, reordered.
+  assert_close(hf_logits(again, to_ours[inputs], shifted(to_ours[labels]))[..., to_ours],
+               original)
 
 
 # --- What cannot be converted: one line, exit 2, nothing written. ----------------------------

@@ -56,3 +56,18 @@ def test_damaged_vocabulary_is_a_data_error(tmp_path):
     tokenizer.Tokenizer.load(str(path))
   with pytest.raises(DataError, match=r"missing\.model: vocabulary not found"):
     tokenizer.Tokenizer.load(str(tmp_path / "missing.model"))
+
+
+def test_a_marian_vocabulary_maps_each_side_s_pieces_through_one_table(numbers_tokenizer,
+                                                                        tmp_path):
+  source, _, pieces = numbers_tokenizer.marian_files()
+  pieces = pieces + [">>es<<"]  # a multilingual model's target-language token.
+  two_sided = tokenizer.TwoSidedTokenizer(source, source, pieces)
+  path = tmp_path / "vocab.model"
+  two_sided.save(str(path))
+  again = tokenizer.Tokenizer.load(str(path))
+  assert isinstance(again, tokenizer.TwoSidedTokenizer) and again.vocab_size == len(pieces)
+  text = "three thousand four hundred twenty-one"
+  assert again.encode(text) == again.encode_target(text) == numbers_tokenizer.encode(text)
+  assert again.encode(">>es<<" + text) == [len(pieces) - 1] + numbers_tokenizer.encode(text)
+  assert again.decode(numbers_tokenizer.encode(text) + [EOS_ID, 5]) == text
