@@ -388,12 +388,13 @@ def read_vocabulary(source_dir: str, vocab_size: int) -> tuple[list[str], str]:
   unk = unk["content"] if isinstance(unk, dict) else unk  # An AddedToken, saved as a dict.
   with open(os.path.join(source_dir, VOCAB_JSON), encoding="utf-8") as f:
     ids = json.load(f)
-  pieces = [f"<unused_{i}>" for i in range(vocab_size)]
+  pieces, given = [f"<unused_{i}>" for i in range(vocab_size)], set()
   for piece, i in ids.items():
-    if not isinstance(i, int) or not 0 <= i < vocab_size or not pieces[i].startswith("<unused"):
-      raise InputError(f"--from {source_dir}: {VOCAB_JSON} gives {piece!r} the id {i!r}: not an "
-                       f"unused id below vocab_size={vocab_size}")
+    if not isinstance(i, int) or not 0 <= i < vocab_size or i in given:
+      raise InputError(f"--from {source_dir}: {VOCAB_JSON} gives {piece!r} the id {i!r}: not a "
+                       f"free id below vocab_size={vocab_size}")
     pieces[i] = piece
+    given.add(i)
   if unk not in ids:
     raise InputError(f"--from {source_dir}: {VOCAB_JSON} has no unk piece {unk!r}")
   return pieces, unk
