@@ -136,14 +136,14 @@ def transformer_spec(specs: Any, cfg: Any, params: PyTree) -> Any:
     source_table = params["source_embedding"]["embed"]["embedding"]
     target_table = params["target_embedding"]["embed"]["embedding"]
 
-  encoder.embeddings[0].weight = source_table
+  encoder.embeddings[0].weight = f32(source_table)
   encoder.position_encodings.encodings = position_table(cfg, params["encoder"])
   for i, layer in enumerate(encoder.layer):
     p = layer_params(params["encoder"], i)
     fill_attention(layer.self_attention, p["self_attention"], p["self_attention_norm"])
     fill_feed_forward(layer.ffn, p["feed_forward"], p["feed_forward_norm"])
 
-  decoder.embeddings.weight = target_table
+  decoder.embeddings.weight = f32(target_table)
   decoder.position_encodings.encodings = position_table(cfg, params["decoder"])
   for i, layer in enumerate(decoder.layer):
     p = layer_params(params["decoder"], i)
@@ -181,17 +181,23 @@ def position_table(cfg: Any, stack: PyTree) -> np.ndarray:
   return np.asarray(table, np.float32)
 
 
+def f32(x: Any) -> np.ndarray:
+  """A float32 copy of `x`: int8 quantisation (spec.optimize) scales the spec's arrays in place,
+  which must not be the run's parameters (nor read-only views of them)."""
+  return np.array(x, dtype=np.float32)
+
+
 def linear(spec: Any, kernel: np.ndarray, bias: np.ndarray | None) -> None:
   """A CTranslate2 linear layer computes x W^T + b with W `[out, in]`: flax's `[in, out]`
   kernel transposed."""
-  spec.weight = np.ascontiguousarray(np.asarray(kernel, np.float32).T)
+  spec.weight = np.ascontiguousarray(f32(kernel).T)
   if bias is not None:
-    spec.bias = np.asarray(bias, np.float32)
+    spec.bias = f32(bias)
 
 
 def fill_layer_norm(spec: Any, p: PyTree) -> None:
-  spec.gamma = np.asarray(p["scale"], np.float32)
-  spec.beta = np.asarray(p["bias"], np.float32)
+  spec.gamma = f32(p["scale"])
+  spec.beta = f32(p["bias"])
 
 
 def fill_attention(spec: Any, p: PyTree, norm: PyTree, cross: bool = False) -> None:
@@ -204,10 +210,10 @@ def fill_attention(spec: Any, p: PyTree, norm: PyTree, cross: bool = False) -> N
   model.attention_bias.
   """
   def kernel(name):
-    return np.asarray(p[name]["kernel"]).reshape(p[name]["kernel"].shape[0], -1)  # [D, H*K]
+    return f32(p[name]["kernel"]).reshape(p[name]["kernel"].shape[0], -1)  # [D, H*K]
 
   def bias(name):
-    return np.asarray(p[name]["bias"]).reshape(-1) if "bias" in p[name] else None
+    return f32(p[name]["bias"]).reshape(-1) if "bias" in p[name] else None
 
   def fused(names):
     kernels = np.concatenate([kernel(n) for n in names], axis=1)
@@ -219,7 +225,7 @@ def fill_attention(spec: Any, p: PyTree, norm: PyTree, cross: bool = False) -> N
     linear(spec.linear[1], *fused(("key", "value")))
   else:
     linear(spec.linear[0], *fused(("query", "key", "value")))
-  out_kernel = np.asarray(p["out"]["kernel"])
+  out_kernel = f32(p["out"]["kernel"])
   linear(spec.linear[-1], out_kernel.reshape(-1, out_kernel.shape[-1]), p["out"].get("bias"))
   fill_layer_norm(spec.layer_norm, norm)
 
@@ -235,9 +241,9 @@ def fill_output(spec: Any, cfg: Any, decoder: PyTree, target_table: np.ndarray) 
   then stores it once), with model.final_logits_bias's bias; else the logits layer."""
   if cfg.tie_output:
     bias = decoder["logits_bias"] if cfg.get("final_logits_bias", False) else None
-    spec.weight = np.asarray(target_table, np.float32)
+    spec.weight = f32(target_table)
     if bias is not None:
-      spec.bias = np.asarray(bias, np.float32)
+      spec.bias = f32(bias)
   else:
     linear(spec, decoder["logits"]["kernel"], decoder["logits"]["bias"])
 
