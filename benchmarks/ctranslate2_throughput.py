@@ -93,11 +93,12 @@ def ct2_seconds(model_dir: str, compute_type: str, lines: list[str], settings: d
   import ctranslate2
   import sentencepiece
   translator = ctranslate2.Translator(model_dir, compute_type=compute_type)
-  sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(model_dir, "vocab.model"))
-  pieces = [sp.encode(line, out_type=str) for line in lines]
+  source, target = (sentencepiece.SentencePieceProcessor(
+      model_file=os.path.join(model_dir, f"{side}.spm")) for side in ("source", "target"))
+  pieces = [source.encode(line, out_type=str) for line in lines]
 
   def exact():
-    return [ct2.translate(translator, sp, lines[i:i + BATCH], **settings)
+    return [ct2.translate(translator, source, target, lines[i:i + BATCH], **settings)
             for i in range(0, len(lines), BATCH)]
 
   def plain():

@@ -40,14 +40,16 @@ AGREEMENT = 0.99
 INT8_BLEU_LOSS = 1.0
 LEARNED_BLEU = 20.0  # below this the model has not learnt the task: agreement would say little.
 TEXTS = ["three hundred twenty one", "seven", "one hundred one", "ninety nine thousand"]
-# One model per row of every setting the export maps: the paper's (post-LN, sinusoidal, shared
-# and tied embeddings, attention biases, relu), and every alternative at once, with the
-# scanned parameter layout and embedding rows past the vocabulary's pieces.
+# Every setting the export maps, in three models: the paper's (post-LN, interleaved sinusoids,
+# shared and tied embeddings, attention biases, relu); the alternatives of each, with the
+# scanned parameter layout and embedding rows past the vocabulary's pieces; and Marian's.
 SETTINGS = {
     "paper": dict(max_len=32),
     "alternatives": dict(max_len=32, norm="pre", pos_encoding="learned", activation="gelu",
                          share_embeddings=False, tie_output=False, attention_bias=False,
                          scan_layers=True, vocab_size=60),
+    "marian": dict(max_len=32, activation="swish", sinusoid_layout="half",
+                   final_logits_bias=True, layer_norm_epsilon=1e-5),
 }
 
 
@@ -72,8 +74,9 @@ def ct2_translate(model_dir, lines, compute_type="default"):
   with open(os.path.join(model_dir, ct2.SETTINGS_FILE)) as f:
     settings = json.load(f)
   translator = ctranslate2.Translator(str(model_dir), compute_type=compute_type)
-  sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(model_dir, "vocab.model"))
-  return ct2.translate(translator, sp, lines, **settings)
+  source, target = (sentencepiece.SentencePieceProcessor(
+      model_file=os.path.join(model_dir, f"{side}.spm")) for side in ("source", "target"))
+  return ct2.translate(translator, source, target, lines, **settings)
 
 
 # --- Exact on random parameters. ---------------------------------------------------------------

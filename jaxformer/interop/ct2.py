@@ -6,25 +6,30 @@ and saves it. DIR then holds:
 
     model.bin                    the weights (float32, or int8 with --quantize int8)
     config.json                  CTranslate2's settings: special tokens, LayerNorm epsilon
-    shared_vocabulary.json       the pieces of vocab.model, in id order
-    vocab.model                  the run's SentencePiece model (source and target share it)
+    shared_vocabulary.json       the piece of every embedding row, in id order
+    source.spm, target.spm       the SentencePiece models that cut sources and detokenize
+                                 targets (one model twice for a run's own vocab.model; a run
+                                 imported from Marian has two)
     jaxformer.json               the run's decode settings, the keyword arguments of `translate`
 
 Every setting of jaxformer's model has an exact CTranslate2 counterpart: post- or pre-LN (the
-pre-LN stacks' final LayerNorms), sinusoidal or learned positions (the table the model adds is
-written as the position encodings, so no layout is assumed), shared or separate embeddings,
-tied or separate output projection (with its bias), attention biases on or off, relu, gelu
-(flax's tanh approximation) or swish. A setting without one would be refused, naming it, before
-anything is written (`check_supported`).
+pre-LN stacks' final LayerNorms), model.layer_norm_epsilon, sinusoidal (either
+model.sinusoid_layout) or learned positions (the table the model adds is written as the
+position encodings, so no layout is assumed), shared or separate embeddings, tied (with
+model.final_logits_bias) or separate output projection, attention biases on or off, relu, gelu
+(flax's tanh approximation) or swish, scanned or unrolled layers, model.vocab_size beyond the
+vocabulary's pieces. A setting without one is refused, naming it, before anything is written
+(`check_supported`).
 
 Translating with the exported model as jaxformer.decode does (`translate` below; copy it, it
 needs only ctranslate2 and sentencepiece):
 
     import json, ctranslate2, sentencepiece
-    settings = json.load(open(f"{DIR}/jaxformer.json"))  # beam_size, alpha, max_extra_len, max_len
+    settings = json.load(open(f"{DIR}/jaxformer.json"))  # beam_size, alpha, max_extra_len, ...
     translator = ctranslate2.Translator(DIR, compute_type="int8")  # or "default" (float32)
-    sp = sentencepiece.SentencePieceProcessor(model_file=f"{DIR}/vocab.model")
-    print(translate(translator, sp, ["three hundred twenty one"], **settings))
+    source, target = (sentencepiece.SentencePieceProcessor(model_file=f"{DIR}/{side}.spm")
+                      for side in ("source", "target"))
+    print(translate(translator, source, target, ["three hundred twenty one"], **settings))
 
 What `translate` sets, and why: CTranslate2 appends EOS to each source itself (config.json's
 add_source_eos) and starts the decoder with BOS; each sentence may run to its source length
@@ -42,7 +47,6 @@ tests require 99%; greedy search and per-token scores agree exactly):
 
 from __future__ import annotations
 
-import copy
 import importlib
 import json
 import os
@@ -54,8 +58,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxformer import interop
-from jaxformer import workdir as workdir_lib
+from jaxformer import decode, interop
 from jaxformer.errors import ConfigError
 from jaxformer.model.embedding import PositionalEncoding
 from jaxformer.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
@@ -65,9 +68,6 @@ PyTree = Any
 # jaxformer's activations -> the name of CTranslate2's equal one (ctranslate2.specs.Activation):
 # flax's nn.gelu is the tanh approximation, nn.swish is x * sigmoid(x).
 ACTIVATIONS = {"relu": "RELU", "gelu": "GELUTanh", "swish": "SWISH"}
-# jaxformer.model.transformer.LAYER_NORM_EPSILON, for runs recorded before model.layer_norm_epsilon
-# existed (CTranslate2's own default, 1e-5, would be wrong for them).
-DEFAULT_LAYER_NORM_EPSILON = 1e-6
 SETTINGS_FILE = "jaxformer.json"
 # Names of the embedding rows past the SentencePiece pieces (model.vocab_size may exceed them):
 # CTranslate2 needs one name per row; the model can score them but they decode to nothing.
@@ -95,13 +95,16 @@ def export(run: Any, out: str, quantize: str | None) -> None:
   spec.validate()
   spec.optimize(quantization=quantize)
   spec.save(out)
-  # A copy, because save() points the tokenizer at the file it wrote (a scratch directory here).
-  copy.copy(run.tokenizer).save(os.path.join(out, workdir_lib.VOCAB_FILE))
+  source_model, target_model, _ = run.tokenizer.marian_files()
+  for name, model in (("source.spm", source_model), ("target.spm", target_model)):
+    with open(os.path.join(out, name), "wb") as f:
+      f.write(model)
   d = run.config.decode
   settings = dict(beam_size=d.beam_size, alpha=d.alpha, max_extra_len=d.max_extra_len,
-                  max_len=run.config.model.max_len)
+                  max_len=run.config.model.max_len,
+                  never_generated=[pieces[i] for i in decode.NEVER_GENERATED])
   with open(os.path.join(out, SETTINGS_FILE), "w") as f:
-    json.dump(settings, f, indent=2)
+    json.dump(settings, f, indent=2, ensure_ascii=False)
 
 
 def specs_without_torch() -> Any:
@@ -134,8 +137,8 @@ def configure_tokens(ct2_config: Any, pieces: Sequence[str], model_config: Any) 
   ct2_config.decoder_start_token = pieces[BOS_ID]
   ct2_config.add_source_bos = False
   ct2_config.add_source_eos = True
-  ct2_config.layer_norm_epsilon = float(model_config.get("layer_norm_epsilon",
-                                                         DEFAULT_LAYER_NORM_EPSILON))
+  # Always written: CTranslate2's own default (1e-5 with a LayerNorm bias) is not jaxformer's.
+  ct2_config.layer_norm_epsilon = float(model_config.layer_norm_epsilon)
 
 
 # --- The weights. ---------------------------------------------------------------------------
@@ -256,7 +259,7 @@ def fill_output(spec: Any, cfg: Any, decoder: PyTree, target_table: np.ndarray) 
   """The pre-softmax projection `[V, D]`: the target embedding itself when tied (spec.optimize
   then stores it once), with model.final_logits_bias's bias; else the logits layer."""
   if cfg.tie_output:
-    bias = decoder["logits_bias"] if cfg.get("final_logits_bias", False) else None
+    bias = decoder["logits_bias"] if cfg.final_logits_bias else None
     spec.weight = f32(target_table)
     if bias is not None:
       spec.bias = f32(bias)
@@ -266,16 +269,18 @@ def fill_output(spec: Any, cfg: Any, decoder: PyTree, target_table: np.ndarray) 
 
 # --- Translating with the exported model (copy this function; it needs no jaxformer). -------
 
-def translate(translator: Any, sp: Any, lines: Sequence[str], *, beam_size: int, alpha: float,
-              max_extra_len: int, max_len: int) -> list[str]:
+def translate(translator: Any, source: Any, target: Any, lines: Sequence[str], *,
+              beam_size: int, alpha: float, max_extra_len: int, max_len: int,
+              never_generated: Sequence[str]) -> list[str]:
   """The best translation of each of `lines`, found as jaxformer.decode's beam search finds it.
 
-  `translator` is a `ctranslate2.Translator` of an exported directory, `sp` a
-  `sentencepiece.SentencePieceProcessor` of its vocab.model; the settings are the directory's
-  jaxformer.json (a run's decode.* and model.max_len). A blank line translates to ''.
+  `translator` is a `ctranslate2.Translator` of an exported directory, `source` and `target`
+  `sentencepiece.SentencePieceProcessor`s of its source.spm and target.spm; the settings are
+  the directory's jaxformer.json (a run's decode.*, model.max_len, the pieces of PAD and BOS).
+  A blank line translates to ''.
   """
-  pieces = [sp.encode(line, out_type=str) if line.strip() else [] for line in lines]
-  banned = [[sp.id_to_piece(sp.pad_id())], [sp.id_to_piece(sp.bos_id())]]
+  pieces = [source.encode(line, out_type=str) if line.strip() else [] for line in lines]
+  banned = [[piece] for piece in never_generated]
   by_length: dict[int, list[int]] = {}
   for i, p in enumerate(pieces):
     if p:
@@ -288,7 +293,7 @@ def translate(translator: Any, sp: Any, lines: Sequence[str], *, beam_size: int,
         length_penalty=0.0, return_scores=True, min_decoding_length=0,
         max_decoding_length=limit, suppress_sequences=banned)
     for i, result in zip(rows, results):
-      best[i] = sp.decode(gnmt_best(result.hypotheses, result.scores, alpha, limit))
+      best[i] = target.decode(gnmt_best(result.hypotheses, result.scores, alpha, limit))
   return best
 
 
