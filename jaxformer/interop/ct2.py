@@ -47,10 +47,8 @@ tests require 99%; greedy search and per-token scores agree exactly):
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import sys
 from typing import Any, Sequence
 
 import jax
@@ -86,8 +84,8 @@ def export(run: Any, out: str, quantize: str | None) -> None:
   """Writes `run` (an InferenceRun, parameters on the host) as a CTranslate2 model in `out`;
   `quantize` None keeps float32 weights, 'int8' stores int8 weights with per-row scales."""
   check_supported(run.config.model)
-  interop.require("ctranslate2", "ctranslate2")
-  spec = transformer_spec(specs_without_torch(), run.config.model, jax.device_get(run.params))
+  specs = interop.require("ctranslate2.specs", "ctranslate2")
+  spec = transformer_spec(specs, run.config.model, jax.device_get(run.params))
   pieces = vocabulary(run.tokenizer, run.config.model.vocab_size)
   spec.register_source_vocabulary(pieces)
   spec.register_target_vocabulary(pieces)
@@ -105,20 +103,6 @@ def export(run: Any, out: str, quantize: str | None) -> None:
                   never_generated=[pieces[i] for i in decode.NEVER_GENERATED])
   with open(os.path.join(out, SETTINGS_FILE), "w") as f:
     json.dump(settings, f, indent=2, ensure_ascii=False)
-
-
-def specs_without_torch() -> Any:
-  """`ctranslate2.specs`, imported with torch hidden when torch is not loaded yet: the specs
-  import torch if they can (to accept torch tensors, which this export never gives), seconds of
-  start-up for nothing. A None entry in sys.modules makes that import fail as if torch were
-  not installed; it is removed at once, so a later `import torch` works."""
-  if "torch" in sys.modules or "ctranslate2.specs" in sys.modules:
-    return importlib.import_module("ctranslate2.specs")
-  sys.modules["torch"] = None
-  try:
-    return importlib.import_module("ctranslate2.specs")
-  finally:
-    del sys.modules["torch"]
 
 
 def vocabulary(tokenizer: Any, vocab_size: int) -> list[str]:
