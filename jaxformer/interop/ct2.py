@@ -59,7 +59,7 @@ import numpy as np
 from jaxformer import decode, interop
 from jaxformer.errors import ConfigError
 from jaxformer.model.embedding import PositionalEncoding
-from jaxformer.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from jaxformer.tokens import BOS_ID, EOS_ID, UNK_ID
 
 PyTree = Any
 
