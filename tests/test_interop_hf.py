@@ -339,3 +339,10 @@ def test_import_from_a_missing_directory_is_one_line(tmp_path, capsys):
                      "--workdir", str(tmp_path / "imported")])
   one_error_line(capsys, status, "nowhere", "is not a directory")
   assert os.listdir(tmp_path) == []
+
+
+def test_stablehlo_export_of_an_imported_run_is_refused_in_one_line(opus, tmp_path, capsys):
+  out = str(tmp_path / "shlo")
+  status = cli.main(["export", "--workdir", opus[2], "--format", "stablehlo", "--out", out])
+  one_error_line(capsys, status, "two vocabularies", "--format ctranslate2")
+  assert os.listdir(tmp_path) == []  # Not even the scratch directory is left.

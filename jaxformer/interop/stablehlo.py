@@ -50,6 +50,8 @@ import numpy as np
 from flax import traverse_util
 
 from jaxformer import decode, tokens
+from jaxformer.data.tokenizer import TwoSidedTokenizer
+from jaxformer.errors import InputError
 from jaxformer.model.transformer import Transformer
 
 FORMAT, VERSION = "jaxformer-stablehlo", 1
@@ -133,6 +135,10 @@ def export(run: Any, out: str, quantize: str | None = None, *,
   (new and empty): the layout of the module docstring. `quantize` is never set (this format
   offers none, jaxformer.interop.QUANTIZATIONS)."""
   del quantize
+  if isinstance(run.tokenizer, TwoSidedTokenizer):
+    raise InputError("this run has two vocabularies (imported from Marian); the StableHLO "
+                     "export and docs/stablehlo_translate.py read one SentencePiece model: "
+                     "export it with --format ctranslate2 or hf instead")
   params = flat_params(run.params)
   max_len = run.config.model.max_len
   program = beam_search_program(_portable_model(run.config.model),
