@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxformer.model.transformer import output_projection
 from jaxformer.tokens import PAD_ID
 
 Batch = dict[str, jax.Array]
@@ -142,19 +143,141 @@ def normalize_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
   }
 
 
+# The most bytes of float32 scores [B, t, V] that `projected_loss_sums` holds per block: small
+# enough that a block's scores, probabilities and gradient stay in the CPU's caches between the
+# matmul that makes them and the two that consume them.
+BLOCK_BYTES = 4 << 20
+
+
+def block_length(batch: int, length: int, vocab: int, block_bytes: int) -> int:
+  """The positions t per block: the largest divisor of `length` whose [batch, t, vocab] float32
+  scores fit in `block_bytes` (at least 1)."""
+  fitting = [t for t in range(1, length + 1)
+             if length % t == 0 and batch * t * vocab * 4 <= block_bytes]
+  return max(fitting, default=1)
+
+
+def _block_scores(hidden, table, bias):
+  """One block's scores as the model's output projection computes them (in the hidden states'
+  compute dtype, then float32): [B, t, D], [V, D], [V] or None -> [B, t, V]."""
+  dtype = hidden.dtype
+  scores = jnp.einsum("btd,vd->btv", hidden, table.astype(dtype))
+  if bias is not None:
+    scores = scores + bias.astype(dtype)
+  return scores.astype(jnp.float32)
+
+
+def _scan_blocks(hidden, table, bias, targets, label_smoothing, block, with_grad):
+  """The metric sums over all blocks of `block` positions and, `with_grad`, the gradient of the
+  loss sum with respect to (hidden, table, bias), each block's gradient made beside its loss.
+
+  The blocks split the T axis, not B, so that a batch sharded over devices stays sharded.
+  Returns ((loss, nll, correct) float32 sums, (d_hidden, d_table, d_bias) or None).
+  """
+  batch, length, d_model = hidden.shape
+  to_blocks = lambda a: jnp.moveaxis(a.reshape(batch, length // block, block, *a.shape[2:]), 1, 0)
+  zeros = (jnp.zeros(table.shape, jnp.float32),
+           None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+
+  def one_block(carry, xs):
+    x, y = xs                                                               # [B, t, D], [B, t]
+    scores = _block_scores(x, table, bias)                                  # [B, t, V]
+    (loss, nll), (_, _, lse) = _cross_entropy_forward(scores, y, label_smoothing)
+    target_score = jnp.take_along_axis(scores, y[..., None], axis=-1)[..., 0]
+    correct = (target_score >= jnp.max(scores, axis=-1)).astype(jnp.float32)
+    weights = token_weights(y)
+    sums = jnp.stack([jnp.sum(loss * weights), jnp.sum(nll * weights), jnp.sum(correct * weights)])
+    if not with_grad:
+      return carry, (sums, None)
+    # d (sum of weights * loss) / d scores = weights * (p - q), as smoothed_cross_entropy's.
+    g, _ = _cross_entropy_backward(label_smoothing, (scores, y, lse),
+                                   (weights, jnp.zeros_like(weights)))
+    g = g.astype(x.dtype)
+    d_x = jnp.einsum("btv,vd->btd", g, table.astype(x.dtype))
+    d_table = carry[0] + jnp.einsum("btv,btd->vd", g, x, preferred_element_type=jnp.float32)
+    d_bias = None if bias is None else carry[1] + jnp.sum(g, axis=(0, 1), dtype=jnp.float32)
+    return (d_table, d_bias), (sums, d_x)
+
+  (d_table, d_bias), (sums, d_x) = jax.lax.scan(one_block, zeros,
+                                                (to_blocks(hidden), to_blocks(targets)))
+  loss, nll, correct = jnp.sum(sums, axis=0)
+  if not with_grad:
+    return (loss, nll, correct), None
+  d_hidden = jnp.moveaxis(d_x, 0, 1).reshape(batch, length, d_model)
+  d_bias = None if bias is None else d_bias.astype(bias.dtype)
+  return (loss, nll, correct), (d_hidden, d_table.astype(table.dtype), d_bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _projected_sums(hidden, table, bias, targets, label_smoothing, block):
+  return _scan_blocks(hidden, table, bias, targets, label_smoothing, block, False)[0]
+
+
+def _projected_sums_forward(hidden, table, bias, targets, label_smoothing, block):
+  # The cotangent of the loss sum is one scalar, so the gradient can be made in the forward
+  # pass, while each block's scores are at hand, and the backward pass only scales it.
+  return _scan_blocks(hidden, table, bias, targets, label_smoothing, block, True)
+
+
+def _projected_sums_backward(label_smoothing, block, grads, cotangents):
+  del label_smoothing, block
+  g_loss = cotangents[0]  # nll and correct are metrics: projected_loss_sums stops their gradient
+  d_hidden, d_table, d_bias = jax.tree.map(lambda d: (g_loss * d).astype(d.dtype), grads)
+  return d_hidden, d_table, d_bias, None
+
+
+_projected_sums.defvjp(_projected_sums_forward, _projected_sums_backward)
+
+
+def projected_loss_sums(hidden: jax.Array, table: jax.Array, bias: jax.Array | None,
+                        targets: jax.Array, label_smoothing: float,
+                        block_bytes: int | None = None) -> dict[str, jax.Array]:
+  """`compute_metrics` of the logits hidden @ table.T + bias, without the [B, T, V] logits.
+
+  The T positions are cut into blocks of [B, t, V] scores (`block_length`); each block's
+  scores, probabilities and gradient are made and consumed while they are in cache, instead of
+  writing and re-reading the whole float32 [B, T, V] logits and their gradient several times.
+  The same formulas as `smoothed_cross_entropy` and `compute_metrics`; only the order of the
+  sums over tokens differs. Only the loss has a gradient (nll and correct are metrics).
+
+  Args:
+    hidden: [B, T, D] the decoder's last hidden states (its compute dtype sets the matmuls').
+    table: [V, D] the output projection (jaxformer.model.transformer.output_projection).
+    bias: [V] or None.
+    targets: [B, T] int token ids; PAD_ID positions count nothing.
+    label_smoothing: eps in [0, 1).
+    block_bytes: the budget of one block's scores (None: BLOCK_BYTES).
+
+  Returns:
+    The sums of `compute_metrics`: loss, nll, correct, num_tokens (float32 scalars).
+  """
+  batch, length, _ = hidden.shape
+  block = block_length(batch, length, table.shape[0], block_bytes or BLOCK_BYTES)
+  loss, nll, correct = _projected_sums(hidden, table, bias, targets, label_smoothing, block)
+  return {
+      "loss": loss,
+      "nll": jax.lax.stop_gradient(nll),
+      "correct": jax.lax.stop_gradient(correct),
+      "num_tokens": jnp.sum(token_weights(targets)),
+  }
+
+
 def forward_sums(params: Any, batch: Batch, *, model, label_smoothing: float,
                  dropout_rng: jax.Array | None) -> dict[str, jax.Array]:
   """Runs `model` (the flax Transformer) on one batch and returns the sums of `compute_metrics`.
 
   `batch` holds the BATCH_KEYS arrays, [B, L] each. `dropout_rng=None` runs the model
-  deterministically (no dropout), as in evaluation.
+  deterministically (no dropout), as in evaluation. The model stops at its last hidden states
+  and `projected_loss_sums` applies the output projection block by block.
   """
-  logits = model.apply(
+  hidden = model.apply(
       {"params": params}, batch["inputs"], batch["targets"],
       inputs_positions=batch["inputs_positions"],
       targets_positions=batch["targets_positions"],
       inputs_segment_ids=batch["inputs_segment_ids"],
       targets_segment_ids=batch["targets_segment_ids"],
       deterministic=dropout_rng is None,
-      rngs=None if dropout_rng is None else {"dropout": dropout_rng})
-  return compute_metrics(logits, batch["targets"], label_smoothing)
+      rngs=None if dropout_rng is None else {"dropout": dropout_rng},
+      method="hidden_states")
+  table, bias = output_projection(params, model.config)
+  return projected_loss_sums(hidden, table, bias, batch["targets"], label_smoothing)

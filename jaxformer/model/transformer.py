@@ -198,7 +198,12 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Decoder inputs `[B, T]` and the encoder output `[B, S, D]` -> logits `[B, T, V]` (float32)."""
+  """Decoder inputs `[B, T]` and the encoder output `[B, S, D]` -> logits `[B, T, V]` (float32).
+
+  `project=False` stops before the output projection and returns the final hidden states
+  `[B, T, D]` (compute dtype): the training loss projects them block by block itself
+  (jaxformer.objective.projected_loss_sums, with the parameters of `output_projection`).
+  """
   config: Any
   embedding: TokenEmbedding
 
@@ -207,7 +212,7 @@ class Decoder(nn.Module):
                decoder_inputs: jnp.ndarray, positions: jnp.ndarray | None = None,
                source_segment_ids: jnp.ndarray | None = None,
                target_segment_ids: jnp.ndarray | None = None,
-               deterministic: bool = True, mode: str = FULL):
+               deterministic: bool = True, mode: str = FULL, project: bool = True):
     cfg = self.config
     check_length(decoder_inputs.shape[-1], cfg.max_len, "the target")
     layers = layer_stack(DecoderLayer, cfg, LAYERS, remat=mode == FULL,
@@ -231,6 +236,8 @@ class Decoder(nn.Module):
     x = layers(x, encoded, self_mask, cross_mask)
     if cfg.norm == "pre":
       x = layer_norm(cfg, "final_norm")(x)
+    if not project and not self.is_initializing():  # init still creates the projection's params
+      return x
     if cfg.tie_output:
       logits = self.embedding.attend(x)
       if cfg.final_logits_bias:
@@ -282,6 +289,20 @@ class Transformer(nn.Module):
     """Source ids `[B, S]` -> encoded `[B, S, D]` (compute dtype)."""
     return self.encoder(inputs, inputs_positions, inputs_segment_ids, deterministic)
 
+  def hidden_states(self, inputs: jnp.ndarray, targets: jnp.ndarray,
+                    inputs_positions: jnp.ndarray | None = None,
+                    targets_positions: jnp.ndarray | None = None,
+                    inputs_segment_ids: jnp.ndarray | None = None,
+                    targets_segment_ids: jnp.ndarray | None = None,
+                    deterministic: bool = True) -> jnp.ndarray:
+    """`__call__` without the output projection: the decoder's last hidden states `[B, T, D]`
+    (compute dtype). `output_projection(params, config)` gives the projection that `__call__`
+    would apply to them."""
+    encoded = self.encode(inputs, inputs_positions, inputs_segment_ids, deterministic)
+    decoder_inputs = shift_right(targets, targets_segment_ids)
+    return self.decoder(encoded, inputs, decoder_inputs, targets_positions, inputs_segment_ids,
+                        targets_segment_ids, deterministic, FULL, project=False)
+
   def decode(self, encoded: jnp.ndarray, inputs: jnp.ndarray, decoder_inputs: jnp.ndarray,
              targets_positions: jnp.ndarray | None = None,
              inputs_segment_ids: jnp.ndarray | None = None,
@@ -311,3 +332,16 @@ class Transformer(nn.Module):
     Row b*n + j is hypothesis j of sentence b. Apply with mutable=['cache'].
     """
     return self.decoder(None, inputs, token_ids, mode=STEP)
+
+
+def output_projection(params: Any, config: Any) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+  """The decoder's pre-softmax projection in `params`: (table `[V, D]`, bias `[V]` or None).
+
+  logits = hidden @ table.T (+ bias), computed in the compute dtype: the target embedding when
+  `config.tie_output` (no bias), else the transposed kernel and the bias of the `logits` Dense.
+  """
+  if not config.tie_output:
+    dense_params = params["decoder"]["logits"]
+    return dense_params["kernel"].T, dense_params["bias"]
+  name = "shared_embedding" if config.share_embeddings else "target_embedding"
+  return params[name]["embed"]["embedding"], None
