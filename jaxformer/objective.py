@@ -143,9 +143,10 @@ def normalize_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
   }
 
 
-# The most bytes of float32 scores [B, t, V] that `projected_loss_sums` holds per block: small
-# enough that a block's scores, probabilities and gradient stay in the CPU's caches between the
-# matmul that makes them and the two that consume them.
+# The least bytes of float32 scores [B, t, V] that `projected_loss_sums` makes per block. Each
+# block re-reads the [V, D] table (twice) and adds to its [V, D] gradient, so a block's scores
+# are made at least as large as the table too: smaller blocks spend more on that traffic than
+# they save (benchmarks/RESULTS.md has the measurements).
 BLOCK_BYTES = 4 << 20
 
 
@@ -246,13 +247,15 @@ def projected_loss_sums(hidden: jax.Array, table: jax.Array, bias: jax.Array | N
     bias: [V] or None.
     targets: [B, T] int token ids; PAD_ID positions count nothing.
     label_smoothing: eps in [0, 1).
-    block_bytes: the budget of one block's scores (None: BLOCK_BYTES).
+    block_bytes: the budget of one block's scores (None: the larger of BLOCK_BYTES and the
+      float32 table's bytes).
 
   Returns:
     The sums of `compute_metrics`: loss, nll, correct, num_tokens (float32 scalars).
   """
   batch, length, _ = hidden.shape
-  block = block_length(batch, length, table.shape[0], block_bytes or BLOCK_BYTES)
+  budget = block_bytes or max(BLOCK_BYTES, table.size * 4)
+  block = block_length(batch, length, table.shape[0], budget)
   loss, nll, correct = _projected_sums(hidden, table, bias, targets, label_smoothing, block)
   return {
       "loss": loss,

@@ -115,3 +115,80 @@ def test_normalize_divides_by_the_token_count():
   np.testing.assert_allclose(metrics["perplexity"], np.exp(1.5), rtol=1e-6)
   empty = objective.normalize_metrics({k: 0.0 for k in sums})
   assert np.isfinite(empty["loss"]) and empty["perplexity"] == 1.0
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_projected_loss_sums_match_the_metrics_of_the_whole_logits(bias):
+  """Block by block (here 3 blocks of 2 positions) gives compute_metrics' sums of the logits
+  hidden @ table.T + bias, and the loss's gradient with respect to all three."""
+  rng = np.random.RandomState(3)
+  hidden = rng.randn(2, 6, 5).astype(np.float32)
+  table = rng.randn(V, 5).astype(np.float32)
+  bias_value = rng.randn(V).astype(np.float32) if bias else None
+  targets = rng.randint(1, V, size=(2, 6)).astype(np.int32)
+  targets[1, 3:] = PAD_ID
+
+  def blocked(h, w, b):
+    return objective.projected_loss_sums(h, w, b, targets, 0.1, block_bytes=2 * 2 * V * 4)
+
+  def whole(h, w, b):
+    logits = h @ w.T + (0.0 if b is None else b)
+    return objective.compute_metrics(logits, targets, 0.1)
+
+  ours, reference = blocked(hidden, table, bias_value), whole(hidden, table, bias_value)
+  for key in reference:
+    np.testing.assert_allclose(ours[key], reference[key], rtol=1e-6)
+  grad = lambda f: jax.grad(lambda *a: f(*a)["loss"], argnums=(0, 1, 2))(
+      hidden, table, bias_value)
+  for got, want in zip(jax.tree.leaves(grad(blocked)), jax.tree.leaves(grad(whole))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def packed_padded_batch(vocab_size: int) -> dict:
+  """Three rows of 8: one sequence with 2 pads, one full sequence, two packed sequences."""
+  rng = np.random.RandomState(4)
+  ids = rng.randint(4, vocab_size, size=(3, 8))
+  ids[0, 6:] = PAD_ID
+  segments = np.array([[1] * 6 + [0] * 2, [1] * 8, [1] * 3 + [2] * 5])
+  positions = np.array([list(range(6)) + [0, 0], list(range(8)), [0, 1, 2, 0, 1, 2, 3, 4]])
+  arrays = dict(inputs=ids, targets=np.roll(ids, 1, axis=1) * (segments > 0),
+                inputs_positions=positions, targets_positions=positions,
+                inputs_segment_ids=segments, targets_segment_ids=segments)
+  return {k: jax.numpy.asarray(v, jax.numpy.int32) for k, v in arrays.items()}
+
+
+# Every pair of settings once (4 of the 8 combinations; each case compiles two train steps).
+@pytest.mark.parametrize("tie_output, norm, pos_encoding", [
+    (True, "post", "sinusoidal"), (False, "pre", "sinusoidal"),
+    (True, "pre", "learned"), (False, "post", "learned")])
+def test_train_step_gradients_equal_those_of_the_whole_logits(tie_output, norm, pos_encoding,
+                                                              monkeypatch):
+  """jaxformer.train.step's loss and gradients (hidden states, then projected_loss_sums in 4
+  blocks) equal those of the model's logits through compute_metrics, to 1e-5 of each tensor's
+  largest entry. The attention key biases, whose gradient is 0 (softmax ignores a shift of
+  every score), are compared with 1e-7 absolute instead."""
+  from jaxformer.model.transformer import Transformer
+  from jaxformer.train import step as step_lib
+  from tests.model.model_testing import random_params, tiny_config
+
+  cfg = tiny_config(tie_output=tie_output, norm=norm, pos_encoding=pos_encoding, num_layers=1)
+  monkeypatch.setattr(objective, "block_length", lambda *_: 2)  # 4 blocks of 2 positions
+  model, params, batch = Transformer(cfg), random_params(cfg), packed_padded_batch(cfg.vocab_size)
+  rng = jax.random.PRNGKey(0)
+  grads, sums = jax.jit(lambda p: step_lib.gradient_sums(
+      p, jax.tree.map(lambda x: x[None], batch), model=model, label_smoothing=0.1, rng=rng))(params)
+
+  def whole(p):
+    logits = model.apply({"params": p}, *(batch[k] for k in objective.BATCH_KEYS),
+                         deterministic=False, rngs={"dropout": jax.random.fold_in(rng, 0)})
+    reference = objective.compute_metrics(logits, batch["targets"], 0.1)
+    return reference["loss"], reference
+  want_grads, want = jax.jit(jax.grad(whole, has_aux=True))(params)
+  for key in want:
+    np.testing.assert_allclose(sums[key], want[key], rtol=1e-6)
+  for (path, got), expected in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                   jax.tree.leaves(want_grads)):
+    if "'key']['bias']" in jax.tree_util.keystr(path):
+      np.testing.assert_allclose(got, expected, atol=1e-7)
+    else:
+      np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
