@@ -146,7 +146,7 @@ def normalize_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
 # The least bytes of float32 scores [B, t, V] that `projected_loss_sums` makes per block. Each
 # block re-reads the [V, D] table (twice) and adds to its [V, D] gradient, so a block's scores
 # are made at least as large as the table too: smaller blocks spend more on that traffic than
-# they save (benchmarks/RESULTS.md has the measurements).
+# they save.
 BLOCK_BYTES = 4 << 20
 
 
