@@ -143,6 +143,13 @@ def normalize_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
   }
 
 
+# Where the training loss projects the vocabulary block by block (`projected_loss_sums`): on
+# CPU the whole [B, T, V] float32 logits and their gradient do not fit in cache and each pass
+# over them runs at memory speed. Accelerators fuse the whole-logits path in fast memory, and
+# under data parallelism each block's table gradient would be summed over devices on its own
+# (one all-reduce a block instead of one a step): they keep it.
+BLOCKED_LOSS_BACKENDS = ("cpu",)
+
 # The least bytes of float32 scores [B, t, V] that `projected_loss_sums` makes per block. Each
 # block re-reads the [V, D] table (twice) and adds to its [V, D] gradient, so a block's scores
 # are made at least as large as the table too: smaller blocks spend more on that traffic than
@@ -265,15 +272,11 @@ def projected_loss_sums(hidden: jax.Array, table: jax.Array, bias: jax.Array | N
   }
 
 
-def forward_sums(params: Any, batch: Batch, *, model, label_smoothing: float,
-                 dropout_rng: jax.Array | None) -> dict[str, jax.Array]:
-  """Runs `model` (the flax Transformer) on one batch and returns the sums of `compute_metrics`.
-
-  `batch` holds the BATCH_KEYS arrays, [B, L] each. `dropout_rng=None` runs the model
-  deterministically (no dropout), as in evaluation. The model stops at its last hidden states
-  and `projected_loss_sums` applies the output projection block by block.
-  """
-  hidden = model.apply(
+def _apply(params: Any, batch: Batch, model, dropout_rng: jax.Array | None,
+           method: str | None = None) -> jax.Array:
+  """The model on a batch: its logits [B, T, V], or with method='hidden_states' its last
+  hidden states [B, T, D]. Deterministic (no dropout) when `dropout_rng` is None."""
+  return model.apply(
       {"params": params}, batch["inputs"], batch["targets"],
       inputs_positions=batch["inputs_positions"],
       targets_positions=batch["targets_positions"],
@@ -281,6 +284,21 @@ def forward_sums(params: Any, batch: Batch, *, model, label_smoothing: float,
       targets_segment_ids=batch["targets_segment_ids"],
       deterministic=dropout_rng is None,
       rngs=None if dropout_rng is None else {"dropout": dropout_rng},
-      method="hidden_states")
+      method=method)
+
+
+def forward_sums(params: Any, batch: Batch, *, model, label_smoothing: float,
+                 dropout_rng: jax.Array | None) -> dict[str, jax.Array]:
+  """Runs `model` (the flax Transformer) on one batch and returns the sums of `compute_metrics`.
+
+  `batch` holds the BATCH_KEYS arrays, [B, L] each. `dropout_rng=None` runs the model
+  deterministically (no dropout), as in evaluation. On the backends of BLOCKED_LOSS_BACKENDS
+  the model stops at its last hidden states and `projected_loss_sums` applies the output
+  projection block by block; elsewhere the loss reads the model's whole logits.
+  """
+  if jax.default_backend() not in BLOCKED_LOSS_BACKENDS:
+    return compute_metrics(_apply(params, batch, model, dropout_rng), batch["targets"],
+                           label_smoothing)
+  hidden = _apply(params, batch, model, dropout_rng, method="hidden_states")
   table, bias = output_projection(params, model.config)
   return projected_loss_sums(hidden, table, bias, batch["targets"], label_smoothing)

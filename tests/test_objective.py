@@ -158,11 +158,11 @@ def packed_padded_batch(vocab_size: int) -> dict:
 
 
 # Every pair of settings once (4 of the 8 combinations; each case compiles two train steps).
-@pytest.mark.parametrize("tie_output, norm, pos_encoding", [
-    (True, "post", "sinusoidal"), (False, "pre", "sinusoidal"),
-    (True, "pre", "learned"), (False, "post", "learned")])
+@pytest.mark.parametrize("tie_output, norm, pos_encoding, final_logits_bias", [
+    (True, "post", "sinusoidal", False), (False, "pre", "sinusoidal", False),
+    (True, "pre", "learned", True), (False, "post", "learned", False)])
 def test_train_step_gradients_equal_those_of_the_whole_logits(tie_output, norm, pos_encoding,
-                                                              monkeypatch):
+                                                              final_logits_bias, monkeypatch):
   """jaxformer.train.step's loss and gradients (hidden states, then projected_loss_sums in 4
   blocks) equal those of the model's logits through compute_metrics, to 1e-5 of each tensor's
   largest entry. The attention key biases, whose gradient is 0 (softmax ignores a shift of
@@ -171,8 +171,10 @@ def test_train_step_gradients_equal_those_of_the_whole_logits(tie_output, norm, 
   from jaxformer.train import step as step_lib
   from tests.model.model_testing import random_params, tiny_config
 
-  cfg = tiny_config(tie_output=tie_output, norm=norm, pos_encoding=pos_encoding, num_layers=1)
+  cfg = tiny_config(tie_output=tie_output, norm=norm, pos_encoding=pos_encoding, num_layers=1,
+                    final_logits_bias=final_logits_bias)
   monkeypatch.setattr(objective, "block_length", lambda *_: 2)  # 4 blocks of 2 positions
+  monkeypatch.setattr(objective, "BLOCKED_LOSS_BACKENDS", (jax.default_backend(),))
   model, params, batch = Transformer(cfg), random_params(cfg), packed_padded_batch(cfg.vocab_size)
   rng = jax.random.PRNGKey(0)
   grads, sums = jax.jit(lambda p: step_lib.gradient_sums(

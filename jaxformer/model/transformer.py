@@ -338,10 +338,12 @@ def output_projection(params: Any, config: Any) -> tuple[jnp.ndarray, jnp.ndarra
   """The decoder's pre-softmax projection in `params`: (table `[V, D]`, bias `[V]` or None).
 
   logits = hidden @ table.T (+ bias), computed in the compute dtype: the target embedding when
-  `config.tie_output` (no bias), else the transposed kernel and the bias of the `logits` Dense.
+  `config.tie_output` (with `final_logits_bias`'s bias, else none), else the transposed kernel
+  and the bias of the `logits` Dense.
   """
   if not config.tie_output:
     dense_params = params["decoder"]["logits"]
     return dense_params["kernel"].T, dense_params["bias"]
   name = "shared_embedding" if config.share_embeddings else "target_embedding"
-  return params[name]["embed"]["embedding"], None
+  bias = params["decoder"]["logits_bias"] if config.final_logits_bias else None
+  return params[name]["embed"]["embedding"], bias
