@@ -72,9 +72,19 @@ def length_penalty(length: jax.Array, alpha: float | jax.Array) -> jax.Array:
   return ((LENGTH_PENALTY_BASE + length) / (LENGTH_PENALTY_BASE + 1.0)) ** alpha
 
 
+# How the searches index rows and hypotheses: their indices are always in range, and 'clip'
+# compiles to a plain gather, where jnp.take's default ('fill') adds a select over every
+# gathered element (on CPU a fifth of beam search's time, in reordering the cache).
+IN_RANGE = "clip"
+
+
+def _take(x: jax.Array, rows: jax.Array) -> jax.Array:
+  return x if x.ndim == 0 else jnp.take(x, rows, axis=0, mode=IN_RANGE)
+
+
 def take_rows(state: State, rows: jax.Array) -> State:
   """The default reorder rule: row i of every array in `state` becomes row rows[i] of it."""
-  return jax.tree_util.tree_map(lambda x: x if x.ndim == 0 else jnp.take(x, rows, axis=0), state)
+  return jax.tree_util.tree_map(lambda x: _take(x, rows), state)
 
 
 def _log_probs(logits: jax.Array, banned_ids: Sequence[int]) -> jax.Array:
@@ -117,7 +127,7 @@ def greedy_search(step_fn: StepFn, init_state: State, max_lens: jax.Array, *,
     log_probs = _log_probs(logits, banned_ids)  # [B, V]
     live = ~c.done
     token = jnp.where(live, jnp.argmax(log_probs, axis=-1), pad_id)
-    token_log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+    token_log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=-1, mode=IN_RANGE)[:, 0]
     ended = live & ((token == eos_id) | (c.step + 1 >= max_lens))
     return _GreedyCarry(
         step=c.step + 1,
@@ -196,7 +206,7 @@ def _best_extensions(c: _BeamCarry, log_probs: jax.Array,
   candidates = c.live_log_probs[:, :, None] + log_probs.reshape(batch, k, vocab)
   top_log_probs, top_index = jax.lax.top_k(candidates.reshape(batch, k * vocab), k)  # [B, k]
   parent, token = top_index // vocab, top_index % vocab
-  tokens = jnp.take_along_axis(c.live_tokens, parent[:, :, None], axis=1)
+  tokens = jnp.take_along_axis(c.live_tokens, parent[:, :, None], axis=1, mode=IN_RANGE)
   return top_log_probs, parent, token, tokens.at[:, :, c.step].set(token)
 
 
@@ -215,8 +225,9 @@ def _merge_finished(c: _BeamCarry, tokens: jax.Array, log_probs: jax.Array, ends
                                  jnp.where(ends[:, :, None], tokens, pad_id)], axis=1)
   pool_lengths = jnp.concatenate([c.finished_lengths, jnp.where(ends, length, 0)], axis=1)
   finished_scores, best = jax.lax.top_k(pool_scores, k)
-  finished_tokens = jnp.take_along_axis(pool_tokens, best[:, :, None], axis=1)
-  return finished_scores, finished_tokens, jnp.take_along_axis(pool_lengths, best, axis=1)
+  finished_tokens = jnp.take_along_axis(pool_tokens, best[:, :, None], axis=1, mode=IN_RANGE)
+  return finished_scores, finished_tokens, jnp.take_along_axis(pool_lengths, best, axis=1,
+                                                               mode=IN_RANGE)
 
 
 def _still_live(c: _BeamCarry, log_probs: jax.Array, ends: jax.Array,
@@ -292,8 +303,8 @@ SELF_ATTENTION_CACHE = ("cached_key", "cached_value", "cache_index")
 def reorder_decoder_cache(cache: State, rows: jax.Array) -> State:
   """The Transformer's reorder rule: take `rows` of the self-attention cache entries only."""
   def reorder(path, x):
-    if getattr(path[-1], "key", None) in SELF_ATTENTION_CACHE and x.ndim > 0:
-      return jnp.take(x, rows, axis=0)
+    if getattr(path[-1], "key", None) in SELF_ATTENTION_CACHE:
+      return _take(x, rows)
     return x
   return jax.tree_util.tree_map_with_path(reorder, cache)
 
