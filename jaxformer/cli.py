@@ -513,7 +513,8 @@ def _add_export(sub) -> None:
   p.add_argument("--format", required=True, choices=tuple(interop.EXPORT_MODULES))
   p.add_argument("--out", required=True, metavar="DIR",
                  help="a new (or empty) directory; written whole or not at all")
-  p.add_argument("--quantize", default=None, choices=("int8",),
+  p.add_argument("--quantize", default=None,
+                 choices=sorted({q for qs in interop.QUANTIZATIONS.values() for q in qs}),
                  help="ctranslate2 only: store the weights as int8")
   p.set_defaults(run=cmd_export)
 

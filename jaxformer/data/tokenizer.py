@@ -30,6 +30,19 @@ from jaxformer.tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 SPM_LOG_LEVEL = 2  # SentencePiece's own log: 0 info, 1 warnings, 2 errors only.
 
 
+def text_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
+  """The ids of `ids` that are text: up to the first EOS, PAD and BOS skipped, ids past the
+  vocabulary as UNK_ID (a model whose model.vocab_size exceeds the vocabulary may predict them)."""
+  text = []
+  for i in ids:
+    i = int(i)
+    if i == EOS_ID:
+      break
+    if i not in (PAD_ID, BOS_ID):
+      text.append(i if 0 <= i < vocab_size else UNK_ID)
+  return text
+
+
 class Tokenizer:
   """Text <-> ids with a SentencePiece model whose pad/unk/bos/eos ids are jaxformer.tokens'."""
 
@@ -96,14 +109,7 @@ class Tokenizer:
     Ids past the vocabulary (a model whose model.vocab_size exceeds vocab_size may predict
     them) decode like UNK_ID, as " ⁇ ".
     """
-    pieces = []
-    for i in ids:
-      i = int(i)
-      if i == EOS_ID:
-        break
-      if i not in (PAD_ID, BOS_ID):
-        pieces.append(i if 0 <= i < self.vocab_size else UNK_ID)
-    return self._processor.decode_ids(pieces)
+    return self._processor.decode_ids(text_ids(ids, self.vocab_size))
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # how a zip archive starts (a SentencePiece model cannot).
@@ -181,14 +187,7 @@ class TwoSidedTokenizer(Tokenizer):
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text of target `ids` up to the first EOS, PAD and BOS skipped, by the target model."""
-    pieces = []
-    for i in ids:
-      i = int(i)
-      if i == EOS_ID:
-        break
-      if i not in (PAD_ID, BOS_ID):
-        pieces.append(self._pieces[i if 0 <= i < self.vocab_size else UNK_ID])
-    return self._target.decode_pieces(pieces)
+    return self._target.decode_pieces([self._pieces[i] for i in text_ids(ids, self.vocab_size)])
 
   def marian_files(self) -> tuple[bytes, bytes, list[str]]:
     return (*self._files, list(self._pieces))
