@@ -85,7 +85,7 @@ def export(run: Any, out: str, quantize: str | None) -> None:
   `quantize` None keeps float32 weights, 'int8' stores int8 weights with per-row scales."""
   check_supported(run.config.model)
   specs = interop.require("ctranslate2.specs", "ctranslate2")
-  spec = transformer_spec(specs, run.config.model, jax.device_get(run.params))
+  spec = transformer_spec(specs, run.config.model, run.params)  # on the host already
   pieces = vocabulary(run.tokenizer, run.config.model.vocab_size)
   spec.register_source_vocabulary(pieces)
   spec.register_target_vocabulary(pieces)
