@@ -19,8 +19,10 @@ The file has two layers.
 2. The binding to the Transformer (`decode_batch`, `naive_decode_batch`, `ParallelDecoder`):
    the encoder runs once per sentence and the cross-attention keys and values are computed
    once, by `init_cache`; they stay at batch B, shared by the n hypotheses of each sentence.
-   Only the self-attention cache is tiled and reordered. Text in and text out is
-   jaxformer.inference's (`translate`).
+   The self-attention keys and values stay where each step wrote them, too: the one entry the
+   search tiles and reorders is the decoder's table of where each hypothesis's history lies
+   (`cache_slot`, a few integers per hypothesis; see jaxformer.model.attention). Text in and
+   text out is jaxformer.inference's (`translate`).
 
 Conventions shared by both layers:
 - A hypothesis's length counts its tokens, the closing EOS included. A sentence's hypotheses
@@ -87,12 +89,23 @@ def take_rows(state: State, rows: jax.Array) -> State:
   return jax.tree_util.tree_map(lambda x: _take(x, rows), state)
 
 
-def _log_probs(logits: jax.Array, banned_ids: Sequence[int]) -> jax.Array:
-  """[R, V] logits -> float32 log-probabilities with `banned_ids` at -inf (not renormalized)."""
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+def _top_tokens(logits: jax.Array, banned_ids: Sequence[int],
+                k: int) -> tuple[jax.Array, jax.Array]:
+  """The k most probable next tokens of each row: logits `[R, V]` -> (their log-probabilities
+  `[R, k]` float32, their ids `[R, k]`), best first; `banned_ids` are never among them.
+
+  The log-probabilities are log_softmax's (the banned tokens' probability stays in the
+  normalizer: the others are not renormalized), but only the k chosen ones are computed: the
+  normalizer is one shift per row, which keeps the order, so the shifted logits are ranked as
+  they are and the [R, V] log-probabilities are never written out.
+  """
+  logits = logits.astype(jnp.float32)
+  shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+  log_normalizer = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))  # [R, 1]
   if banned_ids:
-    log_probs = log_probs.at[:, jnp.asarray(banned_ids)].set(-jnp.inf)
-  return log_probs
+    shifted = shifted.at[:, jnp.asarray(banned_ids)].set(-jnp.inf)
+  top, ids = jax.lax.top_k(shifted, min(k, shifted.shape[-1]))
+  return top - log_normalizer, ids
 
 
 # --- Greedy search. ------------------------------------------------------------------------
@@ -124,10 +137,10 @@ def greedy_search(step_fn: StepFn, init_state: State, max_lens: jax.Array, *,
 
   def step(c: _GreedyCarry) -> _GreedyCarry:
     logits, state = step_fn(c.last[:, None], c.state)
-    log_probs = _log_probs(logits, banned_ids)  # [B, V]
+    best_log_prob, best = _top_tokens(logits, banned_ids, 1)  # [B, 1] each
     live = ~c.done
-    token = jnp.where(live, jnp.argmax(log_probs, axis=-1), pad_id)
-    token_log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=-1, mode=IN_RANGE)[:, 0]
+    token = jnp.where(live, best[:, 0], pad_id)
+    token_log_prob = best_log_prob[:, 0]
     ended = live & ((token == eos_id) | (c.step + 1 >= max_lens))
     return _GreedyCarry(
         step=c.step + 1,
@@ -194,18 +207,22 @@ def _initial_beams(init_state: State, batch: int, k: int, length: int, pad_id: i
       state=reorder_state(init_state, jnp.repeat(jnp.arange(batch), k)))
 
 
-def _best_extensions(c: _BeamCarry, log_probs: jax.Array,
+def _best_extensions(c: _BeamCarry, row_log_probs: jax.Array, row_tokens: jax.Array,
                      k: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Every (live hypothesis, next token) pair scored by log P, of which the k best are kept.
 
-  `log_probs` [B * k, V] are the next-token log-probabilities of the live rows. Returns the
-  extensions' log P [B, k], the live hypothesis each extends (`parent`, [B, k]), the token it
-  adds [B, k] and its tokens [B, k, L] (the parent's, then that token at step t).
+  Each of the k best pairs is among the k best tokens of its own hypothesis (fewer than k
+  pairs beat it), so only those are ranked: `row_log_probs` and `row_tokens` `[B * k, k]`, the
+  k most probable next tokens of each live row (`_top_tokens`). Returns the extensions' log P
+  [B, k], the live hypothesis each extends (`parent`, [B, k]), the token it adds [B, k] and
+  its tokens [B, k, L] (the parent's, then that token at step t).
   """
-  batch, vocab = c.live_log_probs.shape[0], log_probs.shape[-1]
-  candidates = c.live_log_probs[:, :, None] + log_probs.reshape(batch, k, vocab)
-  top_log_probs, top_index = jax.lax.top_k(candidates.reshape(batch, k * vocab), k)  # [B, k]
-  parent, token = top_index // vocab, top_index % vocab
+  batch, width = c.live_log_probs.shape[0], row_tokens.shape[-1]
+  candidates = c.live_log_probs[:, :, None] + row_log_probs.reshape(batch, k, width)
+  top_log_probs, top_index = jax.lax.top_k(candidates.reshape(batch, k * width), k)  # [B, k]
+  parent = top_index // width
+  token = jnp.take_along_axis(row_tokens.reshape(batch, k * width), top_index, axis=1,
+                              mode=IN_RANGE)
   tokens = jnp.take_along_axis(c.live_tokens, parent[:, :, None], axis=1, mode=IN_RANGE)
   return top_log_probs, parent, token, tokens.at[:, :, c.step].set(token)
 
@@ -277,7 +294,8 @@ def beam_search(step_fn: StepFn, init_state: State, max_lens: jax.Array, *, beam
                      jax.lax.dynamic_index_in_dim(c.live_tokens, jnp.maximum(t - 1, 0), axis=2,
                                                   keepdims=False))  # [B, k]
     logits, state = step_fn(last.reshape(batch * k, 1), c.state)
-    log_probs, parent, token, tokens = _best_extensions(c, _log_probs(logits, banned_ids), k)
+    log_probs, parent, token, tokens = _best_extensions(c, *_top_tokens(logits, banned_ids, k),
+                                                        k)
     ends = (log_probs > -jnp.inf) & ((token == eos_id) | (t + 1 >= max_lens[:, None]))
     finished_scores, finished_tokens, finished_lengths = _merge_finished(
         c, tokens, log_probs, ends, alpha, pad_id, k)
@@ -295,15 +313,16 @@ def beam_search(step_fn: StepFn, init_state: State, max_lens: jax.Array, *, beam
 
 # --- The Transformer binding. --------------------------------------------------------------
 
-# Entries of the decoder's self-attention cache: one row per hypothesis, tiled and reordered.
-# The cross-attention entries ('cross_key', 'cross_value') keep batch B and are never touched.
-SELF_ATTENTION_CACHE = ("cached_key", "cached_value", "cache_index")
+# The decoder's cache entries with one row per hypothesis, tiled and reordered by beam search.
+# Every other entry (keys and values, of self- and cross-attention; the step's position) is
+# shared by a sentence's hypotheses and never moves.
+HYPOTHESIS_CACHE = ("cache_slot",)
 
 
 def reorder_decoder_cache(cache: State, rows: jax.Array) -> State:
-  """The Transformer's reorder rule: take `rows` of the self-attention cache entries only."""
+  """The Transformer's reorder rule: take `rows` of the per-hypothesis entries only."""
   def reorder(path, x):
-    if getattr(path[-1], "key", None) in SELF_ATTENTION_CACHE:
+    if getattr(path[-1], "key", None) in HYPOTHESIS_CACHE:
       return _take(x, rows)
     return x
   return jax.tree_util.tree_map_with_path(reorder, cache)
@@ -320,10 +339,10 @@ def _cached_decoder(model: nn.Module, params: Any, inputs: jax.Array, beam_size:
                     max_decode_len: int) -> tuple[StepFn, State, ReorderFn]:
   """decode_batch's step function over the decoder's cache, the initial cache and its reorder
   rule. The encoder runs here, once, and `init_cache` computes the cross-attention keys and
-  values once; beam search tiles only the self-attention entries."""
-  del beam_size  # The search tiles the cache itself, through reorder_decoder_cache.
+  values once; the self-attention caches have room for `beam_size` hypotheses per sentence,
+  and beam search tiles and reorders only the decoder's slot table."""
   encoded = model.apply({"params": params}, inputs, method="encode")  # [B, S, D]
-  _, variables = model.apply({"params": params}, encoded, inputs, max_decode_len,
+  _, variables = model.apply({"params": params}, encoded, inputs, max_decode_len, beam_size,
                              method="init_cache", mutable=["cache"])
 
   def step_fn(token_ids, cache):

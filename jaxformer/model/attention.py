@@ -5,23 +5,24 @@ mask of the model is built by the functions of the first section and nowhere els
 
 `MultiHeadAttention` projects queries, keys and values into H heads of K = D / H dimensions,
 computes softmax(Q K^T / sqrt(K)) V in every head, and projects the H results back to D. While
-decoding it keeps keys and values in the 'cache' collection:
+decoding it keeps keys and values in the 'cache' collection, heads first and each head's keys
+transposed (keys `[B, H, K, S]`, values `[B, H, S, K]`): a step's Q K^T and its weighted sum
+of values are then plain batched matrix products over the cache as it lies in memory.
 
-- self-attention writes this step's key and value at position `cache_index` `[B*n]` (one per
-  row) of `cached_key` and `cached_value` `[B*n, H, L, K]` (L = the longest decode) and attends
-  to the positions <= that index;
-- cross-attention projects the encoder output to keys and values once per sentence (mode
-  'init_cache') into `cross_key` and `cross_value` `[B, H, S, K]`; every step then only projects
-  its queries.
-
-The cache keeps each head's keys and values together (heads before positions): a step's
-attention is then a batched matrix product over the cache as it lies in memory, where the
-`[.., L, H, K]` layout of the projections would be transposed, whole, at every step. With n hypotheses per sentence (beam search), the n queries of sentence b attend
-  to sentence b's keys and values, which are never copied n times.
-
-Every cache entry has its batch on axis 0. `init_cache` makes the self-attention entries with
-batch B; a beam search repeats them n times along axis 0 (and reorders them by beam), and leaves
-the cross-attention entries alone.
+- Cross-attention projects the encoder output to keys and values once per sentence (mode
+  'init_cache'), into `cross_key` and `cross_value`. Every step then only projects its
+  queries; the n hypotheses of sentence b (beam search) are n queries over sentence b's keys
+  and values, which are never copied n times.
+- Self-attention keeps `cached_key` `[B, H, K, L*n]` and `cached_value` `[B, H, L*n, K]`: for
+  each sentence, L positions (the longest decode) of n slots, position-major (entry p*n + s is
+  slot s at position p). At step t, hypothesis j of sentence b writes its key and value into
+  slot j of position t (one block of the cache, written in place) and attends to the entries
+  `history_mask` names: its own history, written by its ancestors in whatever slots they held.
+  So when beam search reorders its hypotheses, the keys and values stay where they are; only
+  the decoder's table of slots (`cache_slot` `[B*n, L]`, a few integers per hypothesis)
+  follows them. Each query scores all n slots of every position, n times the scores it needs:
+  at the paper's beam of 4 that costs far less than moving the cache (reading and writing all
+  of it) at every step.
 """
 
 from __future__ import annotations
@@ -92,9 +93,18 @@ def source_key_mask(source_ids: jnp.ndarray) -> jnp.ndarray:
   return (source_ids != PAD_ID)[:, None, None, :]
 
 
-def cached_positions_mask(cache_index: jnp.ndarray, cache_length: int) -> jnp.ndarray:
-  """One decoding step at `cache_index` `[B]` sees cached positions <= index: `[B, 1, 1, L]`."""
-  return (jnp.arange(cache_length) <= cache_index[:, None])[:, None, None, :]
+def history_mask(slots: jnp.ndarray, index: jnp.ndarray, hypotheses: int) -> jnp.ndarray:
+  """What each of n hypotheses per sentence sees in the self-attention cache at step `index`.
+
+  `slots` `[B*n, L]`: row b*n + j says, for each position p, the slot whose entry at p holds
+  hypothesis j's key and value (written by it or by an ancestor). Hypothesis j sees slot s at
+  position p iff p <= index and slots[b*n + j, p] == s: `[B, 1, n, L*n]`, the entries ordered
+  position-major (p*n + s) as the cache lies. With n = 1: the positions <= index.
+  """
+  rows, length = slots.shape
+  own = slots[:, :, None] == jnp.arange(hypotheses)                   # [B*n, L, n]
+  written = (jnp.arange(length) <= index)[None, :, None]               # [1, L, 1]
+  return (own & written).reshape(rows // hypotheses, 1, hypotheses, length * hypotheses)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,33 +126,43 @@ def masked_fill_value(dtype: Any) -> float:
   return float(jnp.finfo(dtype).min) * MASK_FILL_FRACTION
 
 
-def attention_weights(query: jnp.ndarray, key: jnp.ndarray, mask: jnp.ndarray | None,
-                      heads_first: bool = False) -> jnp.ndarray:
-  """softmax(Q K^T / sqrt(K)) per head, in float32.
-
-  Queries `[B, T, H, K]`, keys `[B, S, H, K]` (or `[B, H, S, K]` with `heads_first`, the cache's
-  layout), mask `[B, 1, T, S]` -> weights `[B, H, T, S]`.
-  """
-  depth = query.shape[-1]
-  keys = "bhsk" if heads_first else "bshk"
-  scores = jnp.einsum(f"bthk,{keys}->bhts", query, key, preferred_element_type=jnp.float32)
-  scores = scores / np.sqrt(depth).astype(np.float32)
+def masked_softmax(scores: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
+  """softmax over the last axis of float32 scores `[B, H, T, S]`, masked pairs given no weight."""
   if mask is not None:
     scores = jnp.where(mask, scores, masked_fill_value(scores.dtype))
   return jax.nn.softmax(scores, axis=-1)
 
 
+def attention_weights(query: jnp.ndarray, key: jnp.ndarray,
+                      mask: jnp.ndarray | None) -> jnp.ndarray:
+  """softmax(Q K^T / sqrt(K)) per head, in float32.
+
+  Queries `[B, T, H, K]`, keys `[B, S, H, K]`, mask `[B, 1, T, S]` -> weights `[B, H, T, S]`.
+  """
+  depth = query.shape[-1]
+  scores = jnp.einsum("bthk,bshk->bhts", query, key, preferred_element_type=jnp.float32)
+  return masked_softmax(scores / np.sqrt(depth).astype(np.float32), mask)
+
+
+def cached_attention(query: jnp.ndarray, key_t: jnp.ndarray, value: jnp.ndarray,
+                     mask: jnp.ndarray) -> jnp.ndarray:
+  """Attention over cached keys and values (decoding), in the cache's layout: queries
+  `[B, H, T, K]`, transposed keys `[B, H, K, S]`, values `[B, H, S, K]`, mask `[B, 1, T, S]`
+  -> `[B, H, T, K]`. No dropout, nothing recorded."""
+  depth = query.shape[-1]
+  scores = jnp.einsum("bhtk,bhks->bhts", query, key_t, preferred_element_type=jnp.float32)
+  weights = masked_softmax(scores / np.sqrt(depth).astype(np.float32), mask)
+  return jnp.einsum("bhts,bhsk->bhtk", weights.astype(value.dtype), value)
+
+
 def heads_first(x: jnp.ndarray) -> jnp.ndarray:
-  """A projection `[B, S, H, K]` in the cache's layout `[B, H, S, K]`."""
+  """Projections `[B, S, H, K]` in the cache's layout of values and queries: `[B, H, S, K]`."""
   return jnp.swapaxes(x, 1, 2)
 
 
-def cached_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray,
-                     mask: jnp.ndarray) -> jnp.ndarray:
-  """Attention over cached keys and values (decoding): queries `[B, T, H, K]`, keys and values
-  `[B, H, S, K]`, mask `[B, 1, T, S]` -> `[B, T, H, K]`. No dropout, nothing recorded."""
-  weights = attention_weights(query, key, mask, heads_first=True)
-  return jnp.einsum("bhts,bhsk->bthk", weights.astype(value.dtype), value)
+def keys_transposed(x: jnp.ndarray) -> jnp.ndarray:
+  """Key projections `[B, S, H, K]` in the cache's layout of keys: `[B, H, K, S]`."""
+  return jnp.transpose(x, (0, 2, 3, 1))
 
 
 # cuDNN's fused attention takes these compute dtypes and head sizes (multiples of 8, up to 128).
@@ -184,13 +204,15 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q: jnp.ndarray, inputs_kv: jnp.ndarray | None,
                mask: jnp.ndarray | None, deterministic: bool = True,
-               mode: str = FULL) -> jnp.ndarray | None:
+               mode: str = FULL, index: jnp.ndarray | None = None) -> jnp.ndarray | None:
     """Attention of `inputs_q` `[B, T, D]` over `inputs_kv` `[B, S, D]`: `[B, T, D]`.
 
     mode 'full': all positions at once. 'init_cache': creates this module's cache (self:
-    empty, `inputs_q` `[B, L, D]` gives its shape; cross: keys and values of `inputs_kv`) and
-    returns None. 'step': self: `inputs_q` is one position `[B*n, 1, D]`, `inputs_kv` and `mask`
-    are ignored (the cache gives them); cross: `inputs_kv` is ignored, `mask` is `[B, 1, 1, S]`.
+    empty, `inputs_q` `[B, L*n, D]` gives its shape, L positions of n slots; cross: keys and
+    values of `inputs_kv`) and returns None. 'step': self: `inputs_q` is one position of each
+    hypothesis `[B*n, 1, D]`, written at position `index` (a scalar), `inputs_kv` is ignored
+    and `mask` is `history_mask`'s `[B, 1, n, L*n]`; cross: `inputs_kv` is ignored, `mask` is
+    `[B, 1, 1, S]`.
     """
     cfg = self.config
     heads, depth = cfg.num_heads, cfg.d_model // cfg.num_heads
@@ -203,21 +225,20 @@ class MultiHeadAttention(nn.Module):
 
     if mode == INIT_CACHE:
       if self.cross:
-        self.variable("cache", "cross_key", lambda: heads_first(project_key(inputs_kv)))
+        self.variable("cache", "cross_key", lambda: keys_transposed(project_key(inputs_kv)))
         self.variable("cache", "cross_value", lambda: heads_first(project_value(inputs_kv)))
       else:
-        batch, length = inputs_q.shape[:2]
-        shape, dtype = (batch, heads, length, depth), jnp.dtype(cfg.dtype)
-        self.variable("cache", "cached_key", jnp.zeros, shape, dtype)
-        self.variable("cache", "cached_value", jnp.zeros, shape, dtype)
-        self.variable("cache", "cache_index", jnp.zeros, (batch,), jnp.int32)
+        (batch, entries), dtype = inputs_q.shape[:2], jnp.dtype(cfg.dtype)
+        self.variable("cache", "cached_key", jnp.zeros, (batch, heads, depth, entries), dtype)
+        self.variable("cache", "cached_value", jnp.zeros, (batch, heads, entries, depth), dtype)
       return None
 
     query = project_query(inputs_q)                                  # [B, T, H, K]
     if mode == STEP and self.cross:
       out = self._cross_attend_cached(query, mask)
     elif mode == STEP:
-      out = self._self_attend_cached(query, project_key(inputs_q), project_value(inputs_q))
+      out = self._self_attend_cached(query, project_key(inputs_q), project_value(inputs_q),
+                                     mask, index)
     else:
       key, value = project_key(inputs_kv), project_value(inputs_kv)  # [B, S, H, K]
       out = self._attend(query, key, value, mask, deterministic, fused_ok=True)
@@ -253,32 +274,39 @@ class MultiHeadAttention(nn.Module):
         weights, deterministic=deterministic)
     return jnp.einsum("bhts,bshk->bthk", weights.astype(value.dtype), value)
 
-  def _self_attend_cached(self, query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray
-                          ) -> jnp.ndarray:
-    """One position `[B*n, 1, H, K]`: appends its key/value, attends to the cache so far."""
-    cached_key = self.variable("cache", "cached_key")
-    cached_value = self.variable("cache", "cached_value")
-    cache_index = self.variable("cache", "cache_index")
-    index = cache_index.value                                         # [B*n]
-    length = cached_key.value.shape[2]
-    # Write this step's key and value at position `index` of each row (an elementwise select,
-    # cheaper than a scatter on every backend).
-    here = (jnp.arange(length) == index[:, None])[:, None, :, None]  # [B*n, 1, L, 1]
-    cached_key.value = jnp.where(here, heads_first(key), cached_key.value)
-    cached_value.value = jnp.where(here, heads_first(value), cached_value.value)
-    cache_index.value = index + 1
-    mask = cached_positions_mask(index, length)
-    return cached_attention(query, cached_key.value, cached_value.value, mask)
+  def _self_attend_cached(self, query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray,
+                          mask: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+    """One position of each hypothesis `[B*n, 1, H, K]`: writes its key and value into its slot
+    of position `index`, then attends to its history (`mask` `[B, 1, n, L*n]`)."""
+    cached_key = self.variable("cache", "cached_key")      # [B, H, K, L*n]
+    cached_value = self.variable("cache", "cached_value")  # [B, H, L*n, K]
+    batch, (rows, _, heads, depth) = cached_key.value.shape[0], query.shape
+    hypotheses = rows // batch
+    # The n hypotheses of sentence b are n queries of row b, as in cross-attention; their n
+    # slots of position `index` are entries index*n .. index*n + n-1, one block of the cache.
+    def by_sentence(x: jnp.ndarray) -> jnp.ndarray:  # [B*n, 1, H, K] -> [B, n, H, K]
+      return x.reshape(batch, hypotheses, heads, depth)
+
+    start = index * hypotheses
+    cached_key.value = jax.lax.dynamic_update_slice(
+        cached_key.value, keys_transposed(by_sentence(key)).astype(cached_key.value.dtype),
+        (0, 0, 0, start))
+    cached_value.value = jax.lax.dynamic_update_slice(
+        cached_value.value, heads_first(by_sentence(value)).astype(cached_value.value.dtype),
+        (0, 0, start, 0))
+    out = cached_attention(heads_first(by_sentence(query)), cached_key.value,
+                           cached_value.value, mask)                  # [B, H, n, K]
+    return heads_first(out).reshape(rows, 1, heads, depth)
 
   def _cross_attend_cached(self, query: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    """Queries `[B*n, T, H, K]` over the cached encoder keys/values `[B, H, S, K]`.
+    """Queries `[B*n, T, H, K]` over the cached encoder keys and values.
 
     The n hypotheses of sentence b (rows b*n .. b*n + n-1) become n*T queries of row b, so they
     share that sentence's keys and values. `mask` is `[B, 1, 1, S]`.
     """
-    key = self.variable("cache", "cross_key").value
-    value = self.variable("cache", "cross_value").value
-    batch, (rows, length, heads, depth) = key.shape[0], query.shape
+    key_t = self.variable("cache", "cross_key").value                # [B, H, K, S]
+    value = self.variable("cache", "cross_value").value              # [B, H, S, K]
+    batch, (rows, length, heads, depth) = key_t.shape[0], query.shape
     query = query.reshape(batch, (rows // batch) * length, heads, depth)
-    out = cached_attention(query, key, value, mask)
-    return out.reshape(rows, length, heads, depth)
+    out = cached_attention(heads_first(query), key_t, value, mask)   # [B, H, n*T, K]
+    return heads_first(out).reshape(rows, length, heads, depth)

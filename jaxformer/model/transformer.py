@@ -113,8 +113,9 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
   """Masked self-attention, cross-attention over the encoder output, feed-forward.
 
-  `[B, T, D]` -> `[B, T, D]` in 'full' mode; one position `[B*n, 1, D]` in 'step' mode (masks are
-  then built from the cache, and `encoded` is not used: its keys and values are cached).
+  `[B, T, D]` -> `[B, T, D]` in 'full' mode; one position `[B*n, 1, D]` in 'step' mode, at
+  position `index` (masks are then built from the cache, and `encoded` is not used: its keys
+  and values are cached).
   """
   config: Any
   deterministic: bool = True
@@ -123,7 +124,8 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, encoded: jnp.ndarray | None,
-               self_mask: jnp.ndarray | None, cross_mask: jnp.ndarray):
+               self_mask: jnp.ndarray | None, cross_mask: jnp.ndarray,
+               index: jnp.ndarray | None = None):
     cfg, det = self.config, self.deterministic
     self_attention = MultiHeadAttention(cfg, name="self_attention")
     cross_attention = MultiHeadAttention(cfg, cross=True, name="cross_attention")
@@ -132,7 +134,7 @@ class DecoderLayer(nn.Module):
       self_attention(x, None, None, mode=INIT_CACHE)
       cross_attention(x, encoded, None, mode=INIT_CACHE)
     else:
-      x = residual(cfg, x, lambda y: self_attention(y, y, self_mask, det, self.mode),
+      x = residual(cfg, x, lambda y: self_attention(y, y, self_mask, det, self.mode, index),
                    layer_norm(cfg, "self_attention_norm"), det)
       x = residual(cfg, x, lambda y: cross_attention(y, encoded, cross_mask, det, self.mode),
                    layer_norm(cfg, "cross_attention_norm"), det)
@@ -217,23 +219,27 @@ class Decoder(nn.Module):
     check_length(decoder_inputs.shape[-1], cfg.max_len, "the target")
     layers = layer_stack(DecoderLayer, cfg, LAYERS, remat=mode == FULL,
                          deterministic=deterministic, mode=mode)
+    index = None  # 'step': the position of this step, the same for every row.
     if mode == INIT_CACHE:
-      batch, length = decoder_inputs.shape
-      self.variable("cache", "cache_index", jnp.zeros, (batch,), jnp.int32)
-      layers(jnp.zeros((batch, length, cfg.d_model), jnp.dtype(cfg.dtype)), encoded, None, None)
+      rows, length = decoder_inputs.shape  # [B*n, L]: room for n hypotheses per sentence.
+      batch = source_ids.shape[0]
+      self.variable("cache", "cache_index", jnp.zeros, (), jnp.int32)
+      self.variable("cache", "cache_slot", jnp.zeros, (batch, length), jnp.int32)
+      # Each self-attention cache holds L positions of n slots; [B, L*n, D] gives its shape.
+      layers(jnp.zeros((batch, length * (rows // batch), cfg.d_model), jnp.dtype(cfg.dtype)),
+             encoded, None, None)
       return None
     if mode == STEP:
-      cache_index = self.variable("cache", "cache_index")
-      positions = cache_index.value[:, None]                          # [B*n, 1]
-      cache_index.value = cache_index.value + 1
-      self_mask, cross_mask = None, attention.source_key_mask(source_ids)
+      index, self_mask = self._next_step(decoder_inputs.shape[0], source_ids.shape[0])
+      positions = jnp.full(decoder_inputs.shape, index)               # [B*n, 1]
+      cross_mask = attention.source_key_mask(source_ids)
     else:
       positions = default_positions(decoder_inputs) if positions is None else positions
       self_mask = attention.decoder_self_mask(decoder_inputs, target_segment_ids)
       cross_mask = attention.cross_mask(decoder_inputs, source_ids, target_segment_ids,
                                         source_segment_ids)
     x = embed_with_positions(cfg, self.embedding, decoder_inputs, positions, deterministic)
-    x = layers(x, encoded, self_mask, cross_mask)
+    x = layers(x, encoded, self_mask, cross_mask, index)
     if cfg.norm == "pre":
       x = layer_norm(cfg, "final_norm")(x)
     if not project and not self.is_initializing():  # init still creates the projection's params
@@ -246,6 +252,22 @@ class Decoder(nn.Module):
     else:
       logits = dense(cfg, cfg.vocab_size, "logits")(x)
     return logits.astype(jnp.float32)
+
+
+  def _next_step(self, rows: int, batch: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The position of this step (a scalar, the same for every row) and its self-attention
+    mask `[B, 1, n, L*n]` (attention.history_mask), for `rows` = B*n hypotheses.
+
+    Records that each hypothesis writes this position into its own slot, and advances the
+    position.
+    """
+    cache_index = self.variable("cache", "cache_index")  # [] the position this step writes.
+    cache_slot = self.variable("cache", "cache_slot")    # [B*n, L]
+    index, hypotheses = cache_index.value, rows // batch
+    own_slot = jnp.arange(rows, dtype=jnp.int32)[:, None] % hypotheses     # [B*n, 1]
+    cache_slot.value = jax.lax.dynamic_update_slice(cache_slot.value, own_slot, (0, index))
+    cache_index.value = index + 1
+    return index, attention.history_mask(cache_slot.value, index, hypotheses)
 
 
 class Transformer(nn.Module):
@@ -313,17 +335,21 @@ class Transformer(nn.Module):
     return self.decoder(encoded, inputs, decoder_inputs, targets_positions, inputs_segment_ids,
                         targets_segment_ids, deterministic, FULL)
 
-  def init_cache(self, encoded: jnp.ndarray, inputs: jnp.ndarray, max_decode_len: int) -> None:
+  def init_cache(self, encoded: jnp.ndarray, inputs: jnp.ndarray, max_decode_len: int,
+                 hypotheses: int = 1) -> None:
     """Creates the decoding cache; apply with mutable=['cache'].
 
     `encoded` `[B, S, D]` and `inputs` `[B, S]` as from `encode`; `max_decode_len` (a Python int,
-    <= model.max_len) is the most positions `decode_step` will be called for. Self-attention
-    entries ('cached_key', 'cached_value', 'cache_index', and the decoder's own 'cache_index'
-    for positions) get batch B; the cross-attention keys and values of the encoder output
-    ('cross_key', 'cross_value') are computed here, once.
+    <= model.max_len) is the most positions `decode_step` will be called for, with `hypotheses`
+    (n) rows per sentence. The cross-attention keys and values of the encoder output
+    ('cross_key', 'cross_value') are computed here, once. The self-attention caches
+    ('cached_key', 'cached_value') have room for n hypotheses per sentence. The decoder's
+    'cache_index' (a scalar: the next position) is shared by every row; its 'cache_slot' table
+    (attention.history_mask) is the one entry with a row per hypothesis: it is made with batch
+    B, and a beam search tiles it to B*n and reorders it (only it) with its hypotheses.
     """
     check_length(max_decode_len, self.config.max_len, "max_decode_len")
-    dummy = jnp.zeros((inputs.shape[0], max_decode_len), jnp.int32)
+    dummy = jnp.zeros((inputs.shape[0] * hypotheses, max_decode_len), jnp.int32)
     self.decoder(encoded, inputs, dummy, mode=INIT_CACHE)
 
   def decode_step(self, token_ids: jnp.ndarray, inputs: jnp.ndarray) -> jnp.ndarray:

@@ -51,10 +51,20 @@ def test_decoder_self_mask_is_padding_and_causal_and_segment():
       assert mask[t, s] == expected
 
 
-def test_cached_positions_mask():
-  mask = np.asarray(attention.cached_positions_mask(jnp.array([0, 2]), 4))
-  assert mask.shape == (2, 1, 1, 4)
-  np.testing.assert_array_equal(mask[:, 0, 0], [[1, 0, 0, 0], [1, 1, 1, 0]])
+def test_history_mask_is_each_hypothesis_own_slots_up_to_the_step():
+  n, index = 3, 2
+  slots = jnp.array([[0, 2, 1, 0],    # sentence 0, hypotheses 0-2: the slot of each position
+                     [1, 1, 1, 2],
+                     [0, 0, 2, 1],
+                     [2, 0, 0, 0]] + [[0, 0, 0, 0]] * 2)  # sentence 1
+  mask = np.asarray(attention.history_mask(slots, jnp.int32(index), n))
+  assert mask.shape == (2, 1, n, 4 * n) and mask.dtype == bool
+  for b in range(2):
+    for j in range(n):
+      for p in range(4):
+        for s in range(n):  # entry p*n + s: slot s at position p
+          expected = p <= index and int(slots[b * n + j, p]) == s
+          assert mask[b, 0, j, p * n + s] == expected, (b, j, p, s)
 
 
 def test_masked_fill_value_is_finite_and_far_below_scores():
