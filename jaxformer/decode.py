@@ -89,6 +89,37 @@ def take_rows(state: State, rows: jax.Array) -> State:
   return jax.tree_util.tree_map(lambda x: _take(x, rows), state)
 
 
+# On these backends `top_k` of a wide row goes through the maxima of its chunks of TOP_K_CHUNK
+# entries: XLA:CPU's TopK ranks each row on one thread, about five times slower at the beam's
+# [B*k, V] than a max over chunks and two small top-ks (benchmarks/RESULTS.md). Rows with fewer
+# than TOP_K_MIN_CHUNKS chunks per wanted entry take lax.top_k as it is.
+CHUNKED_TOP_K_BACKENDS = ("cpu",)
+TOP_K_CHUNK = 64
+TOP_K_MIN_CHUNKS = 4
+
+
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """lax.top_k(x, k) of rows `x` [R, V]: (values [R, k], indices [R, k]), the same results,
+  ties to the lowest index included.
+
+  Wide rows go through their chunks' maxima: the k largest entries lie in the k chunks of
+  largest maxima (a chunk left out has k chunks whose maxima rank above its own: k entries
+  that rank above any of its entries). Those k chunks, put back in their order in the row,
+  are then ranked whole, so equal values still go to the lowest index.
+  """
+  rows, width = x.shape
+  if (jax.default_backend() not in CHUNKED_TOP_K_BACKENDS
+      or width % TOP_K_CHUNK or width < k * TOP_K_CHUNK * TOP_K_MIN_CHUNKS):
+    return jax.lax.top_k(x, k)
+  chunks = x.reshape(rows, width // TOP_K_CHUNK, TOP_K_CHUNK)
+  _, best_chunks = jax.lax.top_k(jnp.max(chunks, axis=-1), k)         # [R, k]
+  best_chunks = jnp.sort(best_chunks, axis=-1)  # row order: ties go to the lowest index
+  candidates = jnp.take_along_axis(chunks, best_chunks[:, :, None], axis=1, mode=IN_RANGE)
+  values, at = jax.lax.top_k(candidates.reshape(rows, k * TOP_K_CHUNK), k)
+  chunk = jnp.take_along_axis(best_chunks, at // TOP_K_CHUNK, axis=1, mode=IN_RANGE)
+  return values, chunk * TOP_K_CHUNK + at % TOP_K_CHUNK
+
+
 def _top_tokens(logits: jax.Array, banned_ids: Sequence[int],
                 k: int) -> tuple[jax.Array, jax.Array]:
   """The k most probable next tokens of each row: logits `[R, V]` -> (their log-probabilities
@@ -104,7 +135,7 @@ def _top_tokens(logits: jax.Array, banned_ids: Sequence[int],
   log_normalizer = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))  # [R, 1]
   if banned_ids:
     shifted = shifted.at[:, jnp.asarray(banned_ids)].set(-jnp.inf)
-  top, ids = jax.lax.top_k(shifted, min(k, shifted.shape[-1]))
+  top, ids = top_k(shifted, min(k, shifted.shape[-1]))
   return top - log_normalizer, ids
 
 

@@ -169,6 +169,23 @@ def test_length_penalty_is_gnmt_formula():
                                np_length_penalty(lengths, alpha), rtol=1e-6)
 
 
+@pytest.mark.parametrize("values", ["normal", "ties", "mostly_minus_inf"])
+def test_top_k_of_wide_rows_is_lax_top_k_ties_included(values):
+  """decode.top_k ranks wide rows through their chunks' maxima: the same values and indices as
+  lax.top_k, equal values going to the lowest index, even where they straddle the k-th place."""
+  rng = np.random.RandomState(0)
+  width = decode.TOP_K_CHUNK * 20
+  for k in (1, 2, 4, 5):
+    x = {"normal": rng.standard_normal((8, width)),
+         "ties": rng.randint(0, 3, size=(8, width)).astype(np.float32),
+         "mostly_minus_inf": np.where(rng.rand(8, width) < 0.002, 1.0, -np.inf)}[values]
+    x = jnp.asarray(x, jnp.float32)
+    assert width >= k * decode.TOP_K_CHUNK * decode.TOP_K_MIN_CHUNKS  # the chunked route
+    expected, got = jax.lax.top_k(x, k), decode.top_k(x, k)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
 def test_beam_size_one_is_exactly_greedy():
   model = ToyRNN(seed=0, batch=6, eos_bias=1.0)
   max_lens = [1, 3, 5, 8, 8, 2]
