@@ -237,12 +237,21 @@ class Watched:
   def __init__(self, process: subprocess.Popen):
     self.process = process
     self.lines: list[str] = []
+    self.times: list[float] = []  # The clock when each line was read.
     self._reader = threading.Thread(target=self._read, daemon=True)
     self._reader.start()
 
   def _read(self) -> None:
     for line in self.process.stderr:
+      self.times.append(time.monotonic())
       self.lines.append(line.rstrip("\n"))
+
+  def time_of(self, text: str) -> float:
+    """The clock when the first line holding `text` was read; fails if none was."""
+    for read, line in zip(list(self.times), list(self.lines)):
+      if text in line:
+        return read
+    raise AssertionError(f"no line with {text!r}:\n" + "\n".join(self.lines[-40:]))
 
   def marks(self) -> list[float]:
     """The clock (time.monotonic, the same in every process) at each decoding batch's start."""

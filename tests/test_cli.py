@@ -360,7 +360,10 @@ def test_evaluate_and_translate_stop_within_a_batch_on_ctrl_c_and_sigterm(
 
   assert status == (130 if signum == signal.SIGINT else -signal.SIGTERM), stderr[-3000:]
   assert len([t for t in run.marks() if t > sent]) <= 1, run.marks()
-  assert ended - sent < 3 * (marks[2] - marks[1]) + 2.0, (ended - sent, marks)
+  # Ctrl-C is timed to its line: the interpreter's exit after it (a second or more on a loaded
+  # machine) is not the stop's. SIGTERM's default action ends the process at once.
+  stopped = run.time_of("error: interrupted") if signum == signal.SIGINT else ended
+  assert stopped - sent < 3 * (marks[2] - marks[1]) + 2.0, (stopped - sent, marks)
   assert "Traceback" not in stderr
   if signum == signal.SIGINT:
     assert stderr.strip().splitlines()[-1] == "error: interrupted"

@@ -265,10 +265,12 @@ def test_sigterm_during_the_final_evaluation_stops_it_within_a_batch_and_saves_t
   # follows it (one may start between the check and the signal's arrival).
   assert len([t for t in run.marks() if t > sent]) <= 1, run.marks()
   # 32 decoding batches in all: the rest of the evaluation would have taken 29 more; the stop
-  # (the batch in flight, the save, the exit) takes about one.
+  # (the batch in flight, the save) takes a few. Timed to the run's line that says it stopped:
+  # the interpreter's exit after it (a second or more on a loaded machine) is not the stop's.
   batch_s = (marks[2] - marks[1])
   remaining_s = (32 - len(marks)) * batch_s
-  assert ended - sent < max(0.3 * remaining_s, 3 * batch_s), (ended - sent, batch_s)
+  stop_s = run.time_of(f"stopped by SIGTERM at step {step};") - sent
+  assert stop_s < 0.5 * remaining_s, (stop_s, batch_s)
   assert run_testing.checkpoint_steps(workdir) == [step]
   assert not run_testing.metrics(workdir, "validation")  # Nothing of the evaluation is kept.
   assert f"stopped by SIGTERM at step {step};" in stderr
@@ -288,7 +290,9 @@ def test_sigint_after_sigterm_during_the_evaluation_ends_the_run_at_once(runs, t
   assert status in (-signal.SIGTERM, 130), (status, stderr[-3000:])
   assert "Traceback" not in stderr and "stopped by" not in stderr
   assert len([t for t in run.marks() if t > sent]) <= 1, run.marks()
-  assert ended - sent < 3 * (marks[2] - marks[1]) + 2.0
+  # Not the rest of the evaluation (29 more batches); the time includes the interpreter's exit.
+  batch_s = (marks[2] - marks[1])
+  assert ended - sent < max(3 * batch_s + 2.0, 0.5 * (32 - len(marks)) * batch_s)
   assert not run_testing.metrics(workdir, "validation")
 
 
