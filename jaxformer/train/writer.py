@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import jax
@@ -24,6 +25,25 @@ from etils import epath
 
 from jaxformer import workdir as workdir_lib
 from jaxformer.log import log
+
+
+def _summary_writer_class() -> type:
+  """tensorboardX's SummaryWriter, imported on first use (slow, and only process 0 needs it).
+
+  tensorboardX imports torch whenever torch is installed (the interop extra), only for its type
+  hints; jaxformer writes floats and numpy arrays. That import adds seconds to the start of
+  every run, so unless something has imported torch already, it is kept out meanwhile: a None
+  in sys.modules makes `import torch` raise ImportError, which tensorboardX expects.
+  """
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
 
 
 def can_append(path: epath.Path) -> bool:
@@ -141,7 +161,7 @@ class MetricsWriter:
   def _events(self, purge_step: int | None = None):
     """The TensorBoard writer, opened on first use."""
     if self._tensorboard is None:
-      from tensorboardX import SummaryWriter  # Imported lazily: slow, and only process 0 needs it.
+      SummaryWriter = _summary_writer_class()
       # purge_step: TensorBoard hides the events of earlier files at this step and later.
       self._tensorboard = SummaryWriter(
           os.path.join(self.workdir, workdir_lib.TENSORBOARD_DIR), purge_step=purge_step)

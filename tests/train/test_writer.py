@@ -5,9 +5,12 @@ past S, so each step is there once, and TensorBoard is told to hide their old ev
 """
 
 import glob
+import importlib.util
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 from tensorboardX.proto import event_pb2
@@ -98,3 +101,30 @@ def test_processes_other_than_0_leave_metrics_alone(tmp_path):
   writer_lib.MetricsWriter(str(tmp_path), enabled=False).start_at(0)
   assert read_records(tmp_path / "metrics.jsonl") == [record(10)]
   assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+
+
+# Run in a fresh interpreter: writes one scalar through a MetricsWriter in the workdir argv[1],
+# then says whether torch was imported.
+WRITE_ONE_SCALAR = """
+import sys
+from jaxformer.train import writer
+metrics = writer.MetricsWriter(sys.argv[1], enabled=True)
+metrics.start_at(0)
+metrics.write(1, "train", {"loss": 1.5})
+metrics.close()
+print("torch imported" if "torch" in sys.modules else "torch not imported")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
+  """tensorboardX imports torch where it is installed (the interop extra), seconds at the start
+  of every run; the writer keeps it out and the events are still written."""
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+  done = subprocess.run([sys.executable, "-c", WRITE_ONE_SCALAR, str(tmp_path)], env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.split("\n")[-2] == "torch not imported", done.stdout
+  scalars = [(v.tag, v.simple_value) for e in events(str(tmp_path)) for v in e.summary.value]
+  assert scalars == [("train/loss", 1.5)]
