@@ -37,7 +37,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxformer import attention_maps as attention_lib
-from jaxformer import checkpoint, decode, evaluate, objective, plots
+from jaxformer import checkpoint, decode, evaluate, objective
 from jaxformer import devices as devices_lib
 from jaxformer import workdir as workdir_lib
 from jaxformer.data import text as text_lib
@@ -476,6 +476,7 @@ def plot_attention(workdir: str, text: str, step: int | str | None = None,
   """Translates `text` with a checkpoint of `workdir` and draws its attention
   (`plots.draw_attention`) to `out`. Returns the weights it drew. Decoding uses the run's
   config.decode settings."""
+  from jaxformer import plots  # Imported here: matplotlib takes 0.3 s to load.
   attention_lib.check_not_empty(text)
   run = load_for_inference(workdir, step, sharding=inference_sharding())
   plots.check_layer(layer, run.config.model.num_layers)
@@ -496,6 +497,7 @@ def log_attention_to_tensorboard(writer: Any, step: int, model: Transformer, par
   over all of them); the writer writes on process 0 only. A text that does not fit the model
   is reported on stderr and skipped: a picture must never stop a training run.
   """
+  from jaxformer import plots  # Imported here: matplotlib takes 0.3 s to load.
   d = config.decode
   try:
     maps = attention_lib.attention_maps(model, params, tokenizer, source_text,
@@ -549,6 +551,7 @@ def plot_positions(config: Any = None, workdir: str | None = None, out: str = "p
                    step: int | str | None = None) -> dict[str, np.ndarray]:
   """Draws the positional encodings of `config` (default: the run config of `workdir`) to
   `out`; a learned table comes from `workdir`'s checkpoint. Returns the tables drawn."""
+  from jaxformer import plots  # Imported here: matplotlib takes 0.3 s to load.
   if config is None:
     if workdir is None:
       raise InputError("give a config (--config EXPERIMENT) or a trained run (--workdir DIR)")
@@ -570,6 +573,7 @@ def plot_curves(workdirs: Sequence[str], out: str = "curves.png") -> dict[str, l
   ones are still drawn. Returns {run name: valid records}. InputError when no workdir is
   given, a metrics file is missing, or no file holds a single valid record.
   """
+  from jaxformer import plots  # Imported here: matplotlib takes 0.3 s to load.
   if not workdirs:
     raise InputError("give at least one --workdir")
   runs = {}

@@ -47,6 +47,9 @@ TINY = {
     "model.vocab_size": 64, "data.num_train": 2000, "data.num_validation": 64,
     "data.num_test": 64, "data.max_len": 24, "train.batch_size": 8, "eval.batch_size": 8,
     "eval.bleu_examples": 16,
+    # No sample translations, so no attention image, at each evaluation: a second or two of CPU
+    # a run. The tests of samples and images ask for them.
+    "eval.num_samples": 0,
     # Fast learning for a 40-step run, whatever the default experiment's own schedule is.
     "train.learning_rate": 2.0, "train.warmup_steps": 200, "train.grad_clip_norm": 0.0,
     "train.peak_flops": 1e10,  # Any value: MFU is reported, and measuring the peak takes time.

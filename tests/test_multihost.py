@@ -48,7 +48,7 @@ OVERRIDES = {
     "data.packing": False, "data.length_policy": "truncate",
     "train.batch_size": 8, "train.steps": STEPS, "train.warmup_steps": 4,
     "train.log_every_steps": 2, "train.peak_flops": 1e12,
-    "eval.batch_size": 8, "eval.bleu_examples": 8, "decode.beam_size": 1,
+    "eval.batch_size": 8, "eval.bleu_examples": 8, "eval.num_samples": 0, "decode.beam_size": 1,
     "checkpoint.every_steps": 2,
 }  # Dropout stays on (0.1): equal parameters mean equal rows in equal places.
 
