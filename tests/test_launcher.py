@@ -200,7 +200,7 @@ def runs(tmp_path_factory):
 # the one the stop asks for.
 LONG = {"data.packing": False, "train.steps": 100_000, "train.log_every_steps": 1,
         "train.eval_every_steps": 100_000, "checkpoint.every_steps": 100_000,
-        "eval.bleu_examples": 8, "eval.num_samples": 1, "decode.beam_size": 1}
+        "eval.bleu_examples": 8, "eval.num_samples": 0, "decode.beam_size": 1}
 
 
 def launch(runs, workdir, *flags, **overrides):
