@@ -39,7 +39,7 @@ SIZES = {
     "test": {"model.d_model": 64, "model.d_ff": 256, "model.num_heads": 4,
              "train.steps": 150, "train.warmup_steps": 100, "data.num_train": 6000,
              "data.num_validation": 400, "data.num_test": 16,
-             # No sample translations, so no attention image: 5 s a run that the test needs not.
+             # No sample translations, so no attention image: 3-5 s a run, which the test needs not.
              "eval.num_samples": 0},
 }
 

@@ -35,14 +35,14 @@ def _summary_writer_class() -> type:
   every run, so unless something has imported torch already, it is kept out meanwhile: a None
   in sys.modules makes `import torch` raise ImportError, which tensorboardX expects.
   """
-  if "torch" in sys.modules:
-    from tensorboardX import SummaryWriter
-    return SummaryWriter
-  sys.modules["torch"] = None
+  keep_out = "torch" not in sys.modules
+  if keep_out:
+    sys.modules["torch"] = None
   try:
     from tensorboardX import SummaryWriter
   finally:
-    del sys.modules["torch"]
+    if keep_out:
+      del sys.modules["torch"]
   return SummaryWriter
 
 
