@@ -127,15 +127,14 @@ def _top_tokens(logits: jax.Array, banned_ids: Sequence[int],
 
   The log-probabilities are log_softmax's (the banned tokens' probability stays in the
   normalizer: the others are not renormalized), but only the k chosen ones are computed: the
-  normalizer is one shift per row, which keeps the order, so the shifted logits are ranked as
-  they are and the [R, V] log-probabilities are never written out.
+  normalizer is one shift per row, which keeps the order, so the logits are ranked as they
+  are and the [R, V] log-probabilities are never written out.
   """
   logits = logits.astype(jnp.float32)
-  shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
-  log_normalizer = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))  # [R, 1]
+  log_normalizer = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [R, 1]
   if banned_ids:
-    shifted = shifted.at[:, jnp.asarray(banned_ids)].set(-jnp.inf)
-  top, ids = top_k(shifted, min(k, shifted.shape[-1]))
+    logits = logits.at[:, jnp.asarray(banned_ids)].set(-jnp.inf)
+  top, ids = top_k(logits, min(k, logits.shape[-1]))
   return top - log_normalizer, ids
 
 
