@@ -253,7 +253,6 @@ class Decoder(nn.Module):
       logits = dense(cfg, cfg.vocab_size, "logits")(x)
     return logits.astype(jnp.float32)
 
-
   def _next_step(self, rows: int, batch: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """The position of this step (a scalar, the same for every row) and its self-attention
     mask `[B, 1, n, L*n]` (attention.history_mask), for `rows` = B*n hypotheses.
